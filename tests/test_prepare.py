@@ -1,0 +1,216 @@
+"""Offline preparation of the real TFDS datasets (tfmeta.prepare).
+
+Runs on the original archives (fixture ``archive_dir``); the prepared datasets
+are cached in ``default_data_dir()`` by the session fixture ``tfds_dir``.
+"""
+
+import logging
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from tfmeta import prepare
+from tfmeta.prepare import (
+    ArchiveChecksumError,
+    DatasetNotPreparedError,
+    default_data_dir,
+    load,
+    prepare_datasets,
+)
+
+SPLITS = {
+    "mnist": {"train": 60000, "test": 10000},
+    "fashion_mnist": {"train": 60000, "test": 10000},
+    "omniglot": {"train": 19280, "test": 13180, "small1": 2720, "small2": 3120},
+}
+
+
+def _skip_image_decoding():
+    import tensorflow_datasets as tfds
+
+    # Counting and label checks do not need pixels; PNG decoding would
+    # dominate the runtime.
+    return {"image": tfds.decode.SkipDecoding()}
+
+
+def _count_records(split_info):
+    import tensorflow as tf
+
+    # Raw records of the split's files: counts what is on disk at a third of
+    # the cost of parsing every example.
+    files = [str(path) for path in split_info.filepaths]
+    return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(
+    "name,split", [(n, s) for n, splits in SPLITS.items() for s in splits]
+)
+def test_split_sizes(tfds_dir, name, split):
+    ds, info = load(name, split, data_dir=tfds_dir, with_info=True)
+    assert info.splits[split].num_examples == SPLITS[name][split]
+    assert len(ds) == SPLITS[name][split]
+    # Counted from the records, not only taken from the metadata.
+    assert _count_records(info.splits[split]) == SPLITS[name][split]
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("mnist", (28, 28, 1)),
+        ("fashion_mnist", (28, 28, 1)),
+        ("omniglot", (105, 105, 3)),
+    ],
+)
+def test_supervised_shapes_and_dtypes(tfds_dir, name, shape):
+    import tensorflow as tf
+
+    ds = load(name, "train", data_dir=tfds_dir, as_supervised=True)
+    image_spec, label_spec = ds.element_spec
+    assert tuple(image_spec.shape) == shape
+    assert image_spec.dtype == tf.uint8
+    assert label_spec.dtype == tf.int64 and label_spec.shape == ()
+    image, label = next(iter(ds.take(1)))
+    assert tuple(image.shape) == shape
+    assert image.numpy().max() > image.numpy().min()  # a real picture
+
+
+@pytest.mark.data
+def test_fashion_mnist_is_not_mnist(tfds_dir):
+    def test_images_and_labels(name):
+        ds = load(name, "test", data_dir=tfds_dir, as_supervised=True, batch_size=-1)
+        images, labels = ds
+        return images.numpy(), labels.numpy()
+
+    mnist_x, mnist_y = test_images_and_labels("mnist")
+    fashion_x, fashion_y = test_images_and_labels("fashion_mnist")
+    assert not np.array_equal(mnist_x[0], fashion_x[0])
+    assert not np.array_equal(np.bincount(mnist_y), np.bincount(fashion_y))
+    # Published statistics: mean pixel 0.1325 (MNIST test) vs 0.2868
+    # (Fashion-MNIST test), i.e. about 33.8 vs 73.1 on 0..255.
+    assert 31 < mnist_x.mean() < 36
+    assert 70 < fashion_x.mean() < 76
+    # Fashion-MNIST's test split is exactly balanced (1,000 per class); MNIST's
+    # is not.
+    assert (np.bincount(fashion_y) == 1000).all()
+    assert not (np.bincount(mnist_y) == 1000).all()
+
+
+@pytest.mark.data
+def test_omniglot_characters_and_alphabets(tfds_dir):
+    """The re-zipped background/evaluation archives hold the full content."""
+    expected = {"train": (964, 30), "test": (659, 20)}
+    for split, (n_chars, n_alphabets) in expected.items():
+        ds = load("omniglot", split, data_dir=tfds_dir, decoders=_skip_image_decoding())
+        batch = next(iter(ds.batch(20000)))
+        assert len(np.unique(batch["label"].numpy())) == n_chars
+        assert len(np.unique(batch["alphabet"].numpy())) == n_alphabets
+
+
+@pytest.mark.data
+def test_second_prepare_is_a_fast_no_op(tfds_dir, archive_dir, caplog):
+    infos = sorted(tfds_dir.glob("*/*/dataset_info.json"))
+    assert len(infos) == 3
+    before = {p: p.stat().st_mtime_ns for p in infos}
+    caplog.set_level(logging.INFO, logger=prepare.__name__)
+
+    start = time.perf_counter()
+    assert prepare_datasets(archive_dir, data_dir=tfds_dir) == tfds_dir
+    elapsed = time.perf_counter() - start
+
+    assert {p: p.stat().st_mtime_ns for p in infos} == before
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("already prepared" in m for m in messages) == 3
+    assert not any("building" in m for m in messages)
+    # A first preparation takes ~35 s; the check is only builder look-ups.
+    # Generous bound so a loaded machine does not flake.
+    assert elapsed < 15
+    # Nothing is read from the archives once prepared.
+    prepare_datasets(archive_dir / "does-not-exist", data_dir=tfds_dir)
+
+
+def _copy_mnist_archives(archive_dir, dst):
+    (dst / "mnist").mkdir(parents=True)
+    shutil.copy(archive_dir / prepare.SUMS_FILENAME, dst)
+    for path in (archive_dir / "mnist").iterdir():
+        shutil.copy(path, dst / "mnist" / path.name)
+        (dst / "mnist" / path.name).chmod(0o644)  # The originals are read-only.
+    return dst
+
+
+@pytest.mark.data
+def test_corrupted_archive_names_the_file(archive_dir, tmp_path, capsys):
+    archives = _copy_mnist_archives(archive_dir, tmp_path / "archives")
+    bad = archives / "mnist" / "train-labels-idx1-ubyte.gz"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    data_dir = tmp_path / "tfds"
+
+    with pytest.raises(ArchiveChecksumError, match="mnist/train-labels-idx1-ubyte.gz"):
+        prepare_datasets(archives, data_dir=data_dir, names=["mnist"])
+    assert not (data_dir / "mnist").exists()  # Verified before building.
+
+    assert prepare.main(
+        ["--from", str(archives), "--data_dir", str(data_dir), "--names", "mnist"]
+    ) == 1
+    assert "mnist/train-labels-idx1-ubyte.gz" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_missing_archive_names_the_file(archive_dir, tmp_path):
+    archives = _copy_mnist_archives(archive_dir, tmp_path / "archives")
+    (archives / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="mnist/t10k-images-idx3-ubyte.gz"):
+        prepare_datasets(archives, data_dir=tmp_path / "tfds", names=["mnist"])
+
+
+def test_missing_dataset_error_says_how_to_prepare(tmp_path):
+    with pytest.raises(DatasetNotPreparedError) as err:
+        load("mnist", "train", data_dir=tmp_path)
+    message = str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
+    assert "\n" not in message
+    command = "python tools/prepare_data.py --from ../shared/data"
+    assert f"{command} --data_dir {tmp_path.resolve()}" in message
+    assert "prepare_datasets(" in message
+
+
+def test_default_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFMETA_TFDS_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path.resolve()
+    monkeypatch.delenv("TFMETA_TFDS_DIR")
+    assert default_data_dir().parts[-3:] == (".cache", "tfmeta", "tensorflow_datasets")
+
+
+@pytest.mark.data
+def test_interrupted_prepare_is_not_loadable(archive_dir, tmp_path, monkeypatch):
+    """TFDS stages into ``incomplete.*`` and renames on success only."""
+    import tensorflow_datasets as tfds
+
+    builder_cls = tfds.builder_cls("mnist")
+    original = builder_cls._generate_examples
+
+    def interrupted(self, *args, **kwargs):
+        for i, example in enumerate(original(self, *args, **kwargs)):
+            if i == 1000:
+                raise RuntimeError("simulated interruption")
+            yield example
+
+    monkeypatch.setattr(builder_cls, "_generate_examples", interrupted)
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        prepare_datasets(archive_dir, data_dir=data_dir, names=["mnist"])
+    assert not list((data_dir / "mnist").glob("[0-9]*"))
+
+    # A process killed outright leaves its staging folder behind; it must not
+    # count as a prepared dataset either.
+    leftover = data_dir / "mnist" / "incomplete.ABC123_3.0.1"
+    leftover.mkdir(parents=True)
+    (leftover / "dataset_info.json").write_text("{}")
+    (leftover / "features.json").write_text("{}")
+    with pytest.raises(DatasetNotPreparedError):
+        load("mnist", "train", data_dir=data_dir)

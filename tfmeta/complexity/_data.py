@@ -1,0 +1,175 @@
+"""Data plumbing shared by the complexity modules (private).
+
+Two input conventions are accepted everywhere in ``tfmeta.complexity``:
+
+* a batched ``tf.data.Dataset`` yielding ``(x, y)`` pairs (the TFDS
+  ``as_supervised=True`` convention followed by ``.batch(n)``), or yielding
+  ``x`` alone where labels are not needed;
+* in-memory arrays: a tuple ``(x, y)`` of NumPy arrays / tensors, or a bare
+  array ``x``.
+
+Labels are sparse integer class ids; one-hot labels (rank 2) are converted
+with ``argmax``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def _split(element):
+    if isinstance(element, dict):
+        raise TypeError(
+            "dict-structured datasets are not supported; map them to (x, y) "
+            "pairs first (TFDS: as_supervised=True)"
+        )
+    if isinstance(element, (tuple, list)):
+        if len(element) == 1:
+            return element[0], None
+        if len(element) == 2:
+            return element[0], element[1]
+        if len(element) == 3:  # (x, y, sample_weight): weights ignored
+            return element[0], element[1]
+        raise ValueError(f"expected (x, y) elements, got {len(element)} parts")
+    return element, None
+
+
+def sparse_labels(y):
+    """Integer class ids from sparse or one-hot labels (None stays None)."""
+    if y is None:
+        return None
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank is not None and y.shape.rank >= 2 and y.shape[-1] != 1:
+        y = tf.argmax(y, axis=-1)
+    elif y.shape.rank == 2:
+        y = tf.squeeze(y, axis=-1)
+    return tf.cast(y, tf.int32)
+
+
+def iterate_batches(data, batch_size=None, num_samples=None):
+    """Yield ``(x, y)`` batches (``y`` may be None), at most ``num_samples``
+    examples in total.
+
+    ``batch_size=None`` keeps a dataset's own batches (arrays default to 32).
+    """
+    remaining = None if num_samples is None else int(num_samples)
+    if remaining is not None and remaining <= 0:
+        return
+    if isinstance(data, tf.data.Dataset):
+        if batch_size is not None:
+            data = data.unbatch().batch(int(batch_size))
+        for element in data:
+            x, y = _split(element)
+            n = int(tf.shape(x)[0])
+            if remaining is not None and n > remaining:
+                x = x[:remaining]
+                y = None if y is None else y[:remaining]
+                n = remaining
+            yield x, y
+            if remaining is not None:
+                remaining -= n
+                if remaining <= 0:
+                    return
+        return
+    x, y = _split(data)
+    x = np.asarray(x) if not tf.is_tensor(x) else x
+    if y is not None and not tf.is_tensor(y):
+        y = np.asarray(y)
+    n = int(x.shape[0])
+    if remaining is not None:
+        n = min(n, remaining)
+    bs = int(batch_size or 32)
+    for start in range(0, n, bs):
+        stop = min(start + bs, n)
+        yield x[start:stop], (None if y is None else y[start:stop])
+
+
+def to_numpy(data, max_examples=None):
+    """Materialize ``data`` as NumPy arrays ``(x, y)``."""
+    if not isinstance(data, tf.data.Dataset):
+        x, y = _split(data)
+        if y is None:
+            raise ValueError("labels are required here: pass (x, y)")
+        x = np.asarray(x)
+        y = np.asarray(sparse_labels(y))
+        if max_examples is not None:
+            x, y = x[:max_examples], y[:max_examples]
+        return x, y
+    xs, ys = [], []
+    for x, y in iterate_batches(data, num_samples=max_examples):
+        if y is None:
+            raise ValueError("labels are required here: the dataset must yield (x, y)")
+        xs.append(np.asarray(x))
+        ys.append(np.asarray(sparse_labels(y)))
+    if not xs:
+        raise ValueError("empty dataset")
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def num_examples(data):
+    """Number of examples in ``data`` (iterates a dataset once if needed)."""
+    if isinstance(data, tf.data.Dataset):
+        return sum(int(tf.shape(x)[0]) for x, _ in iterate_batches(data))
+    x, _ = _split(data)
+    return int(x.shape[0])
+
+
+def log_probs(outputs, from_logits):
+    """Log-probabilities of the model's categorical outputs."""
+    outputs = tf.cast(outputs, tf.float32)
+    if from_logits:
+        return tf.nn.log_softmax(outputs, axis=-1)
+    return tf.math.log(tf.clip_by_value(outputs, 1e-12, 1.0))
+
+
+def model_cache(model, name):
+    """A per-model dict for traced functions, kept outside Keras tracking."""
+    try:
+        cache = object.__getattribute__(model, "_tfmeta_complexity_cache")
+    except AttributeError:
+        cache = {}
+        object.__setattr__(model, "_tfmeta_complexity_cache", cache)
+    return cache.setdefault(name, {})
+
+
+def variables_key(model):
+    return tuple(id(v) for v in model.trainable_variables) + (
+        None,
+    ) + tuple(id(v) for v in model.non_trainable_variables)
+
+
+def _loss_fn(model, from_logits):
+    cache = model_cache(model, "loss")
+    key = (variables_key(model), bool(from_logits))
+    fn = cache.get(key)
+    if fn is None:
+
+        @tf.function(reduce_retracing=True)
+        def fn(x, y):
+            out = model(x, training=False)
+            logp = log_probs(out, from_logits)
+            nll = -tf.gather(logp, y, axis=-1, batch_dims=1)
+            return tf.reduce_sum(tf.cast(nll, tf.float64))
+
+        cache[key] = fn
+    return fn
+
+
+def mean_cross_entropy(model, data, from_logits=True, batch_size=None,
+                       num_samples=None):
+    """Mean cross-entropy ``E_(x,y)~D[-log p_w(y|x)]`` in inference mode.
+
+    Returns ``(mean_loss, number_of_examples)``.
+    """
+    fn = _loss_fn(model, from_logits)
+    total, count = 0.0, 0
+    default_bs = None if isinstance(data, tf.data.Dataset) else 512
+    for x, y in iterate_batches(data, batch_size or default_bs, num_samples):
+        if y is None:
+            raise ValueError("the training loss needs labels: pass (x, y)")
+        total += float(fn(tf.convert_to_tensor(x), sparse_labels(y)))
+        count += int(x.shape[0])
+    if count == 0:
+        raise ValueError("empty dataset")
+    return total / count, count

@@ -1,0 +1,198 @@
+"""Training to a loss threshold with plain Keras ``fit``.
+
+The static distance trains one model per dataset with the same recipe, and
+reachability counts the SGD steps a fine-tuning run needs to bring the
+training loss below a threshold. Both use :func:`fit_to_threshold`.
+
+"Training loss" here is the mean cross-entropy of the model in inference mode
+on (the first ``eval_examples`` of) the training set, evaluated every
+``eval_every`` steps; Keras' running-average batch loss is not used because it
+lags behind the weights. Step counts therefore have a resolution of
+``eval_every``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Tuple, Union
+
+import gin
+import keras
+import tensorflow as tf
+
+from tfmeta.complexity import _data
+
+__all__ = [
+    "TrainResult",
+    "TrainingRecipe",
+    "copy_model",
+    "fit_to_threshold",
+    "sgd",
+    "train",
+]
+
+
+@gin.configurable(module="tfmeta.complexity")
+def sgd(learning_rate: float = 0.1, momentum: float = 0.0,
+        weight_decay: Optional[float] = None):
+    """Default optimizer factory: ``keras.optimizers.SGD``."""
+    return keras.optimizers.SGD(
+        learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
+    )
+
+
+@gin.configurable(module="tfmeta.complexity")
+@dataclasses.dataclass(frozen=True)
+class TrainingRecipe:
+    """How every model of a comparison is trained (same recipe for all).
+
+    Attributes:
+      optimizer: zero-argument factory returning a fresh Keras optimizer.
+      steps: budget of SGD steps; a run that has not reached
+        ``loss_threshold`` by then is "not converged".
+      batch_size: mini-batch size.
+      loss_threshold: stop as soon as the training loss (inference mode,
+        mean cross-entropy) is <= this; None trains for exactly ``steps``.
+      eval_every: check the threshold every this many steps.
+      eval_examples: examples of the training set used for the check
+        (None: all).
+      seed: seeds the model construction (``keras.utils.set_random_seed``),
+        the shuffling and hence the whole run.
+      from_logits: whether the models output logits.
+      jit_compile: passed to ``model.compile`` (False by default: it avoids an
+        XLA compilation per trained model, which dominates on small tasks).
+    """
+
+    optimizer: Callable[[], keras.optimizers.Optimizer] = sgd
+    steps: int = 2000
+    batch_size: int = 32
+    loss_threshold: Optional[float] = 0.05
+    eval_every: int = 10
+    eval_examples: Optional[int] = 4096
+    seed: int = 0
+    from_logits: bool = True
+    jit_compile: Union[bool, str] = False
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Outcome of :func:`fit_to_threshold`.
+
+    Attributes:
+      model: the trained model (trained in place).
+      steps: SGD steps taken (multiple of ``eval_every`` unless the budget
+        ended the run).
+      converged: whether the loss threshold was reached (True when the recipe
+        has no threshold).
+      initial_loss, final_loss: training loss before and after.
+      curve: ``[(step, loss), ...]`` at every check.
+    """
+
+    model: keras.Model
+    steps: int
+    converged: bool
+    initial_loss: float
+    final_loss: float
+    curve: List[Tuple[int, float]]
+
+
+class _ThresholdStop(keras.callbacks.Callback):
+    def __init__(self, evaluate, recipe, curve):
+        super().__init__()
+        self._evaluate = evaluate
+        self._recipe = recipe
+        self._curve = curve
+        self.steps = 0
+        self.converged = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        r = self._recipe
+        if self.steps % r.eval_every == 0 or self.steps >= r.steps:
+            loss = self._evaluate()
+            self._curve.append((self.steps, loss))
+            if r.loss_threshold is not None and loss <= r.loss_threshold:
+                self.converged = True
+                self.model.stop_training = True
+        if self.steps >= r.steps:
+            self.model.stop_training = True
+
+
+def copy_model(model, model_fn=None):
+    """A new model with ``model``'s architecture and weights.
+
+    Uses ``model_fn()`` when given (needed for subclassed models), else
+    ``keras.models.clone_model``.
+    """
+    new = model_fn() if model_fn is not None else keras.models.clone_model(model)
+    if not new.built:
+        try:
+            new.build(model.input_shape)
+        except Exception as err:  # subclassed models without input_shape
+            raise ValueError(
+                "could not build the copy of the initialization; pass a model_fn "
+                "that returns a built model"
+            ) from err
+    new.set_weights(model.get_weights())
+    return new
+
+
+def fit_to_threshold(model, data, recipe: TrainingRecipe) -> TrainResult:
+    """Train ``model`` in place on ``data`` with ``recipe`` (Keras ``fit``)
+    until the training loss reaches ``recipe.loss_threshold`` or
+    ``recipe.steps`` steps are spent.
+
+    ``data`` is ``(x, y)`` arrays or a batched dataset of ``(x, y)``; it is
+    materialized in memory, shuffled with ``recipe.seed`` each epoch.
+    """
+    x, y = _data.to_numpy(data)
+    n = int(x.shape[0])
+    eval_n = n if recipe.eval_examples is None else min(n, int(recipe.eval_examples))
+    eval_data = (x[:eval_n], y[:eval_n])
+    curve: List[Tuple[int, float]] = []
+
+    def evaluate():
+        return _data.mean_cross_entropy(model, eval_data, recipe.from_logits)[0]
+
+    initial = evaluate()
+    curve.append((0, initial))
+    if recipe.loss_threshold is not None and initial <= recipe.loss_threshold:
+        return TrainResult(model, 0, True, initial, initial, curve)
+    if recipe.steps <= 0:
+        return TrainResult(model, 0, recipe.loss_threshold is None, initial, initial, curve)
+
+    keras.utils.set_random_seed(recipe.seed)
+    ds = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(min(n, 65536), seed=recipe.seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(int(recipe.batch_size))
+        .prefetch(2)
+    )
+    model.compile(
+        optimizer=recipe.optimizer(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=recipe.from_logits),
+        jit_compile=recipe.jit_compile,
+    )
+    stopper = _ThresholdStop(evaluate, recipe, curve)
+    model.fit(ds, epochs=1, steps_per_epoch=int(recipe.steps), verbose=0,
+              shuffle=False, callbacks=[stopper])
+    final = curve[-1][1] if curve[-1][0] == stopper.steps else evaluate()
+    converged = stopper.converged or (
+        recipe.loss_threshold is None or final <= recipe.loss_threshold
+    )
+    return TrainResult(model, stopper.steps, bool(converged), initial, final, curve)
+
+
+def train(data, recipe: TrainingRecipe, model_fn=None, init=None) -> TrainResult:
+    """Train a fresh model on ``data``: ``model_fn()`` built under
+    ``keras.utils.set_random_seed(recipe.seed)``, or a copy of ``init``
+    (fine-tuning; ``init`` itself is not modified)."""
+    if init is None and model_fn is None:
+        raise ValueError("pass model_fn or init")
+    keras.utils.set_random_seed(recipe.seed)
+    if init is not None:
+        model = copy_model(init, model_fn)
+    else:
+        model = model_fn()
+    return fit_to_threshold(model, data, recipe)

@@ -1,0 +1,66 @@
+"""How good is a learned initialization? Compare it with the one it started from.
+
+An evaluation is a callable `evaluate(learned, baseline, tasks) -> dict`
+mapping each candidate name ("meta-learned", "random init") to its metrics.
+`tools/train.py` runs one after export; gin picks which.
+"""
+
+import gin
+import numpy as np
+
+from tfmeta import finetune as finetuning
+
+
+@gin.configurable(module="tfmeta.evaluation")
+def himmelblau_adaptation(learned, baseline, tasks, steps=100):
+    """Task-average loss after `steps` inner steps from each candidate point.
+
+    For the two-parameter models of `tfmeta.tasks.RotatedHimmelblau`.
+    """
+    points = np.stack(
+        [np.asarray(m.trainable_variables[0].numpy()) for m in (learned, baseline)]
+    )
+    losses = tasks.adapted_loss(points, steps=steps)
+    return {
+        "meta-learned": {"point": points[0].tolist(), "adapted_loss": float(losses[0])},
+        "random init": {"point": points[1].tolist(), "adapted_loss": float(losses[1])},
+    }
+
+
+@gin.configurable(module="tfmeta.evaluation")
+def heldout_finetuning(learned, baseline, tasks, steps=100, learning_rate=0.1, batch_size=20, seed=0):
+    """Fine-tune each candidate on every held-out task with plain Keras `fit`.
+
+    Reports the mean (and standard deviation over tasks) of Leap's metrics:
+    area under the training-loss and training-error curves and the final
+    held-out test error. Every task starts from a fresh copy of the candidate.
+    """
+    import keras
+
+    results = {}
+    for name, model in (("meta-learned", learned), ("random init", baseline)):
+        runs = []
+        for task in range(tasks.num_tasks):
+            candidate = keras.models.clone_model(model)
+            candidate.set_weights(model.get_weights())
+            runs.append(
+                finetuning.finetune(
+                    candidate,
+                    tasks.finetune_data(task, split="train", batch_size=batch_size, seed=seed),
+                    tasks.finetune_data(task, split="test", batch_size=batch_size, seed=seed),
+                    steps=steps,
+                    optimizer=keras.optimizers.SGD(learning_rate),
+                )
+            )
+        results[name] = _summary(runs)
+    return results
+
+
+def _summary(runs):
+    out = {}
+    for metric in ("loss_auc", "error_auc", "test_error"):
+        values = np.array([getattr(r, metric) for r in runs], dtype=float)
+        out[metric] = float(values.mean())
+        out[f"{metric}_std"] = float(values.std())
+    out["tasks"] = len(runs)
+    return out

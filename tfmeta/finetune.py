@@ -1,0 +1,279 @@
+"""Fine-tune a model from an initialization and measure it as Leap does.
+
+``finetune`` trains with plain Keras ``compile``/``fit`` and records, at each
+step k = 0..K-1, the loss and error of that step's mini-batch, computed in the
+forward pass that produces the step's gradient (before the update, in
+training mode), as the Leap code logs them. Its summary metrics are
+
+- the area under the training-loss and training-error curves,
+  ``area_under_curve(curve) = trapezoid(curve, dx=1) / K``
+  ``= (1/K) * sum_{k=1}^{K-1} (curve[k-1] + curve[k]) / 2``,
+  the composite trapezoidal rule divided by the number of recorded steps K
+  (``compute_auc`` in amzn/metalearn-leap, src/omniglot/utils.py);
+- the final held-out test loss and error from ``model.evaluate``.
+
+Error is ``1 - accuracy`` with Keras' ``"accuracy"`` metric, i.e. argmax
+agreement for multi-class outputs.
+
+Example::
+
+    from tfmeta.export import load_initialization
+    from tfmeta.finetune import finetune, plot_curves, random_initialization
+
+    leap = finetune(load_initialization("runs/init", num_classes=5),
+                    (x_train, y_train), (x_test, y_test), steps=100)
+    scratch = finetune(random_initialization(model, seed=0),
+                       (x_train, y_train), (x_test, y_test), steps=100)
+    plot_curves({"leap": leap, "random": scratch}, "curves.png")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import random
+
+import keras
+import numpy as np
+import tensorflow as tf
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    "FinetuneResult",
+    "area_under_curve",
+    "finetune",
+    "plot_curves",
+    "random_initialization",
+]
+
+
+def area_under_curve(curve):
+    """Leap's AUC of a per-step curve: trapezoidal rule with dx=1, over K steps.
+
+    Example::
+
+        area_under_curve([2.0, 1.0, 0.5])  # ((2 + 1) / 2 + (1 + 0.5) / 2) / 3
+    """
+    values = np.asarray(curve, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError("area_under_curve needs a non-empty 1-D curve")
+    return float((values[1:] + values[:-1]).sum() / 2.0 / values.size)
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """Per-step curves and summary metrics of one fine-tuning run.
+
+    Attributes:
+        losses: training loss of the mini-batch at each step (before its update).
+        errors: training error (1 - accuracy) of the same mini-batches.
+        loss_auc: ``area_under_curve(losses)``.
+        error_auc: ``area_under_curve(errors)``.
+        test_loss: held-out loss after fine-tuning, or None without test data.
+        test_error: held-out error after fine-tuning, or None.
+
+    Example::
+
+        result = finetune(model, (x, y), steps=50)
+        json.dumps(result.to_dict())
+        result.plot("run.png")
+    """
+
+    losses: list
+    errors: list
+    loss_auc: float
+    error_auc: float
+    test_loss: float | None = None
+    test_error: float | None = None
+
+    @property
+    def steps(self):
+        """Number of recorded fine-tuning steps."""
+        return len(self.losses)
+
+    def to_dict(self):
+        """JSON-serializable dict of all fields plus ``steps``."""
+        return {**dataclasses.asdict(self), "steps": self.steps}
+
+    def plot(self, path, label="finetune"):
+        """Write a PNG of the loss and error curves; see ``plot_curves``."""
+        return plot_curves({label: self}, path)
+
+
+def plot_curves(results, path, *, title=None):
+    """Plot the training loss and error curves of several runs into one PNG.
+
+    ``results`` maps a legend label to a ``FinetuneResult``; each legend entry
+    shows the run's AUC. Uses the Agg canvas directly, so the caller's
+    matplotlib backend is untouched. Returns the written ``pathlib.Path``.
+
+    Example::
+
+        plot_curves({"leap": leap, "random init": scratch}, "curves.png")
+    """
+    if not results:
+        raise ValueError("plot_curves needs at least one result")
+    path = pathlib.Path(path)
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_axes, error_axes = figure.subplots(1, 2)
+    for label, result in results.items():
+        steps = np.arange(result.steps)
+        loss_axes.plot(steps, result.losses, label=f"{label} (AUC {result.loss_auc:.3f})")
+        error_axes.plot(steps, result.errors, label=f"{label} (AUC {result.error_auc:.3f})")
+    for axes, name in ((loss_axes, "training loss"), (error_axes, "training error")):
+        axes.set_xlabel("fine-tuning step")
+        axes.set_ylabel(name)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    if title:
+        figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def finetune(
+    model,
+    train_data,
+    test_data=None,
+    *,
+    steps=100,
+    optimizer=None,
+    loss=None,
+    batch_size=20,
+    seed=0,
+    callbacks=None,
+    verbose=0,
+):
+    """Fine-tune ``model`` in place for ``steps`` steps and return the curves.
+
+    The model is compiled with ``optimizer`` (default ``SGD(0.1)``, Leap's
+    inner optimizer), ``loss`` (default sparse categorical cross-entropy on
+    logits) and the ``"accuracy"`` metric, then trained with one
+    ``fit(..., steps_per_epoch=steps)`` call.
+
+    Args:
+        model: a built ``keras.Model``; it is trained in place.
+        train_data: a ``tf.data.Dataset`` of ``(x, y)`` batches (repeated when
+            it runs out; shuffle it yourself) or a tuple of arrays ``(x, y)``
+            (shuffled with ``seed``, repeated, batched by ``batch_size``).
+        test_data: optional held-out ``Dataset`` of batches or ``(x, y)``.
+        steps: number of optimizer steps.
+        optimizer: Keras optimizer or its name.
+        loss: Keras loss or its name.
+        batch_size: batch size for array inputs.
+        seed: shuffling seed for array inputs. Stochastic layers (dropout)
+            draw from Keras' global seed (``keras.utils.set_random_seed``).
+        callbacks: extra Keras callbacks for ``fit``. Metrics are reset before
+            every step so that batch logs are per-step values (Keras otherwise
+            reports running means), hence callbacks also see per-step values
+            and the epoch logs are those of the last step.
+        verbose: ``fit``/``evaluate`` verbosity.
+
+    Returns:
+        ``FinetuneResult``.
+
+    Example::
+
+        result = finetune(model, (x_train, y_train), (x_test, y_test), steps=100)
+        result.loss_auc, result.test_error
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if optimizer is None:
+        optimizer = keras.optimizers.SGD(learning_rate=0.1)
+    if loss is None:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    recorder = _StepRecorder()
+    model.fit(
+        _training_dataset(train_data, batch_size, seed),
+        epochs=1,
+        steps_per_epoch=steps,
+        shuffle=False,
+        callbacks=[recorder, *(callbacks or [])],
+        verbose=verbose,
+    )
+    test_loss = test_error = None
+    if test_data is not None:
+        if isinstance(test_data, tf.data.Dataset):
+            scores = model.evaluate(test_data, return_dict=True, verbose=verbose)
+        else:
+            x_test, y_test = test_data
+            scores = model.evaluate(
+                x_test, y_test, batch_size=batch_size, return_dict=True, verbose=verbose
+            )
+        test_loss = float(scores["loss"])
+        test_error = 1.0 - float(scores["accuracy"])
+    return FinetuneResult(
+        losses=recorder.losses,
+        errors=recorder.errors,
+        loss_auc=area_under_curve(recorder.losses),
+        error_auc=area_under_curve(recorder.errors),
+        test_loss=test_loss,
+        test_error=test_error,
+    )
+
+
+def random_initialization(model, seed=0):
+    """Clone ``model``'s architecture with fresh weights: the no-pretraining baseline.
+
+    Uses ``keras.models.clone_model``, which rebuilds every layer from its
+    config, so weights (and BatchNorm moving statistics) come from the
+    layers' initializers, never from ``model``. The clone is built with
+    ``model``'s build config. Weights are a function of ``seed`` for
+    Sequential, functional and subclassed models, and the global seeds are
+    left untouched.
+
+    Example::
+
+        baseline = random_initialization(load_initialization("runs/init"), seed=1)
+    """
+    # Keras gives every unseeded initializer (and SeedGenerator) its seed from
+    # Python's `random` module when it is constructed, and initializers with an
+    # integer seed are deterministic. Seeding that module only while the clone
+    # is constructed and built therefore fixes every fresh weight by `seed`
+    # without disturbing the caller's random state.
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        clone = keras.models.clone_model(model)
+        if not clone.built and model.built:
+            clone.build_from_config(model.get_build_config())
+    finally:
+        random.setstate(state)
+    return clone
+
+
+class _StepRecorder(keras.callbacks.Callback):
+    """Records each step's own loss and error from Keras batch logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.losses = []
+        self.errors = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        # Keras batch logs are running means over the epoch; resetting the
+        # metrics before each step makes them the current mini-batch's values.
+        self.model.reset_metrics()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses.append(float(logs["loss"]))
+        self.errors.append(1.0 - float(logs["accuracy"]))
+
+
+def _training_dataset(train_data, batch_size, seed):
+    if isinstance(train_data, tf.data.Dataset):
+        return train_data.repeat()
+    x, y = train_data
+    # Shuffle once per pass and repeat before batching, so every batch is
+    # full (batches run across pass boundaries) like Leap's task batches.
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(batch_size)
+    )

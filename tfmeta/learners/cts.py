@@ -1,0 +1,106 @@
+"""Continual Trajectory Shifting (Shin et al., ICML 2021)."""
+
+import tensorflow as tf
+
+from tfmeta.learners.base import MetaLearner, Schedule, global_norm_squared
+from tfmeta.learners.leap import Leap
+
+SHIFTS = ("gradient", "none", "random", "accurate")
+
+
+class ContinualTrajectoryShifting(MetaLearner):
+    """Meta-update after every inner step and shift every task's trajectory by it.
+
+    All task learners step together. Every `every` inner steps (Algorithm 2 of
+    the CTS paper)::
+
+        Delta  = -beta * mean_t MetaGrad(phi; theta_k^(t))   (the outer step)
+        phi   <- phi + Delta
+        theta_k^(t) <- theta_k^(t) + Delta   for every task   (the shift)
+
+    and every K steps the task learners restart from phi. The trajectory
+    length behind each meta-update therefore grows 1..K within each inner
+    process: a built-in curriculum. `Delta` is the change the outer optimizer
+    actually made to phi, so any Keras optimizer can be the outer one.
+
+    Args:
+        learner: the meta-gradient rule. It must need only the current task
+            parameters: `Reptile()` (default) or `FOMAML()`. Leap needs the
+            whole trajectory and cannot be shifted.
+        every: meta-update period in inner steps (the reference's
+            `aggregate_period`).
+        shift: `"gradient"` (the method), or the paper's ablations:
+            `"none"` (same schedule, no shift), `"random"` (a shift of the same
+            global norm in a random direction), and `"accurate"` (the costly
+            exact reference "Ours Accurate": after each meta-update every task
+            restarts from phi and the next trajectory is one step longer, so
+            U_k(phi + Delta_1 + ... + Delta_{k-1}) is computed exactly).
+        hard_reset: rebuild the inner optimizer's state when tasks restart
+            from phi every K steps. The reference code keeps it by default
+            (`--hard_reset` rebuilds it); momentum is never shifted.
+
+    Example:
+        >>> learner = tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile())
+        >>> meta.compile(optimizer=keras.optimizers.SGD(0.1),
+        ...              inner_optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        ...              loss=loss, learner=learner, inner_steps=100)
+    """
+
+    def __init__(self, learner=None, every=1, shift="gradient", hard_reset=False):
+        from tfmeta.learners.reptile import Reptile
+
+        learner = Reptile() if learner is None else learner
+        if isinstance(learner, (Leap, ContinualTrajectoryShifting)):
+            raise ValueError(
+                f"ContinualTrajectoryShifting cannot wrap {type(learner).__name__}: its "
+                "meta-gradient needs more than the current task parameters. Wrap "
+                "Reptile() or FOMAML() instead."
+            )
+        if shift not in SHIFTS:
+            raise ValueError(
+                f"ContinualTrajectoryShifting(shift={shift!r}) is not supported: "
+                f"choose one of {SHIFTS}."
+            )
+        if int(every) < 1:
+            raise ValueError(
+                f"ContinualTrajectoryShifting(every={every}) must be >= 1 inner step."
+            )
+        self.learner = learner
+        self.every = int(every)
+        self.shift_rule = shift
+        self.hard_reset = bool(hard_reset)
+        if shift == "accurate":
+            self.schedule = Schedule(None, "grow", reset_optimizer=True)
+        else:
+            self.schedule = Schedule(self.every, "shift", reset_optimizer=self.hard_reset)
+
+    def init_state(self, params):
+        return self.learner.init_state(params)
+
+    def observe(self, state, step):
+        return self.learner.observe(state, step)
+
+    def meta_gradient(self, state, phi, params):
+        return self.learner.meta_gradient(state, phi, params)
+
+    def shift(self, params, delta, seed):
+        if self.shift_rule == "gradient":
+            return [p + d for p, d in zip(params, delta)]
+        if self.shift_rule == "random":
+            noise = [
+                tf.random.stateless_normal(tf.shape(d), seed=seed + [0, i], dtype=d.dtype)
+                for i, d in enumerate(delta)
+            ]
+            scale = tf.math.divide_no_nan(
+                tf.sqrt(global_norm_squared(delta)), tf.sqrt(global_norm_squared(noise))
+            )
+            return [p + scale * n for p, n in zip(params, noise)]
+        return params
+
+    def get_config(self):
+        return {
+            "learner": self.learner,
+            "every": self.every,
+            "shift": self.shift_rule,
+            "hard_reset": self.hard_reset,
+        }

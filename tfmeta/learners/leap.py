@@ -1,0 +1,82 @@
+"""Leap (Flennerhag et al., ICLR 2019): pull phi forward along each gradient path."""
+
+import tensorflow as tf
+
+from tfmeta.learners.base import MetaLearner, global_norm_squared, zeros_like_all
+
+
+class Leap(MetaLearner):
+    """Pull-forward meta-gradient on the length (or energy) of the gradient path.
+
+    At every inner step i >= 1, with theta_{i-1}, theta_i, g_{i-1} and the
+    mini-batch losses f_{i-1}, f_i, the increment is (eq. 4-5 and appendix C of
+    the paper, as the authors' code computes it)::
+
+        df  = f_i - f_{i-1}                        (0 when loss=False)
+        df  = -|df|                                (when stabilizer=True)
+        d   = sqrt(df^2 + ||theta_i - theta_{i-1}||^2)   (norm over ALL params)
+        inc = (theta_{i-1} - theta_i) - df * g_{i-1}
+        inc = inc / d                              (norm=True: path length)
+
+    summed over the trajectory. K inner steps therefore give K-1 increments
+    (the loss at theta_K is never evaluated). `MetaModel` averages over tasks
+    and the outer optimizer steps phi with it.
+
+    Args:
+        norm: `True` for the path length (p=1), `False` for the energy (p=2).
+        loss: include the loss dimension of the path.
+        stabilizer: flip the sign of loss increases, so that df = -|df|.
+
+    Example:
+        >>> learner = tfmeta.Leap()                       # reference defaults
+        >>> learner = tfmeta.Leap(norm=False, loss=False) # energy in weight space
+    """
+
+    def __init__(self, norm=True, loss=True, stabilizer=True):
+        self.norm = bool(norm)
+        self.loss = bool(loss)
+        self.stabilizer = bool(stabilizer)
+
+    def init_state(self, params):
+        return {
+            "meta_grad": zeros_like_all(params),
+            "prev_params": [tf.identity(p) for p in params],
+            "prev_grads": zeros_like_all(params),
+            "prev_loss": tf.zeros((), tf.float32),
+        }
+
+    def observe(self, state, step):
+        loss = tf.cast(step.loss, tf.float32)
+        if self.loss:
+            df = loss - state["prev_loss"]
+            if self.stabilizer:
+                df = -tf.abs(df)
+        else:
+            df = tf.zeros_like(loss)
+        moved = [p0 - p for p0, p in zip(state["prev_params"], step.params)]
+        increments = [
+            m - tf.cast(df, g.dtype) * g for m, g in zip(moved, state["prev_grads"])
+        ]
+        if self.norm:
+            d = tf.sqrt(tf.square(df) + global_norm_squared(moved))
+            # d is 0 only when the step did not move: the increment is 0 too.
+            increments = [tf.math.divide_no_nan(inc, tf.cast(d, inc.dtype)) for inc in increments]
+        # The first step of a trajectory only records (theta_0, g_0, f_0).
+        has_prev = tf.cast(step.index > 0, tf.float32)
+        meta_grad = [
+            acc + tf.cast(has_prev, inc.dtype) * inc
+            for acc, inc in zip(state["meta_grad"], increments)
+        ]
+        return {
+            "meta_grad": meta_grad,
+            "prev_params": list(step.params),
+            "prev_grads": list(step.grads),
+            "prev_loss": loss,
+        }
+
+    def meta_gradient(self, state, phi, params):
+        del phi, params
+        return list(state["meta_grad"])
+
+    def get_config(self):
+        return {"norm": self.norm, "loss": self.loss, "stabilizer": self.stabilizer}
