@@ -27,6 +27,29 @@ from tfmeta.inner_optimizer import make_stateless, stateless_apply
 from tfmeta.learners.base import InnerStep, MetaLearner
 
 
+def _mean_loss(loss):
+    """The task loss as a `keras.losses.Loss`, i.e. reduced to the batch mean.
+
+    `keras.losses.get("mse")` is a per-example function; its gradient would be
+    that of the batch sum.
+    """
+    loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    return _BatchMean(loss)
+
+
+class _BatchMean(keras.losses.Loss):
+    """A per-example loss function reduced to its mean over the batch."""
+
+    def __init__(self, fn):
+        super().__init__(name=getattr(fn, "__name__", "loss"))
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
 class MetaModel(keras.Model):
     """Meta-learn the initialization of `model` over a stream of task batches.
 
@@ -125,7 +148,7 @@ class MetaModel(keras.Model):
                 "multiple of it, so that every inner process ends on a meta-update."
             )
         self.inner_optimizer = make_stateless(inner_optimizer)
-        self.task_loss = keras.losses.get(loss)
+        self.task_loss = _mean_loss(loss)
         self.learner = learner
         self.inner_steps = int(inner_steps)
         self.inner_unroll = int(inner_unroll)
@@ -292,19 +315,37 @@ class MetaModel(keras.Model):
             for var, value in zip(variables, fresh):
                 stored = tf.convert_to_tensor(var.value)
                 if restart:
-                    tiled = tf.broadcast_to(tf.cast(value, stored.dtype)[None], tf.shape(stored))
-                    stored = tf.where(start, tiled, stored)
+                    value = tf.cast(value, stored.dtype)
+                    if value.shape.rank < stored.shape.rank:
+                        value = value[None]
+                    stored = tf.where(start, tf.broadcast_to(value, tf.shape(stored)), stored)
                 values.append(stored)
             return values
 
         params = read(self.task_params, phi)
-        non_trainable = read(
-            self.task_non_trainable, [v.value for v in self.model.non_trainable_variables]
-        )
+        non_trainable = read(self.task_non_trainable, self._fresh_non_trainable())
         opt_vars = read(self.task_optimizer, self._initial_optimizer_state, reset_opt)
         learner = read(self.task_learner, fresh_learner)
         learner = tf.nest.pack_sequence_as(self._learner_structure, learner)
         return (params, non_trainable, opt_vars, learner)
+
+    def _fresh_non_trainable(self):
+        """The model's non-trainable state for a restart, with one random stream per task.
+
+        Every task gets the model's seed-generator states offset by its index in
+        the first component, so the T tasks of a meta-batch draw different
+        dropout masks (and each keeps advancing its own stream).
+        """
+        offsets = tf.range(self.num_tasks)
+        values = []
+        for var in self.model.non_trainable_variables:
+            value = tf.convert_to_tensor(var.value)
+            tiled = tf.broadcast_to(value[None], (self.num_tasks, *value.shape))
+            if var.path.endswith("seed_generator_state"):
+                offset = tf.stack([offsets, tf.zeros_like(offsets)], axis=1)
+                tiled = tiled + tf.cast(offset, tiled.dtype)
+            values.append(tiled)
+        return values
 
     def _write_tasks(self, tasks):
         variables = (
@@ -384,7 +425,9 @@ class MetaModel(keras.Model):
         if schedule.after_update == "shift":
             seed = self.shift_seed.next()
             shifted = [
-                self.learner.shift(self._task(params, t), delta, seed + [t, 0])
+                self.learner.shift(
+                    self._task(params, t), delta, tf.random.experimental.stateless_fold_in(seed, t)
+                )
                 for t in range(self.num_tasks)
             ]
             params = [tf.stack(v) for v in zip(*shifted)]

@@ -88,7 +88,9 @@ class ContinualTrajectoryShifting(MetaLearner):
             return [p + d for p, d in zip(params, delta)]
         if self.shift_rule == "random":
             noise = [
-                tf.random.stateless_normal(tf.shape(d), seed=seed + [0, i], dtype=d.dtype)
+                tf.random.stateless_normal(
+                    tf.shape(d), seed=tf.random.experimental.stateless_fold_in(seed, i), dtype=d.dtype
+                )
                 for i, d in enumerate(delta)
             ]
             scale = tf.math.divide_no_nan(

@@ -1,0 +1,533 @@
+"""`ClassificationTasks`: a family of in-memory image classification tasks.
+
+Each task has its own train and test images (uint8 `[N, H, W, C]`) and integer
+labels in `0..n_t - 1`. `ClassificationTasks.as_dataset` turns the family into
+the stream `MetaModel.fit` consumes (see `tfmeta.tasks.base`):
+
+* elements `(x, y)`, `x` float32 `[T, S, B, H, W, C]` in [0, 1], `y` int32
+  `[T, S, B]`, with static shapes;
+* meta-batch m holds T distinct tasks drawn with stateless random ops keyed
+  by `(seed, m)`, so a seed always yields the same stream, independently of
+  TensorFlow's global seed and of how far other streams were consumed;
+* a task's K*B examples of one trajectory are the first K*B entries of a
+  concatenation of seeded permutations of its train set ("epochs"), so every
+  example is seen once before any is seen twice;
+* only example *indices* are drawn per trajectory (T*K*B int32); images are
+  gathered, converted to float and augmented per chunk, so memory holds one
+  chunk of images at a time, not a trajectory's K x T x B.
+
+Images stay uint8 in memory (4x smaller than float32) and are converted per
+chunk. `random_affine` is the seeded augmentation of Leap's Omniglot setup.
+
+Example::
+
+    tasks = ClassificationTasks(
+        [ClassificationTask("a", xa, ya, xa_test, ya_test),
+         ClassificationTask("b", xb, yb, xb_test, yb_test)],
+        augment=random_affine(rotation=180.0))
+    stream = tasks.as_dataset(tasks_per_batch=2, inner_steps=100,
+                              batch_size=20, steps_per_chunk=10, seed=0)
+    x, y = next(iter(stream))          # x: [2, 10, 20, H, W, C], y: [2, 10, 20]
+    finetune(model, tasks.finetune_data(0), tasks.finetune_data(0, "test"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfmeta.tasks.base import TaskDistribution
+
+__all__ = ["ClassificationTask", "ClassificationTasks", "RandomAffine", "random_affine"]
+
+# Philox explicitly: "auto_select" may pick a different generator on another
+# device, and a seed must mean the same stream everywhere.
+_ALG = "philox"
+
+# Constants folded into a meta-batch's key to derive independent sub-streams.
+_TASKS, _EXAMPLES, _AUGMENT = 0, 1, 2
+
+
+def _key(seed) -> tf.Tensor:
+    """The stateless seed pair of an integer seed."""
+    return tf.constant([int(seed), 0x5EED], tf.int64)
+
+
+def _fold(key, value) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64), alg=_ALG)
+
+
+def _permutations(key, n, count) -> tf.Tensor:
+    """The first `count` entries of a concatenation of seeded permutations of `range(n)`.
+
+    Full-range int64 sort keys, not floats: float32 uniforms tie often for
+    tens of thousands of examples, which would bias the permutation.
+    """
+    n = tf.cast(n, tf.int32)
+    epochs = (count + n - 1) // n
+    keys = tf.random.stateless_uniform(
+        tf.stack([epochs, n]), key, minval=None, maxval=None, dtype=tf.int64, alg=_ALG
+    )
+    order = tf.argsort(keys, axis=1, stable=True)
+    return tf.reshape(order, [-1])[:count]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassificationTask:
+    """One classification task: train and test images with labels in 0..num_classes-1.
+
+    Attributes:
+        name: a readable name (an alphabet, a dataset).
+        x_train: uint8 `[N, H, W, C]` train images.
+        y_train: int `[N]` train labels.
+        x_test: uint8 `[M, H, W, C]` test images (M may be 0).
+        y_test: int `[M]` test labels.
+        num_classes: the task's number of classes (default: max label + 1).
+
+    Example::
+
+        task = ClassificationTask("toy", x, y, x_test, y_test)
+        task.num_classes
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int | None = None
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x = np.asarray(getattr(self, f"x_{split}"))
+            y = np.asarray(getattr(self, f"y_{split}"))
+            if x.dtype != np.uint8:
+                raise TypeError(
+                    f"task {self.name!r}: x_{split} must be uint8 images (kept as bytes in "
+                    f"memory), got {x.dtype}; convert with np.round(x * 255).astype('uint8') "
+                    "for images in [0, 1]."
+                )
+            if x.ndim != 4:
+                raise ValueError(
+                    f"task {self.name!r}: x_{split} must be [N, H, W, C], got shape {x.shape} "
+                    "(add a channel axis with x[..., None] for grey images)."
+                )
+            if y.shape != (len(x),):
+                raise ValueError(
+                    f"task {self.name!r}: y_{split} has shape {y.shape}, expected ({len(x)},)."
+                )
+            if not np.issubdtype(y.dtype, np.integer):
+                raise TypeError(f"task {self.name!r}: y_{split} must hold integer labels.")
+            object.__setattr__(self, f"x_{split}", x)
+            object.__setattr__(self, f"y_{split}", y.astype(np.int32))
+        if len(self.x_train) == 0:
+            raise ValueError(f"task {self.name!r} has no train examples.")
+        if self.x_test.shape[1:] != self.x_train.shape[1:] and len(self.x_test):
+            raise ValueError(
+                f"task {self.name!r}: test images {self.x_test.shape[1:]} differ from "
+                f"train images {self.x_train.shape[1:]}."
+            )
+        labels = np.concatenate([self.y_train, self.y_test])
+        inferred = int(labels.max()) + 1
+        num_classes = inferred if self.num_classes is None else int(self.num_classes)
+        if labels.min() < 0 or inferred > num_classes:
+            raise ValueError(
+                f"task {self.name!r}: labels must lie in 0..{num_classes - 1}, "
+                f"got {labels.min()}..{labels.max()}."
+            )
+        object.__setattr__(self, "num_classes", num_classes)
+
+    @property
+    def input_shape(self):
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+class RandomAffine:
+    """Seeded random affine augmentation of a batch of images (see `random_affine`)."""
+
+    def __init__(self, rotation=180.0, translation=0.2, scale=(0.8, 1.2), fill_value=0.0,
+                 interpolation="bilinear"):
+        if isinstance(rotation, (int, float)):
+            rotation = (-float(rotation), float(rotation))
+        if isinstance(translation, (int, float)):
+            translation = (float(translation), float(translation))
+        if isinstance(scale, (int, float)):
+            scale = (float(scale), float(scale))
+        self.rotation = tuple(float(r) for r in rotation)
+        self.translation = tuple(float(t) for t in translation)
+        self.scale = tuple(float(s) for s in scale)
+        if min(self.scale) <= 0:
+            raise ValueError(f"scale factors must be positive, got {self.scale}.")
+        self.fill_value = float(fill_value)
+        if interpolation.lower() not in ("bilinear", "nearest"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}.")
+        self.interpolation = interpolation.upper()
+
+    def __repr__(self):
+        return (
+            f"random_affine(rotation={self.rotation}, translation={self.translation}, "
+            f"scale={self.scale}, fill_value={self.fill_value})"
+        )
+
+    def __call__(self, images, seed):
+        """Transform `images` (float `[N, H, W, C]`) with parameters drawn from `seed` ([2] ints)."""
+        images = tf.convert_to_tensor(images)
+        height, width = int(images.shape[1]), int(images.shape[2])
+        n = tf.shape(images)[0]
+        u = tf.random.stateless_uniform(
+            tf.stack([n, 4]), tf.cast(seed, tf.int64), dtype=tf.float32, alg=_ALG
+        )
+
+        def between(column, low, high):
+            return low + u[:, column] * (high - low)
+
+        angle = between(0, *self.rotation) * (math.pi / 180.0)
+        factor = between(1, *self.scale)
+        tx = between(2, -self.translation[0], self.translation[0]) * width
+        ty = between(3, -self.translation[1], self.translation[1]) * height
+        # The op maps each *output* pixel to the input point it samples, so it
+        # takes the inverse of "scale and rotate about the centre, then shift":
+        # input = R(-angle) (output - centre - shift) / factor + centre.
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        cos, sin = tf.cos(angle) / factor, tf.sin(angle) / factor
+        x0, y0 = cx + tx, cy + ty
+        zeros = tf.zeros_like(cos)
+        transforms = tf.stack(
+            [cos, sin, cx - cos * x0 - sin * y0, -sin, cos, cy + sin * x0 - cos * y0, zeros, zeros],
+            axis=1,
+        )
+        out = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=transforms,
+            output_shape=tf.constant([height, width], tf.int32),
+            fill_value=tf.constant(self.fill_value, images.dtype),
+            interpolation=self.interpolation,
+            fill_mode="CONSTANT",
+        )
+        return tf.ensure_shape(out, images.shape)
+
+
+def random_affine(rotation=180.0, translation=0.2, scale=(0.8, 1.2), fill_value=0.0,
+                  interpolation="bilinear") -> RandomAffine:
+    """Leap's Omniglot augmentation: a random rotation, shift and zoom per image.
+
+    Leap's code uses torchvision's `RandomAffine((0, 360), (0.2, 0.2), (0.8, 1.2))`:
+    an angle uniform in [0, 360) degrees (the same distribution as
+    `rotation=180.0`, i.e. uniform in [-180, 180]), shifts uniform in
+    +-20% of the width and height, and a zoom factor uniform in [0.8, 1.2].
+    Here every parameter is drawn with stateless random ops from the seed
+    handed to the callable, so augmentation is reproducible.
+
+    Args:
+        rotation: degrees; a number r means uniform in [-r, r], a pair
+            (low, high) uniform in it.
+        translation: largest shift as a fraction of the image size (one
+            number, or (x, y)).
+        scale: (low, high) zoom factor range (> 1 enlarges).
+        fill_value: value of pixels that come from outside the image. 0 is
+            the background of Omniglot as tfmeta stores it (strokes bright);
+            torchvision also fills with 0, which in Leap's white-background
+            images draws black corners.
+        interpolation: "bilinear" or "nearest".
+
+    Returns:
+        A callable `augment(images, seed) -> images` for float `[N, H, W, C]`
+        images and a `[2]` integer seed.
+
+    Example::
+
+        augment = random_affine(rotation=180.0)
+        out = augment(tf.zeros([8, 28, 28, 1]), seed=tf.constant([0, 1]))
+    """
+    return RandomAffine(rotation, translation, scale, fill_value, interpolation)
+
+
+def _as_task(task, index, name):
+    if isinstance(task, ClassificationTask):
+        return task
+    if isinstance(task, dict):
+        return ClassificationTask(name=task.get("name", name or f"task_{index}"),
+                                  **{k: v for k, v in task.items() if k != "name"})
+    x_train, y_train, x_test, y_test = task
+    return ClassificationTask(name or f"task_{index}", x_train, y_train, x_test, y_test)
+
+
+class ClassificationTasks(TaskDistribution):
+    """A family of in-memory image classification tasks, as task-batch streams.
+
+    Args:
+        tasks: `ClassificationTask`s, or tuples `(x_train, y_train, x_test,
+            y_test)` / dicts of those fields. All tasks share one image shape.
+        names: task names for tuple tasks (default `task_<i>`).
+        augment: default augmentation of train images, a callable
+            `augment(images, seed)` on float `[N, H, W, C]` images with a `[2]`
+            integer seed (e.g. `random_affine()`); None for none. Assignable.
+
+    Attributes:
+        num_tasks: number of tasks.
+        num_classes: the largest task's number of classes: the width of a
+            shared output head (tasks with fewer classes simply never use the
+            extra logits).
+        input_shape: `(H, W, C)`.
+        task_names: the tasks' names, by index.
+
+    Example::
+
+        tasks = ClassificationTasks([(x0, y0, x0t, y0t), (x1, y1, x1t, y1t)])
+        stream = tasks.as_dataset(tasks_per_batch=2, inner_steps=100, batch_size=20,
+                                  steps_per_chunk=10)
+        meta.fit(stream, steps_per_epoch=meta.steps_for(100, steps_per_chunk=10))
+        finetune(model, tasks.finetune_data(1), tasks.finetune_data(1, "test"))
+    """
+
+    def __init__(self, tasks: Sequence, names: Sequence[str] | None = None,
+                 augment: Callable | None = None):
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("ClassificationTasks needs at least one task.")
+        if names is not None and len(names) != len(tasks):
+            raise ValueError(f"got {len(names)} names for {len(tasks)} tasks.")
+        tasks = [_as_task(t, i, names[i] if names else None) for i, t in enumerate(tasks)]
+        shapes = {t.input_shape for t in tasks}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"all tasks must share one image shape, got {sorted(shapes)}; resize them "
+                "first (tfmeta.tasks.datasets resizes TFDS datasets to a common shape)."
+            )
+        self.input_shape = shapes.pop()
+        self.num_tasks = len(tasks)
+        self.task_names = [t.name for t in tasks]
+        self.task_classes = [t.num_classes for t in tasks]
+        self.num_classes = max(self.task_classes)
+        self.augment = augment
+        # One flat uint8 array of every task's train images: a chunk is then a
+        # single gather of global indices, whatever the tasks' sizes.
+        self._sizes = np.array([len(t.x_train) for t in tasks], np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)[:-1]]).astype(np.int64)
+        self._x_train = np.concatenate([t.x_train for t in tasks])
+        self._y_train = np.concatenate([t.y_train for t in tasks])
+        self._test = [(t.x_test, t.y_test) for t in tasks]
+        self._tensors = None
+
+    def __repr__(self):
+        return (
+            f"ClassificationTasks({self.num_tasks} tasks, {self.num_classes} classes, "
+            f"input_shape={self.input_shape}, train examples={len(self._x_train)})"
+        )
+
+    # ------------------------------------------------------------ access
+    def task(self, i: int) -> ClassificationTask:
+        """The i-th task's data (train arrays are views of the shared store)."""
+        i = self._check_index(i)
+        lo, hi = self._offsets[i], self._offsets[i] + self._sizes[i]
+        x_test, y_test = self._test[i]
+        return ClassificationTask(
+            self.task_names[i], self._x_train[lo:hi], self._y_train[lo:hi], x_test, y_test,
+            self.task_classes[i],
+        )
+
+    def subset(self, indices: Sequence[int]) -> "ClassificationTasks":
+        """A new family with the tasks at `indices`, in that order (same augment)."""
+        return ClassificationTasks([self.task(i) for i in indices], augment=self.augment)
+
+    def _check_index(self, i):
+        i = int(i)
+        if not 0 <= i < self.num_tasks:
+            raise IndexError(f"task index {i} out of range for {self.num_tasks} tasks.")
+        return i
+
+    def _stores(self):
+        # Eager tensors created once (outside any tf.function) and captured by
+        # reference by every dataset built from this family.
+        if self._tensors is None:
+            with tf.init_scope():
+                self._tensors = (
+                    tf.constant(self._x_train),
+                    tf.constant(self._y_train),
+                    tf.constant(self._sizes),
+                    tf.constant(self._offsets),
+                )
+        return self._tensors
+
+    def _resolve_augment(self, augment, default):
+        if augment is None:
+            return self.augment if default else None
+        if augment is False:
+            return None
+        if not callable(augment):
+            raise TypeError(f"augment must be a callable(images, seed), None or False; got {augment!r}.")
+        return augment
+
+    # ------------------------------------------------------------ meta-training stream
+    def task_ids(self, meta_batch: int, tasks_per_batch: int, seed: int = 0) -> np.ndarray:
+        """The task indices of meta-batch `meta_batch` in `as_dataset(..., seed=seed)`.
+
+        Example::
+
+            tasks.task_ids(0, tasks_per_batch=5)   # tasks of the first trajectory
+        """
+        self._check_tasks_per_batch(tasks_per_batch)
+        return self._draw_tasks(_fold(_key(seed), meta_batch), tasks_per_batch).numpy()
+
+    def _draw_tasks(self, key, tasks_per_batch):
+        keys = tf.random.stateless_uniform(
+            [self.num_tasks], _fold(key, _TASKS), minval=None, maxval=None,
+            dtype=tf.int64, alg=_ALG,
+        )
+        return tf.argsort(keys, stable=True)[:tasks_per_batch]
+
+    def _check_tasks_per_batch(self, tasks_per_batch):
+        if tasks_per_batch < 1:
+            raise ValueError(f"tasks_per_batch must be >= 1, got {tasks_per_batch}.")
+        if tasks_per_batch > self.num_tasks:
+            raise ValueError(
+                f"tasks_per_batch={tasks_per_batch} exceeds the {self.num_tasks} tasks of "
+                f"this distribution (a meta-batch holds distinct tasks): use "
+                f"tasks_per_batch<={self.num_tasks}, or build the distribution with more "
+                "tasks (e.g. more pretraining alphabets)."
+            )
+
+    def as_dataset(self, *, tasks_per_batch, inner_steps, batch_size, steps_per_chunk=1, seed=0,
+                   augment=None):
+        """The infinite stream of task-batch chunks for `MetaModel.fit`.
+
+        Args:
+            tasks_per_batch: T distinct tasks per meta-batch (<= num_tasks).
+            inner_steps: K; a meta-batch's tasks are kept for K / S chunks.
+            batch_size: B examples per inner step.
+            steps_per_chunk: S inner steps per element.
+            seed: seed of the task draws, example order and augmentation.
+            augment: None for the family's `augment`, False for none, or a
+                callable `augment(images, seed)`.
+
+        Returns:
+            A `tf.data.Dataset` of `(x, y)`: x float32 `[T, S, B, H, W, C]` in
+            [0, 1], y int32 `[T, S, B]`.
+
+        Example::
+
+            stream = tasks.as_dataset(tasks_per_batch=20, inner_steps=100, batch_size=20,
+                                      steps_per_chunk=10, seed=0)
+        """
+        T, K, B, S = int(tasks_per_batch), int(inner_steps), int(batch_size), int(steps_per_chunk)
+        self._check_tasks_per_batch(T)
+        if K < 1 or B < 1:
+            raise ValueError(f"inner_steps and batch_size must be >= 1, got {K} and {B}.")
+        self.check_chunking(K, S)
+        augment = self._resolve_augment(augment, default=True)
+        images, labels, sizes, offsets = self._stores()
+        chunks = K // S
+        base = _key(seed)
+        shape = self.input_shape
+
+        def trajectory(m):
+            # Per meta-batch only indices are drawn: [T, K*B] int64.
+            key = _fold(base, m)
+            ids = self._draw_tasks(key, T)
+            example_key = _fold(key, _EXAMPLES)
+
+            def slot(t):
+                task = ids[t]
+                order = _permutations(_fold(example_key, t), sizes[task], K * B)
+                return tf.cast(order, tf.int64) + offsets[task]
+
+            index = tf.map_fn(slot, tf.range(T), fn_output_signature=tf.TensorSpec([K * B], tf.int64))
+            per_chunk = tf.transpose(tf.reshape(index, [T, chunks, S * B]), [1, 0, 2])
+            return tf.data.Dataset.zip((
+                tf.data.Dataset.from_tensors(m).repeat(chunks),
+                tf.data.Dataset.range(chunks),
+                tf.data.Dataset.from_tensor_slices(per_chunk),
+            ))
+
+        def chunk(m, c, index):
+            x = tf.gather(images, tf.reshape(index, [-1]))
+            x = tf.cast(x, tf.float32) / 255.0
+            if augment is not None:
+                x = augment(x, _fold(_fold(_fold(base, m), _AUGMENT), c))
+            x = tf.reshape(x, [T, S, B, *shape])
+            y = tf.reshape(tf.gather(labels, index), [T, S, B])
+            return x, y
+
+        return (
+            tf.data.Dataset.counter()
+            .flat_map(trajectory)
+            .map(chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    # ------------------------------------------------------------ fine-tuning
+    def finetune_data(self, i: int, split: str = "train", batch_size: int = 20, seed: int = 0,
+                      augment=None, repeat: bool | None = None) -> tf.data.Dataset:
+        """Batches `(x float32 [b, H, W, C], y int32 [b])` of task i for plain Keras.
+
+        Train (default): an infinite stream of full batches in epoch-style
+        seeded order (every example once before any repeats, batches run
+        across epoch boundaries, as in `as_dataset`), augmented with the
+        family's `augment`; give `fit` a `steps_per_epoch`. Test: one pass in
+        stored order, last batch partial, no augmentation: for `evaluate`.
+
+        Args:
+            i: task index.
+            split: "train" or "test".
+            batch_size: examples per batch.
+            seed: seed of the order and augmentation.
+            augment: None for the default above, False for none, or a
+                callable `augment(images, seed)`. (Leap's code augments its
+                held-out evaluation too; pass `augment=tasks.augment` for that.)
+            repeat: override the default (True for train, False for test).
+                A single train pass is shuffled and keeps its partial batch.
+
+        Example::
+
+            from tfmeta.finetune import finetune
+            result = finetune(model, tasks.finetune_data(3), tasks.finetune_data(3, "test"),
+                              steps=100)
+        """
+        i = self._check_index(i)
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        train = split == "train"
+        repeat = train if repeat is None else bool(repeat)
+        augment = self._resolve_augment(augment, default=train)
+        task = self.task(i)
+        x_np, y_np = (task.x_train, task.y_train) if train else (task.x_test, task.y_test)
+        if len(x_np) == 0:
+            raise ValueError(f"task {task.name!r} has no {split} examples.")
+        with tf.init_scope():
+            images, labels = tf.constant(x_np), tf.constant(y_np)
+        n = len(x_np)
+        key = _fold(_fold(_key(seed), i), _EXAMPLES)
+
+        if train:
+            def epoch(e):
+                order = _permutations(_fold(key, e), n, n)
+                return tf.data.Dataset.from_tensor_slices(tf.cast(order, tf.int64))
+
+            epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+            order = epochs.flat_map(epoch)
+        else:
+            order = tf.data.Dataset.range(n)
+            if repeat:
+                order = order.repeat()
+        # Infinite streams drop nothing (every batch is full); a finite pass
+        # keeps its last partial batch so evaluate sees every example.
+        batches = order.batch(batch_size, drop_remainder=repeat).enumerate()
+        augment_key = _fold(_fold(_key(seed), i), _AUGMENT)
+        shape = self.input_shape
+
+        def gather(b, index):
+            x = tf.cast(tf.gather(images, index), tf.float32) / 255.0
+            if augment is not None:
+                x = augment(x, _fold(augment_key, b))
+            return x, tf.gather(labels, index)
+
+        return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+            tf.data.AUTOTUNE
+        )

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Benchmarks, measured side by side in one run (medians and ratios).
+
+    python tools/bench.py inner   [--tasks 4] [--steps 300] [--repeats 5] [--filters 64]
+    python tools/bench.py graph   [--short 10] [--long 1000]
+    python tools/bench.py fisher  (see tools/bench_fisher.py)
+
+`inner`: inner steps per second of each meta-learner with T tasks on Leap's
+Omniglot convnet (4 x [Conv 3x3, MaxPool, BatchNorm, ReLU] -> Dense 20,
+28x28x1, batch 20), divided by (a) plain `model.fit` steps per second and
+(b) a hand-written `tf.function` loop that fuses many plain training steps.
+One inner step of one task counts as one step, so T tasks advancing together
+make T steps.
+
+`graph`: graph-build time and peak memory of meta-training with trajectory
+length K = long vs K = short (same chunk size), each in a fresh process.
+
+The machines are shared and noisy: every number is a median over repeats,
+and the ratios compare runs made in the same process, interleaved.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BATCH = 20
+CLASSES = 20
+
+
+def _data(n, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return (
+        rng.random((n, 28, 28, 1), dtype="float32"),
+        rng.integers(0, CLASSES, n).astype("int32"),
+    )
+
+
+def _loss():
+    import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _median_rate(run, steps, repeats):
+    rates = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        rates.append(steps / (time.perf_counter() - began))
+    return statistics.median(rates)
+
+
+def bench_fit(steps, filters):
+    """Plain Keras: `model.fit` with one step per call of the train function."""
+    import keras
+    import tensorflow as tf
+
+    from tfmeta.models import convnet
+
+    model = convnet(CLASSES, filters=filters)
+    model.compile(keras.optimizers.SGD(0.1), _loss())
+    x, y = _data(BATCH * 64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH, drop_remainder=True).repeat()
+    model.fit(ds, steps_per_epoch=20, verbose=0, shuffle=False)  # trace and warm up
+    return lambda: model.fit(ds, steps_per_epoch=steps, verbose=0, shuffle=False)
+
+
+def bench_fused(steps, filters):
+    """A hand-written tf.function that runs `steps` plain training steps in one call."""
+    import keras
+    import tensorflow as tf
+
+    from tfmeta.models import convnet
+
+    model = convnet(CLASSES, filters=filters)
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    loss_fn = _loss()
+    x, y = _data(BATCH * 64)
+    x, y = tf.constant(x.reshape(64, BATCH, 28, 28, 1)), tf.constant(y.reshape(64, BATCH))
+
+    @tf.function
+    def train(n):
+        def body(i, total):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y[i % 64], model(x[i % 64], training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            return i + 1, total + loss
+
+        return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), tf.constant(0.0)))[1]
+
+    train(tf.constant(20))
+    return lambda: train(tf.constant(steps)).numpy()
+
+
+def bench_learner(learner, steps, filters, tasks, chunk=10, inner_steps=100):
+    """MetaModel.fit: `steps` inner steps per task, chunks of `chunk` steps."""
+    import keras
+    import tensorflow as tf
+
+    import tfmeta
+    from tfmeta.models import convnet
+
+    model = convnet(CLASSES, filters=filters)
+    meta = tfmeta.MetaModel(model)
+    meta.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        inner_optimizer=keras.optimizers.SGD(0.1),
+        loss=_loss(),
+        learner=learner,
+        inner_steps=inner_steps,
+        steps_per_execution=max(1, steps // chunk),
+    )
+    x, y = _data(tasks * chunk * BATCH)
+    ds = tf.data.Dataset.from_tensors(
+        (x.reshape(tasks, chunk, BATCH, 28, 28, 1), y.reshape(tasks, chunk, BATCH))
+    ).repeat()
+    calls = max(1, steps // chunk)
+    meta.fit(ds, steps_per_epoch=calls, verbose=0)  # trace and warm up
+    return lambda: meta.fit(ds, steps_per_epoch=calls, verbose=0)
+
+
+def inner(args):
+    import tfmeta
+
+    learners = {
+        "leap": lambda: tfmeta.Leap(),
+        "reptile": lambda: tfmeta.Reptile(),
+        "fomaml": lambda: tfmeta.FOMAML(),
+        "cts": lambda: tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile(), every=10),
+    }
+    runs = {
+        "fit": bench_fit(args.steps, args.filters),
+        "fused": bench_fused(args.steps, args.filters),
+    }
+    for name, make in learners.items():
+        runs[name] = bench_learner(make(), args.steps, args.filters, args.tasks)
+    # Interleave repeats so that load changes hit every candidate alike.
+    rates = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            steps = args.steps * (1 if name in ("fit", "fused") else args.tasks)
+            rates[name].append(_median_rate(run, steps, 1))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print(
+        f"Inner steps per second, Leap Omniglot convnet ({args.filters} filters, batch {BATCH}), "
+        f"T = {args.tasks} tasks, {args.steps} steps per task per call, median of {args.repeats}:"
+    )
+    print("| run | steps/s | / fit | / fused loop |")
+    print("|---|---|---|---|")
+    for name, rate in median.items():
+        print(
+            f"| {name} | {rate:.0f} | {rate / median['fit']:.2f} | {rate / median['fused']:.2f} |"
+        )
+    return median
+
+
+def _graph_probe(inner_steps, chunk, filters):
+    """In a fresh process: build time of the first fit call and peak RSS."""
+    import keras
+    import tensorflow as tf
+
+    import tfmeta
+    from tfmeta.models import convnet
+
+    model = convnet(CLASSES, filters=filters)
+    meta = tfmeta.MetaModel(model)
+    meta.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        inner_optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+        loss=_loss(),
+        learner=tfmeta.Leap(),
+        inner_steps=inner_steps,
+    )
+    tasks = 4
+    x, y = _data(tasks * chunk * BATCH)
+    ds = tf.data.Dataset.from_tensors(
+        (x.reshape(tasks, chunk, BATCH, 28, 28, 1), y.reshape(tasks, chunk, BATCH))
+    ).repeat()
+    began = time.perf_counter()
+    meta.fit(ds, steps_per_epoch=1, verbose=0)
+    build = time.perf_counter() - began
+    # Run a whole trajectory of the long setting (and as many chunks for the
+    # short one) so that peak memory covers the steady state.
+    meta.fit(ds, steps_per_epoch=max(1, 1000 // chunk), verbose=0)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"build_seconds": build, "peak_rss_mb": peak_mb, "meta_updates": int(meta.meta_updates.numpy())}))
+
+
+def graph(args):
+    results = {}
+    for K in (args.short, args.long):
+        samples = []
+        for _ in range(args.repeats):
+            out = subprocess.run(
+                [sys.executable, __file__, "_graph_probe", str(K), str(args.chunk), str(args.filters)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip().splitlines()[-1]
+            samples.append(json.loads(out))
+        results[K] = {
+            key: statistics.median(s[key] for s in samples) for key in ("build_seconds", "peak_rss_mb")
+        }
+        results[K]["meta_updates"] = samples[0]["meta_updates"]
+    short, long = results[args.short], results[args.long]
+    print(f"Leap, T = 4, chunks of {args.chunk} steps, median of {args.repeats} fresh processes:")
+    print("| K | graph build + first chunk (s) | peak RSS (MB) | meta-updates in 1000 steps |")
+    print("|---|---|---|---|")
+    for K, r in results.items():
+        print(f"| {K} | {r['build_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['meta_updates']} |")
+    print(
+        f"ratio K={args.long} / K={args.short}: build {long['build_seconds'] / short['build_seconds']:.2f}, "
+        f"peak memory {long['peak_rss_mb'] / short['peak_rss_mb']:.2f}"
+    )
+    return results
+
+
+def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_graph_probe":
+        _graph_probe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inner", help="inner-loop throughput vs fit and a fused loop")
+    p.add_argument("--tasks", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--filters", type=int, default=64)
+    p = sub.add_parser("graph", help="graph-build time and memory, K long vs short")
+    p.add_argument("--short", type=int, default=10)
+    p.add_argument("--long", type=int, default=1000)
+    p.add_argument("--chunk", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--filters", type=int, default=64)
+    sub.add_parser("fisher", help="Fisher diagonal vs one training epoch", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "fisher":
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        import bench_fisher
+
+        return bench_fisher.main(rest)
+    {"inner": inner, "graph": graph}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
