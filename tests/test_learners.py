@@ -786,6 +786,22 @@ def test_dropout_seed_advances_between_inner_steps():
     np.testing.assert_array_equal(model.non_trainable_variables[0].numpy(), seeds[1][0])
 
 
+def test_tasks_draw_different_dropout_masks():
+    """Two tasks with identical data: with per-task random streams their
+    (frozen, lr = 0) inner losses differ through the dropout masks alone."""
+    T = 2
+    model = keras.Sequential([
+        keras.Input((3,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)
+    ])
+    model.set_weights([w for w in dense_model().get_weights()])
+    x, y = dense_data(1, 1, batch=8, seed=19)
+    x, y = np.repeat(x, T, axis=0), np.repeat(y, T, axis=0)
+    meta = make_meta(model, FOMAML(), 1, inner=keras.optimizers.SGD(0.0))
+    run(meta, x, y, steps_per_chunk=1)
+    grads = meta.task_learner[1].numpy()  # FOMAML state flattens to (count, grads...)
+    assert not np.allclose(grads[0], grads[1])
+
+
 # --------------------------------------------------------------------------
 # validation errors name the fix
 

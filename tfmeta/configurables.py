@@ -10,6 +10,7 @@ import gin
 import keras
 
 from tfmeta import learners, models
+from tfmeta import tasks
 from tfmeta.tasks import himmelblau
 
 for _optimizer in (
@@ -35,6 +36,8 @@ gin.external_configurable(models.mlp, module="tfmeta.models")
 gin.external_configurable(himmelblau.RotatedHimmelblau, module="tfmeta.tasks")
 gin.external_configurable(himmelblau.HimmelblauLoss, module="tfmeta.tasks")
 gin.external_configurable(himmelblau.point_model, module="tfmeta.tasks")
+for _family in (tasks.digits_tasks, tasks.omniglot_alphabets, tasks.datasets_as_tasks, tasks.random_affine):
+    gin.external_configurable(_family, module="tfmeta.tasks")
 
 # The evaluations register themselves when imported.
 from tfmeta import evaluation  # noqa: E402,F401

@@ -34,11 +34,15 @@ def heldout_finetuning(learned, baseline, tasks, steps=100, learning_rate=0.1, b
     Reports the mean (and standard deviation over tasks) of Leap's metrics:
     area under the training-loss and training-error curves and the final
     held-out test error. Every task starts from a fresh copy of the candidate.
+    Either candidate may be None to skip it.
     """
     import keras
 
     results = {}
-    for name, model in (("meta-learned", learned), ("random init", baseline)):
+    candidates = (("meta-learned", learned), ("random init", baseline))
+    for name, model in candidates:
+        if model is None:
+            continue
         runs = []
         for task in range(tasks.num_tasks):
             candidate = keras.models.clone_model(model)

@@ -87,8 +87,11 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
     folder that is renamed to ``path`` only once complete. With
     ``overwrite=True`` an existing export is moved aside only at that point
     and deleted after the rename, so an interrupted export leaves either no
-    ``path`` or the previous export intact. Only folders that are tfmeta
-    exports (or empty) are ever replaced.
+    ``path`` or the previous export intact (a kill between the two renames
+    of an overwrite leaves the previous export in a hidden ``.old`` folder,
+    which the next ``export_initialization`` to ``path`` renames back before
+    anything else; it also removes staging folders of killed writes). Only
+    folders that are tfmeta exports (or empty) are ever replaced.
 
     Args:
         model: a built ``keras.Model`` (Sequential, functional or subclassed).
@@ -110,6 +113,7 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
         json.dumps(metadata)
     except (TypeError, ValueError) as err:
         raise TypeError(f"metadata must be JSON-serializable: {err}") from err
+    _recover_interrupted(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(
@@ -172,6 +176,13 @@ def read_export_info(path):
     """
     path = pathlib.Path(path)
     if not path.exists():
+        backups = _backups(path)
+        if backups:
+            raise FileNotFoundError(
+                f"no tfmeta export at {path}, but {backups[-1].name} beside it is the "
+                "previous export, moved aside by an overwrite that was killed: rename it "
+                f"back to {path.name} (export_initialization to {path} does so itself)."
+            )
         raise FileNotFoundError(
             f"no tfmeta export at {path}; create one with "
             "tfmeta.export.export_initialization(model, path)"
@@ -310,6 +321,31 @@ def load_savedmodel_layer(path, *, trainable=True, name=None):
         trainable=trainable,
         name=name,
     )
+
+
+_HEX8 = "[0-9a-f]" * 8
+
+
+def _backups(path):
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(f".{path.name}.{_HEX8}.old"), key=lambda p: p.stat().st_mtime)
+
+
+def _recover_interrupted(path):
+    """Undo what a killed export left beside `path`.
+
+    A kill between the two renames of an overwrite leaves no `path` and the
+    previous export in a hidden `.old` folder: it is renamed back. Hidden
+    `.partial` staging folders of killed writes are removed.
+    """
+    backups = _backups(path)
+    if backups and not (path.exists() or path.is_symlink()):
+        os.rename(backups.pop(), path)
+    if not path.parent.is_dir():
+        return
+    for leftover in [*path.parent.glob(f".{path.name}.{_HEX8}.partial"), *backups]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _is_replaceable(path):

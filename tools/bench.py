@@ -4,6 +4,8 @@
     python tools/bench.py inner   [--tasks 4] [--steps 300] [--repeats 5] [--filters 64]
     python tools/bench.py graph   [--short 10] [--long 1000]
     python tools/bench.py fisher  (see tools/bench_fisher.py)
+    python tools/bench.py replicas [--learner leap] [--tasks 4] [--steps 100] [--no_jit]
+    python tools/bench.py jit      [--learner leap] [--tasks 4] [--steps 100]
 
 `inner`: inner steps per second of each meta-learner with T tasks on Leap's
 Omniglot convnet (4 x [Conv 3x3, MaxPool, BatchNorm, ReLU] -> Dense 20,
@@ -14,6 +16,11 @@ make T steps.
 
 `graph`: graph-build time and peak memory of meta-training with trajectory
 length K = long vs K = short (same chunk size), each in a fresh process.
+
+`replicas`: inner steps per second of MetaModel.fit with the T tasks on one
+replica vs split over two (two GPUs if present, else two logical CPU devices,
+which share the same cores: expect a ratio below 1 there), and with
+`jit_compile=True` on one replica. `jit`: XLA on vs off on one device.
 
 The machines are shared and noisy: every number is a median over repeats,
 and the ratios compare runs made in the same process, interleaved.
@@ -228,6 +235,112 @@ def graph(args):
     return results
 
 
+def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=100, jit_compile="auto"):
+    """MetaModel.fit under `strategy`: one call runs `steps` inner steps of every task."""
+    import keras
+    import tensorflow as tf
+
+    import tfmeta
+    from tfmeta.models import convnet
+
+    calls = max(1, steps // chunk)
+    with strategy.scope():
+        model = convnet(CLASSES, filters=filters)
+        meta = tfmeta.MetaModel(model)
+        meta.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            inner_optimizer=keras.optimizers.SGD(0.1),
+            loss=_loss(),
+            learner=learner,
+            inner_steps=inner_steps,
+            steps_per_execution=calls,
+            jit_compile=jit_compile,
+        )
+    x, y = _data(tasks * chunk * BATCH)
+    ds = tf.data.Dataset.from_tensors(
+        (x.reshape(tasks, chunk, BATCH, 28, 28, 1), y.reshape(tasks, chunk, BATCH))
+    ).repeat()
+    began = time.perf_counter()
+    meta.fit(ds, steps_per_epoch=calls, verbose=0)  # trace and warm up
+    build = time.perf_counter() - began
+    run = lambda: meta.fit(ds, steps_per_epoch=calls, verbose=0)  # noqa: E731
+    run.build_seconds = build
+    return run
+
+
+def _learner(name):
+    import tfmeta
+
+    return {
+        "leap": tfmeta.Leap,
+        "reptile": tfmeta.Reptile,
+        "fomaml": tfmeta.FOMAML,
+        "cts": lambda: tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile(), every=10),
+    }[name]()
+
+
+def _compare(runs, args, baseline):
+    """Interleaved repeats of every run; median inner steps/s and ratio to `baseline`."""
+    rates = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            rates[name].append(_median_rate(run, args.steps * args.tasks, 1))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    print("| run | inner steps/s | ratio | first call (trace + compile), s |")
+    print("|---|---|---|---|")
+    for name, rate in median.items():
+        print(
+            f"| {name} | {rate:.0f} | {rate / median[baseline]:.2f} | "
+            f"{runs[name].build_seconds:.1f} |"
+        )
+    return median
+
+
+def replicas(args):
+    """1 vs 2 replicas (two logical CPU devices here, GPUs elsewhere), and XLA on/off."""
+    import tensorflow as tf
+
+    from tfmeta import distribute
+
+    gpus = tf.config.list_physical_devices("GPU")
+    devices = [f"/gpu:{i}" for i in range(2)] if len(gpus) >= 2 else [f"/cpu:{i}" for i in range(2)]
+    one = tf.distribute.get_strategy()
+    two = distribute.get_strategy("mirrored", devices)
+    learner = lambda: _learner(args.learner)  # noqa: E731
+    common = (args.steps, args.filters, args.tasks, args.chunk)
+    runs = {
+        "1 replica": bench_meta(one, learner(), *common),
+        f"2 replicas ({', '.join(devices)})": bench_meta(two, learner(), *common),
+    }
+    if not args.no_jit:
+        runs["1 replica, jit_compile=True"] = bench_meta(one, learner(), *common, jit_compile=True)
+    print(
+        f"MetaModel.fit, {args.learner}, Leap Omniglot convnet ({args.filters} filters, batch "
+        f"{BATCH}), T = {args.tasks} tasks split over the replicas, {args.steps} inner steps "
+        f"per task per call, median of {args.repeats} (one process, interleaved); "
+        f"{os.cpu_count()} CPU cores, {len(gpus)} GPUs:"
+    )
+    return _compare(runs, args, "1 replica")
+
+
+def jit(args):
+    """XLA on vs off on one device."""
+    import tensorflow as tf
+
+    one = tf.distribute.get_strategy()
+    common = (args.steps, args.filters, args.tasks, args.chunk)
+    runs = {
+        "jit_compile=False": bench_meta(one, _learner(args.learner), *common, jit_compile=False),
+        "jit_compile=True": bench_meta(one, _learner(args.learner), *common, jit_compile=True),
+    }
+    print(
+        f"MetaModel.fit, {args.learner}, convnet ({args.filters} filters), T = {args.tasks}, "
+        f"{args.steps} inner steps per task per call, median of {args.repeats}; "
+        f"Keras' jit_compile='auto' here: {'XLA' if tf.config.list_physical_devices('GPU') else 'off (CPU only)'}:"
+    )
+    return _compare(runs, args, "jit_compile=False")
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_graph_probe":
         _graph_probe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
@@ -246,13 +359,33 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--filters", type=int, default=64)
     sub.add_parser("fisher", help="Fisher diagonal vs one training epoch", add_help=False)
+    for name, helptext in (
+        ("replicas", "1 vs 2 replicas (logical CPUs without GPUs) and XLA on/off"),
+        ("jit", "XLA (jit_compile) on vs off on one device"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--learner", default="leap", choices=["leap", "reptile", "fomaml", "cts"])
+        p.add_argument("--tasks", type=int, default=4)
+        p.add_argument("--steps", type=int, default=100)
+        p.add_argument("--chunk", type=int, default=10)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--filters", type=int, default=32)
+        if name == "replicas":
+            p.add_argument("--no_jit", action="store_true", help="skip the XLA run")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "replicas":
+        import tensorflow as tf
+
+        from tfmeta import distribute
+
+        if len(tf.config.list_physical_devices("GPU")) < 2:
+            distribute.use_logical_cpus(2)  # before TensorFlow initializes its devices
     if args.command == "fisher":
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
         import bench_fisher
 
         return bench_fisher.main(rest)
-    {"inner": inner, "graph": graph}[args.command](args)
+    {"inner": inner, "graph": graph, "replicas": replicas, "jit": jit}[args.command](args)
     return 0
 
 

@@ -41,6 +41,7 @@ from tfmeta.complexity.training import (
     TrainResult,
     copy_model,
     fit_to_threshold,
+    replace_head,
     sgd,
     train,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "rank_initializations",
     "rankdata",
     "reachability_matrix",
+    "replace_head",
     "sgd",
     "spearman",
     "static_distance",

@@ -1,4 +1,14 @@
-"""PNG heatmap of a reachability matrix (matplotlib, Agg canvas)."""
+"""PNG figures of the complexity experiments (matplotlib, Agg canvas).
+
+* :func:`plot_reachability`: heatmap of a reachability matrix (figure 2);
+* :func:`plot_relabel`: complexity and steps vs. the fraction of random
+  labels, and log-steps vs. complexity (figure 1, left);
+* :func:`plot_ranking`: predicted vs. measured ease of candidate
+  initializations.
+
+All draw on a ``FigureCanvasAgg`` directly, so the global matplotlib backend
+is left alone, and return the path written.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +17,25 @@ import os
 import gin
 import numpy as np
 
-__all__ = ["plot_reachability"]
+__all__ = ["plot_ranking", "plot_reachability", "plot_relabel"]
 
 
 @gin.configurable(module="tfmeta.complexity")
-def plot_reachability(reach, path, title=None, cmap="viridis", dpi=120):
+def plot_reachability(reach, path, title=None, cmap="viridis", dpi=120, scratch=True,
+                      show_distance=True):
     """Save ``reach`` (a :class:`~tfmeta.complexity.Reachability`) as a PNG.
 
     Cell colour: static distance ``d(source -> target)`` (rows = target,
     columns = source, as in the paper's figure 2); annotation: fine-tuning
-    steps to the loss threshold, "n.c." when it did not converge. Uses a
-    ``FigureCanvasAgg`` directly, so the global matplotlib backend is left
-    alone. Returns ``path``.
+    steps to the loss threshold, "n.c." when it did not converge, and with
+    ``show_distance`` the distance under it. With
+    ``scratch``, each row label also gives the target's steps from scratch
+    (``reach.pretraining``). Uses a ``FigureCanvasAgg`` directly, so the
+    global matplotlib backend is left alone. Returns ``path``.
+
+    Example::
+
+        plot_reachability(reach, "runs/reach/reachability.png")
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -34,7 +51,16 @@ def plot_reachability(reach, path, title=None, cmap="viridis", dpi=120):
     cbar = fig.colorbar(image, ax=ax)
     cbar.set_label("d(source -> target) = C(S u T) - C(S)")
     ax.set_xticks(range(n), labels=names, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=names)
+    rows = names
+    if scratch and getattr(reach, "pretraining", None):
+        rows = []
+        for k in names:
+            run = reach.pretraining.get(k)
+            if run is None:
+                rows.append(k)
+            else:
+                rows.append(f"{k}\n(scratch {run.steps if run.converged else 'n.c.'})")
+    ax.set_yticks(range(n), labels=rows)
     ax.set_xlabel("source (pre-training)")
     ax.set_ylabel("target (fine-tuning)")
     finite = dist[np.isfinite(dist)]
@@ -42,12 +68,111 @@ def plot_reachability(reach, path, title=None, cmap="viridis", dpi=120):
     for t in range(n):
         for s in range(n):
             text = str(int(reach.steps[t, s])) if reach.converged[t, s] else "n.c."
+            if t != s and show_distance:
+                text += f"\nd={dist[t, s]:+.2f}"
             color = "black" if dist[t, s] > mid else "white"
-            ax.text(s, t, text, ha="center", va="center", color=color, fontsize=9)
+            ax.text(s, t, text, ha="center", va="center", color=color, fontsize=8)
     ax.set_title(title or f"fine-tuning steps (budget {reach.max_steps})")
     fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def _save(fig, path, dpi):
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+@gin.configurable(module="tfmeta.complexity")
+def plot_relabel(result, path, dpi=100):
+    """Figure 1 (left) from a :func:`~tfmeta.complexity.experiments.relabel_experiment`
+    result: complexity and steps (mean and std over seeds) vs. the fraction
+    of random labels (left), and log-steps vs. complexity for every run with
+    the Kramers fit ``log(steps) = a + b C`` (right). Returns ``path``.
+
+    Example::
+
+        plot_relabel(relabel_experiment(None, seeds=(0,)), "relabel.png")
+    """
+    levels = result["levels"]
+    frac = np.array([lv["fraction"] for lv in levels])
+    c_mean = np.array([lv["complexity"]["mean"] for lv in levels])
+    c_std = np.array([lv["complexity"]["std"] for lv in levels])
+    s_mean = np.array([lv["steps"]["mean"] for lv in levels])
+    s_std = np.array([lv["steps"]["std"] for lv in levels])
+    fig = _figure(10, 4)
+    ax = fig.add_subplot(1, 2, 1)
+    ax.errorbar(frac, c_mean, yerr=c_std, marker="o", color="tab:blue", capsize=3,
+                label="complexity C_beta")
+    ax.set_xlabel("fraction of randomly relabelled training examples")
+    ax.set_ylabel("C_beta (mean ± std over seeds)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.errorbar(frac, s_mean, yerr=s_std, marker="s", color="tab:red", capsize=3,
+                 label="SGD steps to threshold")
+    ax2.set_ylabel("SGD steps to loss threshold", color="tab:red")
+    settings = result["settings"]
+    ax.set_title(f"{settings['dataset']}, {settings['examples']} examples, "
+                 f"{len(settings['seeds'])} seeds")
+    bx = fig.add_subplot(1, 2, 2)
+    runs = result["runs"]
+    comp = np.array([r["complexity"] for r in runs])
+    steps = np.array([r["steps"] for r in runs], np.float64)
+    colours = np.array([r["fraction"] for r in runs])
+    sc = bx.scatter(comp, steps, c=colours, cmap="viridis", s=28)
+    fig.colorbar(sc, ax=bx, label="fraction random")
+    fit = result.get("kramers_fit")
+    if fit:
+        grid = np.linspace(comp.min(), comp.max(), 50)
+        bx.plot(grid, np.exp(fit["intercept"] + fit["slope"] * grid), "k--", lw=1,
+                label=f"log steps = {fit['intercept']:.1f} + {fit['slope']:.1f} C "
+                      f"(R² {fit['r2']:.2f})")
+        bx.legend(loc="upper left", fontsize=8)
+    bx.set_yscale("log")
+    bx.set_xlabel("C_beta of the trained model")
+    bx.set_ylabel("SGD steps to loss threshold (log)")
+    bx.set_title(f"Spearman rho = {result['spearman']['complexity_vs_steps']:.3f}")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+@gin.configurable(module="tfmeta.complexity")
+def plot_ranking(result, path, dpi=100):
+    """Predicted cost vs. measured fine-tuning steps of candidate
+    initializations (one panel per predictor) from a
+    :func:`~tfmeta.complexity.experiments.ranking_experiment` result.
+
+    Example::
+
+        plot_ranking(out, "runs/rank/ranking.png")
+    """
+    predictors = result["predictors"]
+    rows = {r["name"]: r for r in result["candidates"]}
+    budget = result["max_steps"]
+    fig = _figure(5 * len(predictors), 4)
+    for i, (pname, pred) in enumerate(predictors.items()):
+        ax = fig.add_subplot(1, len(predictors), i + 1)
+        for name, value in zip(pred["names"], pred["predicted"]):
+            steps = rows[name]["steps"]
+            y = budget + 1 if steps is None else steps
+            err = rows[name].get("steps_std", 0.0)
+            ax.errorbar([value], [y], yerr=[err], fmt="o", ms=5, capsize=3)
+            ax.annotate(name, (value, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        ax.set_xlabel({"distance": "d(source -> target)",
+                       "potential": "C_beta(target; candidate)"}.get(pname, pname))
+        ax.set_ylabel("fine-tuning steps to threshold (mean ± std)")
+        ax.set_title(f"{pname}: Spearman rho = {pred['spearman']:.2f}")
+    fig.suptitle(f"target {result['settings']['target']}")
+    fig.tight_layout()
+    return _save(fig, path, dpi)

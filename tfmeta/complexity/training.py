@@ -27,6 +27,7 @@ __all__ = [
     "TrainingRecipe",
     "copy_model",
     "fit_to_threshold",
+    "replace_head",
     "sgd",
     "train",
 ]
@@ -135,6 +136,58 @@ def copy_model(model, model_fn=None):
             ) from err
     new.set_weights(model.get_weights())
     return new
+
+
+def replace_head(model, num_classes: int, seed: Optional[int] = 0):
+    """A copy of ``model`` whose final ``Dense`` layer (the head) is replaced by
+    a freshly initialized one with ``num_classes`` units.
+
+    The body (every layer but the last) is copied with its weights, so
+    ``model`` itself is not modified; the new head has the old head's config
+    (activation, initializers, regularizers) with ``units=num_classes`` and is
+    initialized under ``keras.utils.set_random_seed(seed)`` (``seed=None``
+    leaves the global seed alone). This is how the complexity experiments
+    fine-tune a source model on a target task with another label set.
+
+    Works for ``Sequential`` and single-output functional models whose output
+    is produced by their last layer.
+
+    Example::
+
+        mnist_model = train(mnist, recipe, model_fn=lambda: mlp(10)).model
+        start = replace_head(mnist_model, num_classes=50)   # for a 50-way task
+        run = fit_to_threshold(start, omniglot50, recipe)
+    """
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    head = model.layers[-1] if model.layers else None
+    if not isinstance(head, keras.layers.Dense):
+        raise TypeError(
+            "replace_head needs a model whose last layer is a Dense head (got "
+            f"{type(head).__name__}); build the target model yourself and copy the "
+            "body's weights, or end the model_fn's model with keras.layers.Dense"
+        )
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+    body = copy_model(model)
+    new_head = keras.layers.Dense.from_config(
+        {**head.get_config(), "units": int(num_classes)}
+    )
+    if isinstance(body, keras.Sequential):
+        inputs = body.inputs[0]
+        return keras.Sequential(
+            [keras.Input(batch_shape=inputs.shape, dtype=inputs.dtype),
+             *body.layers[:-1], new_head],
+            name=body.name,
+        )
+    outputs = getattr(body, "outputs", None)
+    if not outputs or len(outputs) != 1 or outputs[0] is not body.layers[-1].output:
+        raise TypeError(
+            "replace_head works on Sequential models and single-output functional "
+            "models whose output is their last (Dense) layer; for a subclassed model "
+            "construct it with the new num_classes and copy the body's weights"
+        )
+    return keras.Model(body.inputs, new_head(body.layers[-1].input), name=body.name)
 
 
 def fit_to_threshold(model, data, recipe: TrainingRecipe) -> TrainResult:

@@ -1,6 +1,36 @@
-"""Task distributions: the streams of task batches `MetaModel.fit` consumes."""
+"""Task distributions: the streams of task batches `MetaModel.fit` consumes.
+
+| family | what | data |
+|---|---|---|
+| `digits_tasks` | 5-way tasks over scikit-learn's digits (no download) | sklearn |
+| `omniglot_alphabets` | Leap's Omniglot: one 20-way task per alphabet | TFDS `omniglot` |
+| `datasets_as_tasks` | whole datasets as tasks (Leap Multi-CV, CTS large-scale) | any TFDS image dataset |
+| `RotatedHimmelblau` | the CTS paper's synthetic 2-D family | none |
+"""
 
 from tfmeta.tasks.base import TaskDistribution
-from tfmeta.tasks.himmelblau import HimmelblauLoss, RotatedHimmelblau, TaskFrame
+from tfmeta.tasks.classification import (
+    ClassificationTask,
+    ClassificationTasks,
+    RandomAffine,
+    random_affine,
+)
+from tfmeta.tasks.datasets import datasets_as_tasks
+from tfmeta.tasks.digits import digits_tasks
+from tfmeta.tasks.himmelblau import HimmelblauLoss, RotatedHimmelblau, TaskFrame, point_model
+from tfmeta.tasks.omniglot import omniglot_alphabets
 
-__all__ = ["HimmelblauLoss", "RotatedHimmelblau", "TaskDistribution", "TaskFrame"]
+__all__ = [
+    "ClassificationTask",
+    "ClassificationTasks",
+    "HimmelblauLoss",
+    "RandomAffine",
+    "RotatedHimmelblau",
+    "TaskDistribution",
+    "TaskFrame",
+    "datasets_as_tasks",
+    "digits_tasks",
+    "omniglot_alphabets",
+    "point_model",
+    "random_affine",
+]

@@ -19,8 +19,15 @@ class TaskDistribution:
     #: Number of tasks in this distribution (of its split).
     num_tasks: int
 
-    def as_dataset(self, *, tasks_per_batch, inner_steps, batch_size, steps_per_chunk=1, seed=0):
+    def as_dataset(self, *, tasks_per_batch, inner_steps, batch_size, steps_per_chunk=1, seed=0,
+                   start=0):
         """The infinite stream of task-batch chunks for `MetaModel.fit`.
+
+        The stream is a deterministic function of `(seed, chunk index)`:
+        `as_dataset(..., start=n)` yields exactly the elements `n, n + 1, ...`
+        of `as_dataset(..., start=0)`, without producing the first `n` (this
+        is how a resumed run continues its task stream, see
+        `tfmeta.checkpoint`).
 
         Args:
             tasks_per_batch: T, tasks per meta-batch.
@@ -29,8 +36,19 @@ class TaskDistribution:
             batch_size: B, examples per inner step.
             steps_per_chunk: S, inner steps per chunk (one `train_step`).
             seed: seed of the task and example sampling.
+            start: index of the first chunk (train step) to yield.
         """
         raise NotImplementedError
+
+    @staticmethod
+    def check_start(start):
+        """`start` as an int, or a ValueError naming the fix."""
+        if isinstance(start, bool) or int(start) != start or start < 0:
+            raise ValueError(
+                f"start={start!r} must be a chunk index >= 0 (the number of train steps "
+                "already done)."
+            )
+        return int(start)
 
     def check_chunking(self, inner_steps, steps_per_chunk):
         if steps_per_chunk < 1 or inner_steps % steps_per_chunk:

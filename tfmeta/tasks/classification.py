@@ -288,7 +288,10 @@ class ClassificationTasks(TaskDistribution):
                  augment: Callable | None = None):
         tasks = list(tasks)
         if not tasks:
-            raise ValueError("ClassificationTasks needs at least one task.")
+            raise ValueError(
+                "ClassificationTasks got an empty list of tasks: pass at least one task "
+                "(and at least tasks_per_batch of them to meta-train)."
+            )
         if names is not None and len(names) != len(tasks):
             raise ValueError(f"got {len(names)} names for {len(tasks)} tasks.")
         tasks = [_as_task(t, i, names[i] if names else None) for i, t in enumerate(tasks)]
@@ -392,7 +395,7 @@ class ClassificationTasks(TaskDistribution):
             )
 
     def as_dataset(self, *, tasks_per_batch, inner_steps, batch_size, steps_per_chunk=1, seed=0,
-                   augment=None):
+                   augment=None, start=0):
         """The infinite stream of task-batch chunks for `MetaModel.fit`.
 
         Args:
@@ -403,6 +406,11 @@ class ClassificationTasks(TaskDistribution):
             seed: seed of the task draws, example order and augmentation.
             augment: None for the family's `augment`, False for none, or a
                 callable `augment(images, seed)`.
+            start: index of the first chunk to yield: the stream equals
+                `as_dataset(...)` without its first `start` elements, but
+                costs nothing to skip (meta-batch `start // (K / S)` is keyed
+                directly; within it only index tensors are skipped). A
+                resumed run passes the number of train steps done.
 
         Returns:
             A `tf.data.Dataset` of `(x, y)`: x float32 `[T, S, B, H, W, C]` in
@@ -418,6 +426,7 @@ class ClassificationTasks(TaskDistribution):
         if K < 1 or B < 1:
             raise ValueError(f"inner_steps and batch_size must be >= 1, got {K} and {B}.")
         self.check_chunking(K, S)
+        start = self.check_start(start)
         augment = self._resolve_augment(augment, default=True)
         images, labels, sizes, offsets = self._stores()
         chunks = K // S
@@ -452,9 +461,15 @@ class ClassificationTasks(TaskDistribution):
             y = tf.reshape(tf.gather(labels, index), [T, S, B])
             return x, y
 
+        # The stream is a function of (seed, meta-batch m, chunk c): starting
+        # at chunk `start` = starting at meta-batch start // chunks and
+        # skipping the first start % chunks chunks' indices (before any image
+        # is gathered).
+        first_batch, skip = divmod(start, chunks)
         return (
-            tf.data.Dataset.counter()
+            tf.data.Dataset.counter(start=first_batch)
             .flat_map(trajectory)
+            .skip(skip)
             .map(chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
         )

@@ -140,8 +140,10 @@ class RotatedHimmelblau(TaskDistribution):
     def loss(self):
         return HimmelblauLoss(self.a, self.c)
 
-    def as_dataset(self, *, tasks_per_batch=None, inner_steps=100, batch_size=1, steps_per_chunk=1, seed=0):
+    def as_dataset(self, *, tasks_per_batch=None, inner_steps=100, batch_size=1, steps_per_chunk=1, seed=0,
+                   start=0):
         del seed  # every meta-batch holds every task: nothing is sampled
+        self.check_start(start)  # every chunk is the same: any start is the same stream
         tasks_per_batch = self.num_tasks if tasks_per_batch is None else tasks_per_batch
         if tasks_per_batch != self.num_tasks:
             raise ValueError(

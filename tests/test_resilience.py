@@ -1,0 +1,424 @@
+"""Never lose a run: kill -9 at any moment, resume, same phi; atomic exports.
+
+The slow part is `test_killed_runs_resume_to_the_uninterrupted_phi`: five
+`tools/train.py` processes in a row (killed four times with SIGKILL, at
+chosen points inside a checkpoint write, from outside at an arbitrary
+moment, and between checkpoints) next to one uninterrupted run.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from tfmeta.checkpoint import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+KILLED = -signal.SIGKILL
+
+# Leap on digits with an inner optimizer that has slots (momentum): 12
+# meta-updates of K=20 inner steps in chunks of S=5, i.e. 48 train steps in
+# 2 epochs, 3 steps per execution, a checkpoint every 3 steps, so most
+# checkpoints fall in the middle of a trajectory (in-flight task state).
+FAST = [
+    "train.meta_updates = 12",
+    "train.epochs = 2",
+    "train.steps_per_chunk = 5",
+    "train.steps_per_execution = 3",
+    "train.checkpoint_every = 3",
+    "train.evaluation = None",
+    "train.verbose = 0",
+    "inner/SGD.momentum = 0.9",
+    "digits_tasks.num_pretrain = 20",
+    "digits_tasks.num_heldout = 2",
+    "mlp.units = (32, 32)",
+]
+
+
+def _command(output_dir, resume=False):
+    args = [sys.executable, str(REPO / "tools" / "train.py"), "--gin_file", str(REPO / "gin" / "digits.gin")]
+    for binding in FAST:
+        args += ["--gin_param", binding]
+    args += ["--output_dir", str(output_dir)]
+    return args + (["--resume"] if resume else [])
+
+
+def _env(fault=None):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+    env.pop("TFMETA_FAULT", None)
+    if fault:
+        env["TFMETA_FAULT"] = fault
+    return env
+
+
+def _train(output_dir, fault=None, resume=False):
+    return subprocess.run(
+        _command(output_dir, resume), env=_env(fault), capture_output=True, text=True, timeout=600
+    )
+
+
+def _steps(output_dir):
+    return [step for step, _ in list_checkpoints(output_dir / "checkpoints")]
+
+
+def _phi(output_dir):
+    return keras.saving.load_model(output_dir / "initialization" / "model.keras").get_weights()
+
+
+def test_killed_runs_resume_to_the_uninterrupted_phi(tmp_path):
+    reference = tmp_path / "reference"
+    uninterrupted = subprocess.Popen(
+        _command(reference), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    run = tmp_path / "killed"
+    checkpoints = run / "checkpoints"
+    try:
+        # 1. Killed inside its 3rd checkpoint write: state.npz is on disk, the
+        #    manifest is not. Only the two complete checkpoints count.
+        proc = _train(run, fault="checkpoint.state_written@3")
+        assert proc.returncode == KILLED, proc.stderr[-3000:]
+        assert _steps(run) == [3, 6]
+        assert len(list(checkpoints.glob(".ckpt-*.partial"))) == 1
+
+        # 2. Resumed from step 6 (the partial write is reported and removed);
+        #    killed right after its 2nd checkpoint's rename, before pruning.
+        proc = _train(run, fault="checkpoint.renamed@2", resume=True)
+        assert proc.returncode == KILLED, proc.stderr[-3000:]
+        assert "incomplete checkpoint" in proc.stderr
+        assert not list(checkpoints.glob(".ckpt-*"))
+        assert _steps(run) == [6, 9, 12]
+
+        # 3. Resumed from 12; SIGKILLed from outside at whatever moment it has
+        #    reached once a checkpoint past step 18 exists.
+        proc = subprocess.Popen(
+            _command(run, resume=True), env=_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(step > 18 for step in _steps(run)):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.communicate(timeout=300)
+        assert proc.returncode in (KILLED, 0)
+
+        # 4. Resumed; killed after its 2nd train execution, between checkpoints
+        #    (the steps since the last checkpoint are lost and replayed).
+        if proc.returncode == KILLED:
+            proc = _train(run, fault="train.step@2", resume=True)
+            assert proc.returncode in (KILLED, 0), proc.stderr[-3000:]
+
+        # 5. Resumed to the end.
+        proc = _train(run, resume=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Meta-training: 12 meta-updates" in proc.stdout
+    finally:
+        out, err = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, err[-3000:]
+
+    for resumed, straight in zip(_phi(run), _phi(reference)):
+        np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
+    # The logs too: a resumed epoch continues the interrupted epoch's metrics.
+    assert (run / "history.csv").read_text() == (reference / "history.csv").read_text()
+    results = json.loads((run / "results.json").read_text())
+    assert results["meta_updates"] == 12 and results["train_steps"] == 48
+    assert results["resumed_from_step"] > 0
+    assert _steps(run)[-1] == 48 and len(_steps(run)) == 2
+
+
+# --------------------------------------------------------------- in-process
+def _meta(units=16, tasks=3, seed=0):
+    import tfmeta
+    from tfmeta.models import mlp
+
+    keras.utils.set_random_seed(seed)
+    net = mlp(5, units=(units,))
+    meta = tfmeta.MetaModel(net)
+    meta.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        inner_optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        learner=tfmeta.Leap(),
+        inner_steps=4,
+    )
+    meta.build((tasks, 2, 5, 8, 8, 1))
+    return meta
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from tfmeta.tasks import digits_tasks
+
+    pretrain, _ = digits_tasks(num_pretrain=8, num_heldout=1)
+    return pretrain
+
+
+def _stream(tasks, start=0):
+    return tasks.as_dataset(tasks_per_batch=3, inner_steps=4, batch_size=5, steps_per_chunk=2,
+                            seed=3, start=start)
+
+
+def test_stream_start_equals_skipping(digits):
+    full = [x.numpy() for x, _ in _stream(digits).take(7)]
+    for start in (1, 2, 5):  # inside a trajectory, at its boundary, later
+        resumed = [x.numpy() for x, _ in _stream(digits, start).take(7 - start)]
+        for a, b in zip(resumed, full[start:]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_round_trip_resumes_exactly(digits, tmp_path):
+    from tfmeta.checkpoint import MetaCheckpoint
+
+    straight = _meta()
+    straight.fit(_stream(digits), steps_per_epoch=7, verbose=0)
+
+    first = _meta()
+    checkpoint = MetaCheckpoint(tmp_path / "ckpt", every_steps=1)
+    assert checkpoint.restore(first) == 0
+    first.fit(_stream(digits), steps_per_epoch=3, verbose=0, callbacks=[checkpoint])
+    # A fresh process would start from a new model: restore into one.
+    second = _meta(seed=1)
+    resumed = MetaCheckpoint(tmp_path / "ckpt", every_steps=1)
+    start = resumed.restore(second)
+    assert start == 3 and int(second.position.numpy()) == 2  # mid-trajectory
+    second.fit(_stream(digits, start), steps_per_epoch=7 - start, verbose=0, callbacks=[resumed])
+    for a, b in zip(second.model.get_weights(), straight.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(second.optimizer.variables, straight.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert _steps_in(tmp_path / "ckpt") == [6, 7]
+
+
+def _steps_in(directory):
+    return [step for step, _ in list_checkpoints(directory)]
+
+
+def test_corrupt_or_partial_checkpoints_are_never_loaded(tmp_path):
+    meta = _meta()
+    directory = tmp_path / "ckpt"
+    save_checkpoint(meta, directory, 1)
+    newest = save_checkpoint(meta, directory, 2)
+    # A partial write (killed writer) is reported and removed, never loaded.
+    (directory / ".ckpt-000000003.0badc0de.partial").mkdir()
+    path, manifest = latest_checkpoint(directory)
+    assert path == newest and manifest["step"] == 2
+    assert not list(directory.glob(".*"))
+
+    state = newest / "state.npz"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="sha256 of state.npz.*delete"):
+        latest_checkpoint(directory)
+    (newest / "manifest.json").write_text('{"format": "tfmeta.checkpoint", "files": ')
+    with pytest.raises(CorruptCheckpointError, match="manifest.json is missing or unreadable"):
+        latest_checkpoint(directory)
+    shutil.rmtree(newest)
+    path, manifest = latest_checkpoint(directory)
+    assert manifest["step"] == 1
+    with pytest.raises(IncompatibleCheckpointError, match="different model or configuration"):
+        restore_checkpoint(_meta(units=8), path)
+    restore_checkpoint(_meta(seed=5), path)  # same architecture: loads
+
+
+def test_same_seed_same_phi_in_process(digits):
+    runs = []
+    for _ in range(2):
+        meta = _meta(seed=0)
+        meta.fit(_stream(digits), steps_per_epoch=4, verbose=0)
+        runs.append(meta.model.get_weights())
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    import json, pathlib, sys
+    from tfmeta.distribute import use_logical_cpus
+    use_logical_cpus(2)
+    import keras, numpy as np, tensorflow as tf
+    import tfmeta
+    from tfmeta.checkpoint import MetaCheckpoint
+    from tfmeta.models import mlp
+    from tfmeta.tasks import digits_tasks
+
+    pretrain, _ = digits_tasks(num_pretrain=8, num_heldout=1)
+
+    def stream(start=0):
+        return pretrain.as_dataset(tasks_per_batch=4, inner_steps=4, batch_size=5,
+                                   steps_per_chunk=2, seed=3, start=start)
+
+    # One strategy for every model: separate MirroredStrategy objects in one
+    # process can mix up their collective ops' instance keys.
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    def make(seed):
+        with strategy.scope():
+            keras.utils.set_random_seed(seed)
+            meta = tfmeta.MetaModel(mlp(5, units=(16,)))
+            meta.compile(optimizer=keras.optimizers.SGD(0.5),
+                         inner_optimizer=keras.optimizers.Adam(0.01),
+                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                         learner=tfmeta.Leap(), inner_steps=4)
+        return meta
+
+    straight = make(0)
+    straight.fit(stream(), steps_per_epoch=7, verbose=0)
+    directory = pathlib.Path(sys.argv[1])
+    first = make(0)
+    checkpoint = MetaCheckpoint(directory, every_steps=1)
+    checkpoint.restore(first, (2, 2, 5, 8, 8, 1))   # per replica: 2 of the 4 tasks
+    first.fit(stream(), steps_per_epoch=3, verbose=0, callbacks=[checkpoint])
+    second = make(1)
+    resumed = MetaCheckpoint(directory, every_steps=1)
+    start = resumed.restore(second, (2, 2, 5, 8, 8, 1))
+    second.fit(stream(start), steps_per_epoch=7 - start, verbose=0, callbacks=[resumed])
+    diff = max(float(np.abs(a - b).max())
+               for a, b in zip(second.model.get_weights(), straight.model.get_weights()))
+
+    # A task with NaN inputs (task 1, on replica 0) under 2 replicas: left
+    # out and counted; phi is that of meta-training on the 3 finite tasks.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(4, 4, 1, 4, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 5, size=(4, 4, 1, 4)).astype("int32")
+    x[:, 1, 0, 0] = np.nan
+
+    def reptile(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            meta = tfmeta.MetaModel(mlp(5, units=(8,)))
+            meta.compile(optimizer=keras.optimizers.SGD(1.0),
+                         inner_optimizer=keras.optimizers.Adam(0.01),
+                         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                         learner=tfmeta.Reptile(), inner_steps=2)
+        return meta
+
+    mirrored = reptile(strategy)
+    logs = mirrored.fit(tf.data.Dataset.from_tensor_slices((x, y)), verbose=0).history
+    alone = reptile(tf.distribute.get_strategy())
+    alone.fit(tf.data.Dataset.from_tensor_slices((x[:, [0, 2, 3]], y[:, [0, 2, 3]])), verbose=0)
+    nan_diff = max(float(np.abs(a - b).max())
+                   for a, b in zip(mirrored.model.get_weights(), alone.model.get_weights()))
+    print(json.dumps({"start": start, "diff": diff, "skipped": logs["skipped_tasks"][-1],
+                      "nan_diff": nan_diff}))
+    """
+)
+
+
+def test_per_replica_task_state_is_checkpointed(tmp_path):
+    """Under MirroredStrategy (2 logical CPUs) each replica's tasks are saved and
+    restored exactly, and a diverging task on one replica is left out of the
+    all-replica meta-update."""
+    script = tmp_path / "distributed.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")], env=_env(),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["start"] == 3 and report["diff"] <= 1e-6
+    assert report["skipped"] == 2 and report["nan_diff"] <= 1e-5
+    manifest = json.loads((tmp_path / "ckpt" / "ckpt-000000007" / "manifest.json").read_text())
+    replicas = {v["name"]: v["replicas"] for v in manifest["variables"]}
+    assert replicas["meta_model/task_state/params_0"] == 2
+
+
+# ------------------------------------------------------------------- export
+EXPORT_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import keras
+    import tfmeta.export as export
+
+    path, mode = sys.argv[1], sys.argv[2]
+
+    def model(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+
+    export.export_initialization(model(0), path)
+    print("ready", flush=True)
+    if mode == "mid_write":        # killed while the SavedModel is being written
+        def write(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        export._write_saved_model = write
+    elif mode == "between_renames":  # killed after moving the old export aside
+        real = os.rename
+        def rename(src, dst):
+            real(src, dst)
+            if str(dst).endswith(".old"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        export.os.rename = rename
+    seed = 1
+    while True:                     # "loop": overwrite until killed from outside
+        export.export_initialization(model(seed), path, overwrite=True)
+        seed += 1
+        if mode != "loop":
+            break
+    """
+)
+
+
+def _export_subprocess(folder, mode):
+    folder.mkdir()
+    script = folder / "export_script.py"
+    script.write_text(EXPORT_SCRIPT)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(folder / "init"), mode],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_export_killed_mid_write_keeps_the_previous_export(tmp_path):
+    """Three exporters SIGKILLed: inside the SavedModel write, between the two
+    renames of an overwrite, and from outside at an arbitrary moment of a loop
+    of overwrites (run side by side to save time)."""
+    from tfmeta.export import export_initialization, load_initialization, read_export_info
+
+    modes = ("mid_write", "between_renames", "loop")
+    procs = {mode: _export_subprocess(tmp_path / mode, mode) for mode in modes}
+    loop = procs["loop"]
+    assert loop.stdout.readline().strip() == "ready", loop.stderr.read()[-3000:]
+    time.sleep(1.0 + np.random.default_rng().uniform(0, 2.0))
+    loop.send_signal(signal.SIGKILL)
+    for mode in modes:
+        _, err = procs[mode].communicate(timeout=300)
+        assert procs[mode].returncode == KILLED, (mode, err[-3000:])
+        folder = tmp_path / mode
+        target = folder / "init"
+        if mode == "between_renames":
+            # The one moment without `init`: the previous export waits in `.init.*.old`.
+            assert not target.exists()
+            with pytest.raises(FileNotFoundError, match="rename it back"):
+                read_export_info(target)
+        else:
+            read_export_info(target)  # complete, and every sha256 matches
+        # The next export to the path first recovers whatever the kill left (and
+        # here refuses to overwrite without overwrite=True).
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            export_initialization(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]), target)
+        assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+        loaded = load_initialization(target).get_weights()
+        if mode != "loop":  # the previous export, intact: the seed-0 model
+            keras.utils.set_random_seed(0)
+            first = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).get_weights()
+            for a, b in zip(loaded, first):
+                np.testing.assert_array_equal(a, b)

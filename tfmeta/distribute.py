@@ -1,0 +1,317 @@
+"""Scale meta-training out: replicas on one machine, workers on several.
+
+`MetaModel` runs under any `tf.distribute` strategy whose replicas are
+synchronous: `MirroredStrategy` (the GPUs of one machine) and
+`MultiWorkerMirroredStrategy` (several machines, configured by `TF_CONFIG`).
+The T tasks of every task batch are split along the task axis, T / R per
+replica (R = `strategy.num_replicas_in_sync`); each replica runs its tasks'
+inner loops on its own, and a meta-update all-reduces the mean meta-gradient
+and BatchNorm statistics. One meta-step therefore gives the same phi with
+R replicas as with one (tests/test_distribute.py checks it to 1e-5).
+
+    strategy = tfmeta.distribute.get_strategy("mirrored")
+    with strategy.scope():
+        model = build_model()               # phi: created under the scope
+        meta = tfmeta.MetaModel(model)
+        meta.compile(...)
+    meta.fit(task_batches, ...)             # T must be a multiple of R
+
+With gin (tools/train.py): `train.strategy = "mirrored"` (or
+`"multi_worker"`, `"default"`). See docs/performance.md for what to expect
+and the multi-worker commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+
+import tensorflow as tf
+
+__all__ = [
+    "STRATEGIES",
+    "check_jit_compile",
+    "check_steps_per_execution",
+    "distribute_task_batches",
+    "get_strategy",
+    "in_scope",
+    "is_chief",
+    "local_tf_configs",
+    "use_logical_cpus",
+    "uses_collectives",
+    "worker_count",
+    "worker_index",
+]
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+# One strategy object per kind and process: MultiWorkerMirroredStrategy can be
+# created only once per process, before TensorFlow runs anything else.
+_CREATED = {}
+
+
+def get_strategy(strategy="default", devices=None):
+    """A `tf.distribute.Strategy` from its gin name (or the strategy itself).
+
+    Args:
+        strategy: `"default"` (no distribution: the current strategy, i.e. one
+            replica), `"mirrored"` (`MirroredStrategy` over `devices`, default
+            all local GPUs, else the CPU), `"multi_worker"`
+            (`MultiWorkerMirroredStrategy`, cluster from `TF_CONFIG`), or a
+            `tf.distribute.Strategy`, returned as is.
+        devices: devices of the mirrored strategy.
+
+    The same name gives the same object within a process. Create a
+    `"multi_worker"` strategy before anything else runs TensorFlow ops
+    (`tools/train.py` does so before building the model).
+    """
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    if strategy in (None, "default"):
+        return tf.distribute.get_strategy()
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"Unknown strategy {strategy!r}: choose one of {STRATEGIES} "
+            "(train.strategy in gin)."
+        )
+    key = (strategy, tuple(devices) if devices else None)
+    if key in _CREATED:
+        return _CREATED[key]
+    if strategy == "mirrored":
+        # Not TensorFlow's default collective all-reduce: inside Keras'
+        # steps_per_execution loop its deferred instance keys are never fed
+        # (see `uses_collectives`). One all-reduce per meta-update is small.
+        created = tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+        )
+    else:
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError(
+                "strategy='multi_worker' needs the cluster in TF_CONFIG: set e.g. "
+                'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                '"task": {"type": "worker", "index": 0}}\' on every worker '
+                "(docs/performance.md)."
+            )
+        try:
+            created = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"Could not create MultiWorkerMirroredStrategy ({error}). Create it at "
+                "program start, before any TensorFlow op or model is built: "
+                "tfmeta.distribute.get_strategy('multi_worker') first."
+            ) from error
+    _CREATED[key] = created
+    return created
+
+
+def _cluster():
+    """`(task_type, task_index, cluster dict)` from `TF_CONFIG` (or Nones)."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task", {})
+    return task.get("type"), task.get("index"), config.get("cluster", {})
+
+
+def worker_index(strategy=None):
+    """This process's task index in the cluster (0 without a cluster)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.task_type:
+        return int(resolver.task_id or 0)
+    _, index, _ = _cluster()
+    return int(index or 0)
+
+
+def worker_count(strategy=None):
+    """How many workers (processes) train together: 1 without a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.task_type:
+        cluster = resolver.cluster_spec().as_dict()
+    else:
+        cluster = _cluster()[2]
+    return max(1, sum(len(cluster.get(job, [])) for job in ("chief", "worker")))
+
+
+def is_chief(strategy=None):
+    """Whether this process writes checkpoints, exports and logs.
+
+    The chief is the `"chief"` task, or worker 0 when the cluster has no chief
+    (TensorFlow's convention); without a cluster every process is its own chief.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is not None and resolver.task_type:
+        task_type, index = resolver.task_type, resolver.task_id
+        cluster = resolver.cluster_spec().as_dict()
+    else:
+        task_type, index, cluster = _cluster()
+    if not task_type:
+        return True
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and int(index or 0) == 0 and "chief" not in cluster
+
+
+def check_jit_compile(jit_compile, strategy=None):
+    """Refuse `jit_compile=True` with more than one replica (one line: why and what to do).
+
+    Keras compiles its whole train function, `strategy.run` included, with XLA;
+    XLA then reads every replica's variables from one device, which TensorFlow
+    rejects ("Trying to access resource ... located in device CPU:1 from device
+    CPU:0", https://www.tensorflow.org/xla/known_issues). Keras' `"auto"`
+    already turns XLA off under a strategy, so only an explicit `True` fails,
+    and it fails here, at compile, rather than in the first step.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    if jit_compile is True and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            f"jit_compile=True does not work with {strategy.num_replicas_in_sync} replicas "
+            f"({type(strategy).__name__}): XLA would read every replica's variables "
+            "from one device. Use jit_compile='auto' (no XLA under a strategy) or False, "
+            "or train on one device to use XLA."
+        )
+
+
+def uses_collectives(strategy):
+    """Whether `strategy` all-reduces with collective ops across replicas.
+
+    `MultiWorkerMirroredStrategy` always does, and so does
+    `MirroredStrategy()` by default in TF 2.21 (GPUs and CPUs). Inside a
+    `tf.function` that calls another one, as Keras' `steps_per_execution > 1`
+    loop does, their call-time instance keys are never fed: "You must feed a
+    value for placeholder tensor 'while/cond/Placeholder'", with any Keras
+    model. `get_strategy("mirrored")` uses `ReductionToOneDevice` instead.
+    """
+    if strategy.num_replicas_in_sync < 2:
+        return False
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    ops = getattr(strategy.extended, "_cross_device_ops", None)
+    return type(ops).__name__ == "CollectiveAllReduce"
+
+
+def check_steps_per_execution(steps_per_execution, strategy=None):
+    """Refuse `steps_per_execution > 1` where TensorFlow's collectives break it."""
+    strategy = strategy or tf.distribute.get_strategy()
+    if int(steps_per_execution or 1) > 1 and uses_collectives(strategy):
+        raise ValueError(
+            f"steps_per_execution={steps_per_execution} fails under {type(strategy).__name__} "
+            "with collective all-reduce (TensorFlow never feeds their instance keys inside "
+            "Keras' multi-step loop): use steps_per_execution=1 and fuse inner steps with a "
+            "larger steps_per_chunk, or, on one machine, tfmeta.distribute.get_strategy('mirrored')."
+        )
+
+
+def in_scope(model, strategy):
+    """`model`, or a copy with the same weights whose variables live in `strategy`.
+
+    Gin builds the model before `train` enters the strategy's scope; Keras
+    needs the variables created under it (mirrored on every replica). The
+    copy uses `keras.models.clone_model` (Sequential, functional, and
+    subclassed models with `get_config`).
+    """
+    import keras
+
+    if all(strategy.extended.variable_created_in_scope(v.value) for v in model.variables):
+        return model
+    with strategy.scope():
+        clone = keras.models.clone_model(model)
+        if not clone.built:
+            clone.build_from_config(model.get_build_config())
+        clone.set_weights(model.get_weights())
+    return clone
+
+
+def distribute_task_batches(dataset, strategy):
+    """Split every task batch of `dataset` along its task axis over the replicas.
+
+    Replica r (global index, across workers) gets tasks
+    `[r * T / R, (r + 1) * T / R)` of every element, whatever the number of
+    workers: every worker reads the same stream (no sharding of the stream
+    itself, which would break trajectories into chunks on different workers)
+    and keeps its replicas' tasks. `MetaModel.fit` calls this for you.
+
+    Raises:
+        ValueError: when T is unknown or not a multiple of R.
+    """
+    replicas = strategy.num_replicas_in_sync
+    spec = dataset.element_spec
+    x_spec = spec[0] if isinstance(spec, (tuple, list)) else spec
+    tasks = x_spec.shape[0] if x_spec.shape.rank else None
+    if tasks is None:
+        raise ValueError(
+            "The number of tasks per task batch must be static to split it over "
+            f"{replicas} replicas: got x of shape {x_spec.shape}. Batch the tasks with "
+            "drop_remainder=True."
+        )
+    if tasks % replicas:
+        raise ValueError(
+            f"A task batch of {tasks} tasks does not split evenly over {replicas} "
+            f"replicas: choose tasks_per_batch a multiple of {replicas} (e.g. "
+            f"{-(-tasks // replicas) * replicas}). tfmeta does not pad task batches."
+        )
+    per_replica = tasks // replicas
+
+    def dataset_fn(context):
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def part(t):  # [T, ...] -> [local, T / R, ...]: this worker's replicas
+            shape = tf.concat([[replicas, per_replica], tf.shape(t)[1:]], 0)
+            return tf.reshape(t, shape)[first:first + local]
+
+        def split(*element):
+            element = element[0] if len(element) == 1 else element
+            return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(part, element))
+
+        # Each element becomes `local` consecutive elements, one per local
+        # replica, in replica order (local replicas take elements in turn).
+        return dataset.flat_map(split)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def use_logical_cpus(count):
+    """Split the CPU into `count` logical devices (replicas for tests and benchmarks).
+
+    Must run before TensorFlow initializes its devices (before any op);
+    afterwards it raises with that advice. Returns the device names.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is None or len(current) != count:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * count
+            )
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"Cannot split the CPU into {count} logical devices once TensorFlow "
+                "has initialized its devices: call use_logical_cpus first thing in the "
+                "process (e.g. in a subprocess)."
+            ) from error
+    return [f"/cpu:{i}" for i in range(count)]
+
+
+def _free_port():
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("localhost", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return sock.getsockname()[1]
+
+
+def local_tf_configs(num_workers):
+    """`TF_CONFIG` values for `num_workers` workers on localhost (free ports).
+
+    Example (two shells, or see docs/performance.md)::
+
+        configs = local_tf_configs(2)
+        # worker i: TF_CONFIG=configs[i] python tools/train.py ...
+    """
+    ports = set()
+    while len(ports) < num_workers:
+        ports.add(_free_port())
+    cluster = {"worker": [f"localhost:{port}" for port in sorted(ports)]}
+    return [
+        json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        for i in range(num_workers)
+    ]

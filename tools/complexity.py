@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Fisher-based task complexity experiments on real data (Achille et al.).
+
+    python tools/complexity.py --gin_file gin/complexity_relabel.gin [--output_dir D]
+    python tools/complexity.py --gin_file gin/complexity_reachability.gin
+    python tools/complexity.py --gin_file gin/complexity_ranking.gin \\
+        --gin_param "ranking_experiment.initializations = {'leap': 'runs/x/initialization'}"
+
+The gin file selects the experiment (``run.experiment = @relabel_experiment``,
+``@reachability_experiment`` or ``@ranking_experiment``, see
+tfmeta/complexity/experiments.py) and binds its settings; ``--gin_param``
+overrides any binding. ``--experiment NAME`` selects an experiment without a
+gin file (library defaults). Outputs in ``--output_dir`` (default
+``runs/<gin file name>``): ``results.json``, ``summary.md``, the PNG figure
+and ``operative_config.gin``.
+
+The datasets must be prepared offline first
+(``python tools/prepare_data.py --from ../shared/data``).
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXPERIMENTS = ("relabel", "reachability", "ranking")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin config file(s), e.g. gin/complexity_relabel.gin")
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help="extra gin bindings, e.g. \"relabel_experiment.seeds = (0, 1)\"")
+    parser.add_argument("--experiment", choices=EXPERIMENTS, default=None,
+                        help="run this experiment (overrides run.experiment of the gin files)")
+    parser.add_argument("--output_dir", default=None,
+                        help="default: runs/<first gin file name> or runs/complexity_<experiment>")
+    args = parser.parse_args(argv)
+    if not args.gin_file and not args.experiment:
+        parser.error("pass --gin_file (e.g. gin/complexity_relabel.gin) or --experiment "
+                     f"{{{','.join(EXPERIMENTS)}}}")
+
+    import gin
+
+    from tfmeta.complexity import experiments
+
+    repo_gin = pathlib.Path(__file__).resolve().parents[1] / "gin"
+    if repo_gin.is_dir():
+        gin.add_config_file_search_path(str(repo_gin))
+    bindings = list(args.gin_param)
+    if args.experiment:
+        bindings.append(f"tfmeta.complexity.run.experiment = "
+                        f"@tfmeta.complexity.{args.experiment}_experiment")
+    gin.parse_config_files_and_bindings(args.gin_file, bindings)
+    if args.output_dir:
+        output_dir = args.output_dir
+    elif args.gin_file:
+        output_dir = os.path.join("runs", pathlib.Path(args.gin_file[0]).stem)
+    else:
+        output_dir = os.path.join("runs", f"complexity_{args.experiment}")
+    began = time.perf_counter()
+    try:
+        experiments.run(output_dir)
+    except RuntimeError as err:
+        if "Required bindings" not in str(err):
+            raise
+        print(f"error: {err}. Bind it in the gin file (e.g. 'run.experiment = "
+              "@relabel_experiment') or pass --experiment.", file=sys.stderr)
+        return 2
+    (pathlib.Path(output_dir) / "operative_config.gin").write_text(gin.operative_config_str())
+    print(f"\nDone in {time.perf_counter() - began:.0f} s; outputs in {output_dir}/ "
+          "(results.json, summary.md, PNG, operative_config.gin)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
