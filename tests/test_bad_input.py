@@ -201,6 +201,20 @@ def meta_batch_not_divisible_by_replicas(tmp_path):
     distribute_task_batches(batches, types.SimpleNamespace(num_replicas_in_sync=2))
 
 
+def metamodel_fed_wrong_rank(tmp_path):
+    import numpy as np
+
+    from tfmeta.models import mlp
+
+    meta = _compile(tfmeta.MetaModel(mlp(5, input_shape=(8, 8, 1))), loss="sparse_categorical_crossentropy")
+    x = np.zeros((3, 2, 5, 8, 8), "float32")  # the channel axis is missing
+    meta.fit(x, np.zeros((3, 2, 5), "int32"), batch_size=3, verbose=0)
+
+
+def compile_negative_inner_learning_rate(tmp_path):
+    _compile(tfmeta.MetaModel(_small_model()), inner_optimizer=keras.optimizers.SGD(-1.0))
+
+
 def _built_meta():
     meta = _compile(tfmeta.MetaModel(_small_model()))
     meta.build((2, 1, 3, 4))
@@ -235,6 +249,8 @@ CASES = [
     (compile_inner_steps_zero, ValueError, r"inner_steps \(K\) must be an integer >= 1"),
     (compile_without_learner, ValueError, r"such as tfmeta\.Leap\(\) or tfmeta\.Reptile\(\)"),
     (unbuilt_model, ValueError, r"give the model an `Input`"),
+    (metamodel_fed_wrong_rank, ValueError, r"must be .*\[T, S, B, 8, 8, 1\] \(rank 6\)"),
+    (compile_negative_inner_learning_rate, ValueError, r"finite number >= 0: set the learning_rate of inner_optimizer"),
     (meta_batch_not_divisible_by_replicas, ValueError, r"choose tasks_per_batch a multiple of 2 \(e\.g\. 4\)"),
 ]
 

@@ -422,3 +422,80 @@ def test_export_killed_mid_write_keeps_the_previous_export(tmp_path):
             first = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).get_weights()
             for a, b in zip(loaded, first):
                 np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------- divergence
+def _nan_meta(tasks, learner=None, inner=None, K=2):
+    import tfmeta
+    from tfmeta.models import mlp
+
+    keras.utils.set_random_seed(0)
+    meta = tfmeta.MetaModel(mlp(5, units=(8,)))
+    meta.compile(
+        optimizer=keras.optimizers.SGD(1.0),
+        inner_optimizer=inner or keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        learner=learner or tfmeta.Reptile(),
+        inner_steps=K,
+    )
+    return meta
+
+
+def _chunks(steps, tasks, nan_task=None, nan_at=()):
+    """`steps` chunks of one inner step: x [steps, T, 1, 4, 8, 8, 1]; NaN in one task."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(steps, tasks, 1, 4, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 5, size=(steps, tasks, 1, 4)).astype("int32")
+    for step in nan_at:
+        x[step, nan_task, 0, 0, 0, 0, 0] = np.nan
+    return x, y
+
+
+def test_a_nan_task_is_left_out_and_counted(tmp_path):
+    import tensorflow as tf
+
+    x, y = _chunks(6, 3, nan_task=1, nan_at=(0, 3, 4))
+    meta = _nan_meta(3)
+    history = meta.fit(tf.data.Dataset.from_tensor_slices((x, y)), epochs=1, verbose=0)
+    # Trajectories of K=2 steps: task 1 has a NaN in all three.
+    assert history.history["skipped_tasks"][-1] == 3
+    assert int(meta.meta_updates.numpy()) == 3 and int(meta.diverged_updates.numpy()) == 0
+    assert np.isfinite(history.history["loss"][-1])
+    phi = meta.model.get_weights()
+    assert all(np.isfinite(w).all() for w in phi)
+    # The meta-update is the mean over the finite tasks: the same as meta-training on them alone.
+    alone = _nan_meta(2)
+    alone.fit(tf.data.Dataset.from_tensor_slices((x[:, [0, 2]], y[:, [0, 2]])), epochs=1, verbose=0)
+    for a, b in zip(phi, alone.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_diverged_cts_task_rejoins_after_its_reset(tmp_path):
+    import tensorflow as tf
+
+    import tfmeta
+
+    # CTS: a meta-update after every inner step, tasks reset to phi every K = 4.
+    x, y = _chunks(8, 3, nan_task=2, nan_at=(1,))
+    meta = _nan_meta(3, learner=tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile()), K=4)
+    history = meta.fit(tf.data.Dataset.from_tensor_slices((x, y)), epochs=1, verbose=0)
+    # NaN at inner step 1 poisons task 2 for steps 1..3 of its first
+    # trajectory (3 meta-updates); after the reset at step 4 it counts again.
+    assert history.history["skipped_tasks"][-1] == 3
+    assert int(meta.meta_updates.numpy()) == 8
+    assert all(np.isfinite(w).all() for w in meta.model.get_weights())
+
+
+def test_every_task_diverging_stops_naming_the_inner_learning_rate():
+    import tensorflow as tf
+
+    from tfmeta.divergence import DivergenceError
+
+    x, y = _chunks(6, 2)
+    meta = _nan_meta(2, inner=keras.optimizers.SGD(1e30), K=3)
+    before = meta.model.get_weights()
+    with pytest.raises(DivergenceError, match=r"inner learning rate \(SGD learning_rate=1e\+30\).*lower it"):
+        meta.fit(tf.data.Dataset.from_tensor_slices((x * 1e3, y)), epochs=1, verbose=0)
+    assert int(meta.diverged_updates.numpy()) == 1 and int(meta.skipped_tasks.numpy()) == 2
+    for a, b in zip(meta.model.get_weights(), before):  # the update was skipped
+        np.testing.assert_array_equal(a, b)

@@ -40,6 +40,7 @@ from tfmeta.distribute import (
     check_steps_per_execution,
     distribute_task_batches,
 )
+from tfmeta import validation
 from tfmeta.divergence import DivergenceGuard
 from tfmeta.inner_optimizer import make_stateless, stateless_apply
 from tfmeta.learners.base import InnerStep, MetaLearner
@@ -217,6 +218,8 @@ class MetaModel(keras.Model):
             raise ValueError(f"inner_unroll must be >= 1, got {inner_unroll!r}.")
         optimizer = self._in_strategy(keras.optimizers.get(optimizer))
         inner_optimizer = self._in_strategy(keras.optimizers.get(inner_optimizer))
+        validation.check_learning_rate(optimizer, "optimizer", allow_zero=True)
+        validation.check_learning_rate(inner_optimizer, "inner_optimizer", allow_zero=True)
         if inner_optimizer is optimizer:
             raise ValueError(
                 "optimizer and inner_optimizer must be two optimizer objects: the "
@@ -277,6 +280,7 @@ class MetaModel(keras.Model):
                 "tfmeta.tasks distribution's `as_dataset`, or stack per-task "
                 "mini-batches accordingly."
             )
+        validation.check_task_batch(self.model, input_shape)
         tasks, steps = input_shape[0], input_shape[1]
         if tasks is None or steps is None:
             raise ValueError(
@@ -469,9 +473,39 @@ class MetaModel(keras.Model):
         params = read(self.task_params, phi)
         non_trainable = read(self.task_non_trainable, self._fresh_non_trainable(first))
         opt_vars = read(self.task_optimizer, self._initial_optimizer_state, reset_opt)
+        if not reset_opt:
+            opt_vars = self._reset_diverged(opt_vars, self._initial_optimizer_state, start)
         learner = read(self.task_learner, fresh_learner)
         learner = tf.nest.pack_sequence_as(self._learner_structure, learner)
         return (params, non_trainable, opt_vars, learner)
+
+    def _reset_diverged(self, stored, fresh, start):
+        """Inner optimizer states kept across a restart, except a diverged task's.
+
+        Without `reset_optimizer` (CTS without hard_reset) a task keeps its
+        slots (momentum, moments) when it restarts from phi; a task that
+        diverged holds NaN/inf there and would diverge again at once, so its
+        state restarts too (`tfmeta.divergence`).
+        """
+        if not stored:
+            return stored
+        finite = tf.reduce_all(
+            tf.stack([
+                tf.reduce_all(
+                    tf.math.is_finite(tf.reshape(tf.cast(v, tf.float32), [self.num_tasks, -1])),
+                    axis=1,
+                )
+                for v in stored
+            ]),
+            axis=0,
+        )
+        diverged = tf.logical_and(start, tf.logical_not(finite))
+        values = []
+        for value, initial in zip(stored, fresh):
+            mask = tf.reshape(diverged, [-1] + [1] * (value.shape.rank - 1))
+            initial = tf.broadcast_to(tf.cast(initial, value.dtype)[None], tf.shape(value))
+            values.append(tf.where(mask, initial, value))
+        return values
 
     def _fresh_non_trainable(self, first):
         """The model's non-trainable state for a restart, with one random stream per task.
@@ -523,23 +557,29 @@ class MetaModel(keras.Model):
         """Advance every task by the chunk's S inner steps."""
         position = tf.convert_to_tensor(self.position.value)
 
-        def body(s, tasks, loss_sum):
+        def body(s, tasks, loss_sum, count):
             for u in range(self.inner_unroll):
                 tasks, losses = self._inner_step(tasks, x[:, s + u], y[:, s + u], position + s + u)
-                loss_sum = loss_sum + tf.reduce_sum(tf.cast(losses, tf.float32))
-            return s + self.inner_unroll, tasks, loss_sum
+                # The logged loss averages the finite losses: one diverged
+                # task's NaN would hide every other task's progress.
+                losses = tf.cast(losses, tf.float32)
+                finite = tf.math.is_finite(losses)
+                loss_sum = loss_sum + tf.reduce_sum(tf.where(finite, losses, 0.0))
+                count = count + tf.reduce_sum(tf.cast(finite, tf.float32))
+            return s + self.inner_unroll, tasks, loss_sum, count
 
-        loss_sum = tf.zeros((), tf.float32)
+        zero = tf.zeros((), tf.float32)
         if self.chunk_steps == self.inner_unroll:
-            _, tasks, loss_sum = body(tf.constant(0), tasks, loss_sum)
+            _, tasks, loss_sum, count = body(tf.constant(0), tasks, zero, zero)
         else:
-            _, tasks, loss_sum = tf.while_loop(
+            _, tasks, loss_sum, count = tf.while_loop(
                 lambda s, *_: s < self.chunk_steps,
                 body,
-                (tf.constant(0), tasks, loss_sum),
+                (tf.constant(0), tasks, zero, zero),
                 maximum_iterations=self.chunk_steps // self.inner_unroll,
             )
-        return tasks, loss_sum / float(self.chunk_steps * self.num_tasks)
+        # NaN when every loss diverged.
+        return tasks, tf.math.divide_no_nan(loss_sum, count) + tf.where(count > 0, 0.0, float("nan"))
 
     def _contribution(self, tasks, phi, first):
         """This replica's share of a meta-update, over its FINITE tasks.
