@@ -1,6 +1,6 @@
 """Real-data checks of tfmeta.complexity (Achille et al., figures 1 and 2).
 
-Fast versions of the documented experiments (docs/results_complexity.md):
+Fast versions of the documented experiments (docs/results.md):
 
 * figure 1 (left) on real MNIST: with 0 %, 50 % and 100 % random labels on a
   small subset, the complexity C_beta of the trained model and the SGD steps

@@ -97,3 +97,22 @@ def test_leap_beats_no_pretraining_on_omniglot(tfds_dir, tmp_path):
     scores = heldout_finetuning(learned, convnet(20, filters=16), heldout, steps=50)
     assert scores["meta-learned"]["loss_auc"] < scores["random init"]["loss_auc"]
     assert np.isfinite(scores["meta-learned"]["test_error"])
+
+
+def test_finetune_command_compares_export_with_random_init(tmp_path):
+    """tools/finetune.py on a fresh export: per-task metrics, curves and the comparison."""
+    out = tmp_path / "run"
+    proc = _run_train("digits.gin", out, "train.meta_updates = 150", "train.evaluation = None", "train.verbose = 0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "finetune.py"), "--init", str(out / "initialization"),
+         "--gin_file", str(REPO / "gin" / "digits.gin"), "--gin_param", "finetune.steps = 30",
+         "--gin_param", "finetune.num_tasks = 3", "--gin_param", "finetune.batch_size = 10",
+         "--output_dir", str(tmp_path / "ft")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert len(results["initialization"]["per_task"]) == 3
+    assert results["initialization"]["mean"]["loss_auc"] < results["random init"]["mean"]["loss_auc"]
+    assert (tmp_path / "ft" / "curves.png").stat().st_size > 5_000

@@ -36,31 +36,36 @@ def heldout_finetuning(learned, baseline, tasks, steps=100, learning_rate=0.1, b
     held-out test error. Every task starts from a fresh copy of the candidate.
     Either candidate may be None to skip it.
     """
-    import keras
-
     results = {}
-    candidates = (("meta-learned", learned), ("random init", baseline))
-    for name, model in candidates:
-        if model is None:
-            continue
-        runs = []
-        for task in range(tasks.num_tasks):
-            candidate = keras.models.clone_model(model)
-            candidate.set_weights(model.get_weights())
-            runs.append(
-                finetuning.finetune(
-                    candidate,
-                    tasks.finetune_data(task, split="train", batch_size=batch_size, seed=seed),
-                    tasks.finetune_data(task, split="test", batch_size=batch_size, seed=seed),
-                    steps=steps,
-                    optimizer=keras.optimizers.SGD(learning_rate),
-                )
-            )
-        results[name] = _summary(runs)
+    for name, model in (("meta-learned", learned), ("random init", baseline)):
+        if model is not None:
+            runs = finetune_every_task(model, tasks, steps, learning_rate, batch_size, seed)
+            results[name] = summary(runs)
     return results
 
 
-def _summary(runs):
+def finetune_every_task(model, tasks, steps=100, learning_rate=0.1, batch_size=20, seed=0):
+    """One `tfmeta.finetune.FinetuneResult` per task of `tasks`, each from a copy of `model`."""
+    import keras
+
+    runs = []
+    for task in range(tasks.num_tasks):
+        candidate = keras.models.clone_model(model)
+        candidate.set_weights(model.get_weights())
+        runs.append(
+            finetuning.finetune(
+                candidate,
+                tasks.finetune_data(task, split="train", batch_size=batch_size, seed=seed),
+                tasks.finetune_data(task, split="test", batch_size=batch_size, seed=seed),
+                steps=steps,
+                optimizer=keras.optimizers.SGD(learning_rate),
+            )
+        )
+    return runs
+
+
+def summary(runs):
+    """Mean and standard deviation over tasks of Leap's metrics."""
     out = {}
     for metric in ("loss_auc", "error_auc", "test_error"):
         values = np.array([getattr(r, metric) for r in runs], dtype=float)
@@ -68,3 +73,16 @@ def _summary(runs):
         out[f"{metric}_std"] = float(values.std())
     out["tasks"] = len(runs)
     return out
+
+
+def mean_curves(runs):
+    """The task-average curves of several runs, as one `FinetuneResult` (for plots)."""
+    losses = np.mean([r.losses for r in runs], axis=0)
+    errors = np.mean([r.errors for r in runs], axis=0)
+    return finetuning.FinetuneResult(
+        losses=losses.tolist(),
+        errors=errors.tolist(),
+        loss_auc=finetuning.area_under_curve(losses),
+        error_auc=finetuning.area_under_curve(errors),
+        test_error=float(np.mean([r.test_error for r in runs])),
+    )

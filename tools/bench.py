@@ -112,48 +112,17 @@ def bench_fused(steps, filters):
     return lambda: train(tf.constant(steps)).numpy()
 
 
-def bench_learner(learner, steps, filters, tasks, chunk=10, inner_steps=100):
-    """MetaModel.fit: `steps` inner steps per task, chunks of `chunk` steps."""
-    import keras
+def inner(args):
     import tensorflow as tf
 
-    import tfmeta
-    from tfmeta.models import convnet
-
-    model = convnet(CLASSES, filters=filters)
-    meta = tfmeta.MetaModel(model)
-    meta.compile(
-        optimizer=keras.optimizers.SGD(0.1),
-        inner_optimizer=keras.optimizers.SGD(0.1),
-        loss=_loss(),
-        learner=learner,
-        inner_steps=inner_steps,
-        steps_per_execution=max(1, steps // chunk),
-    )
-    x, y = _data(tasks * chunk * BATCH)
-    ds = tf.data.Dataset.from_tensors(
-        (x.reshape(tasks, chunk, BATCH, 28, 28, 1), y.reshape(tasks, chunk, BATCH))
-    ).repeat()
-    calls = max(1, steps // chunk)
-    meta.fit(ds, steps_per_epoch=calls, verbose=0)  # trace and warm up
-    return lambda: meta.fit(ds, steps_per_epoch=calls, verbose=0)
-
-
-def inner(args):
-    import tfmeta
-
-    learners = {
-        "leap": lambda: tfmeta.Leap(),
-        "reptile": lambda: tfmeta.Reptile(),
-        "fomaml": lambda: tfmeta.FOMAML(),
-        "cts": lambda: tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile(), every=10),
-    }
     runs = {
         "fit": bench_fit(args.steps, args.filters),
         "fused": bench_fused(args.steps, args.filters),
     }
-    for name, make in learners.items():
-        runs[name] = bench_learner(make(), args.steps, args.filters, args.tasks)
+    for name in ("leap", "reptile", "fomaml", "cts"):
+        runs[name] = bench_meta(
+            tf.distribute.get_strategy(), _learner(name), args.steps, args.filters, args.tasks
+        )
     # Interleave repeats so that load changes hit every candidate alike.
     rates = {name: [] for name in runs}
     for _ in range(args.repeats):

@@ -1,7 +1,7 @@
 """Real-data experiments of Achille, Mbeng & Soatto (figures 1 and 2), CPU-sized.
 
 Three gin-configurable experiments, run by ``tools/complexity.py`` (see
-docs/complexity.md and docs/results_complexity.md for settings and numbers):
+docs/complexity.md and docs/results.md for settings and numbers):
 
 * :func:`relabel_experiment` (figure 1, left): an MNIST subset with a growing
   fraction of randomly relabelled training examples; the complexity
@@ -475,14 +475,20 @@ def relabel_experiment(
         all_converged=all(rr["converged"] for rr in runs),
         seconds=time.perf_counter() - began,
     )
-    if output_dir is not None:
-        if plot:
-            from tfmeta.complexity.plot import plot_relabel
+    from tfmeta.complexity.plot import plot_relabel
 
-            out["figure"] = str(plot_relabel(out, pathlib.Path(output_dir) / "relabel.png"))
+    return _finish(out, output_dir, plot and (lambda path: plot_relabel(out, path)),
+                   "relabel.png", relabel_markdown, log)
+
+
+def _finish(out, output_dir, plot_fn, figure_name, markdown, log):
+    """Write an experiment's figure, results.json and summary.md; print the summary."""
+    if output_dir is not None:
+        if plot_fn:
+            out["figure"] = str(plot_fn(pathlib.Path(output_dir) / figure_name))
         _write(output_dir, "results.json", out)
-        _write(output_dir, "summary.md", relabel_markdown(out))
-    _say(log, relabel_markdown(out))
+        _write(output_dir, "summary.md", markdown(out))
+    _say(log, markdown(out))
     return out
 
 
@@ -592,15 +598,10 @@ def reachability_experiment(
     out["spearman_complexity_scratch_steps"] = spearman(
         [reach.complexity[t].total for t in reach.names], reach.scratch_steps())
     out["seconds"] = time.perf_counter() - began
-    if output_dir is not None:
-        if plot:
-            out["figure"] = str(plot_reachability(
-                reach, pathlib.Path(output_dir) / "reachability.png",
-                title=f"fine-tuning steps to loss {finetune_recipe.loss_threshold} "
-                      f"(budget {finetune_recipe.steps})"))
-        _write(output_dir, "results.json", out)
-        _write(output_dir, "summary.md", reachability_markdown(out))
-    _say(log, reachability_markdown(out))
+    title = (f"fine-tuning steps to loss {finetune_recipe.loss_threshold} "
+             f"(budget {finetune_recipe.steps})")
+    _finish(out, output_dir, plot and (lambda path: plot_reachability(reach, path, title=title)),
+            "reachability.png", reachability_markdown, log)
     out["_reachability"] = reach
     return out
 
@@ -849,15 +850,10 @@ def ranking_experiment(
         max_steps=int(finetune_recipe.steps),
         seconds=time.perf_counter() - began,
     )
-    if output_dir is not None:
-        if plot:
-            from tfmeta.complexity.plot import plot_ranking
+    from tfmeta.complexity.plot import plot_ranking
 
-            out["figure"] = str(plot_ranking(out, pathlib.Path(output_dir) / "ranking.png"))
-        _write(output_dir, "results.json", out)
-        _write(output_dir, "summary.md", ranking_markdown(out))
-    _say(log, ranking_markdown(out))
-    return out
+    return _finish(out, output_dir, plot and (lambda path: plot_ranking(out, path)),
+                   "ranking.png", ranking_markdown, log)
 
 
 def ranking_markdown(out) -> str:
