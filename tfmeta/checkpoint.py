@@ -42,7 +42,6 @@ middle of one; `tools/train.py --resume` uses it.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -55,6 +54,8 @@ import uuid
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tfmeta.checksums import sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -192,12 +193,6 @@ def _write(variable, array, replicas):
 
 
 # ----------------------------------------------------------------- files
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path):
@@ -296,7 +291,7 @@ def save_checkpoint(meta, directory, step, *, metadata=None, keep=2, epoch_compl
             "variables": entries,
             "metrics": metric_entries,
             "epoch_complete": bool(epoch_complete),
-            "files": {STATE_FILE: _sha256(staging / STATE_FILE)},
+            "files": {STATE_FILE: sha256_file(staging / STATE_FILE)},
             "metadata": metadata or {},
         }
         with open(staging / MANIFEST_FILE, "w") as handle:
@@ -359,7 +354,7 @@ def read_manifest(path):
         file = path / name
         if not file.is_file():
             raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {name} is missing; {fix}.")
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CorruptCheckpointError(
                 f"checkpoint {path} is corrupt: the sha256 of {name} does not match its "
                 f"manifest (damaged or edited after it was written); {fix}."

@@ -34,7 +34,6 @@ through the ``serve_training`` endpoint)::
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import pathlib
@@ -44,6 +43,8 @@ import uuid
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tfmeta.checksums import sha256_file
 
 __all__ = [
     "CorruptExportError",
@@ -226,7 +227,7 @@ def read_export_info(path):
                 f"{path} is corrupt: {name} is missing. Re-export with "
                 "export_initialization(..., overwrite=True)."
             )
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             raise CorruptExportError(
                 f"{path} is corrupt: the sha256 of {name} does not match the "
                 f"one recorded in {INFO_FILE} (the file was damaged or edited "
@@ -417,18 +418,12 @@ def _write_saved_model(model, directory, input_shape, input_dtype):
 
 def _checksums(root):
     return {
-        file.relative_to(root).as_posix(): _sha256(file)
+        file.relative_to(root).as_posix(): sha256_file(file)
         for file in sorted(root.rglob("*"))
         if file.is_file()
     }
 
 
-def _sha256(file):
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _move_into_place(staging, path):

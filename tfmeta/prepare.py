@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,8 @@ import pathlib
 import shutil
 import sys
 import time
+
+from tfmeta.checksums import sha256_file
 
 __all__ = [
     "ArchiveChecksumError",
@@ -90,12 +91,6 @@ def _resolve_data_dir(data_dir) -> pathlib.Path:
     )
 
 
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_sums(sums_path: pathlib.Path) -> dict[str, str]:
@@ -154,7 +149,7 @@ def _check_archives(builder, archive_dir: pathlib.Path, sums, verify: bool):
                 f"archive {rel} is missing from {archive_dir} (TFDS "
                 f"{name!r} needs it; originally from {url})"
             )
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if verify:
             if rel not in sums:
                 raise ArchiveChecksumError(

@@ -41,14 +41,13 @@ import json
 import os
 import pathlib
 import time
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import gin
 import keras
 import numpy as np
 
 from tfmeta.complexity.distance import (
-    NOT_CONVERGED,
     _union_pair,
     rank_initializations,
     rankdata,

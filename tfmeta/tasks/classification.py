@@ -535,7 +535,6 @@ class ClassificationTasks(TaskDistribution):
         # keeps its last partial batch so evaluate sees every example.
         batches = order.batch(batch_size, drop_remainder=repeat).enumerate()
         augment_key = _fold(_fold(_key(seed), i), _AUGMENT)
-        shape = self.input_shape
 
         def gather(b, index):
             x = tf.cast(tf.gather(images, index), tf.float32) / 255.0
