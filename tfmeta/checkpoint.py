@@ -554,9 +554,13 @@ class MetaCheckpoint(keras.callbacks.Callback):
         due = self.every_steps is not None and self.step - self._saved_step >= self.every_steps
         if self.every_seconds is not None and time.monotonic() - self._last_time >= self.every_seconds:
             due = True
-        if due:
-            steps = (self.params or {}).get("steps")
-            self.save(epoch_complete=bool(steps) and batch + 1 >= steps)
+        steps = (self.params or {}).get("steps")
+        if due and not (steps and batch + 1 >= steps):
+            # An epoch's last step is saved by `on_epoch_end` instead, after the
+            # callbacks listed before this one (CSVLogger) have logged the
+            # epoch: a kill in between must not leave a checkpoint past a
+            # history row that was never written.
+            self.save(epoch_complete=False)
 
     def on_epoch_end(self, epoch, logs=None):
         self.save()
