@@ -344,7 +344,7 @@ def test_per_replica_task_state_is_checkpointed(tmp_path):
 # ------------------------------------------------------------------- export
 EXPORT_SCRIPT = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, sys
     import keras
     import tfmeta.export as export
 
@@ -356,17 +356,12 @@ EXPORT_SCRIPT = textwrap.dedent(
 
     export.export_initialization(model(0), path)
     print("ready", flush=True)
-    if mode == "mid_write":        # killed while the SavedModel is being written
-        def write(*args, **kwargs):
-            os.kill(os.getpid(), signal.SIGKILL)
-        export._write_saved_model = write
-    elif mode == "between_renames":  # killed after moving the old export aside
-        real = os.rename
-        def rename(src, dst):
-            real(src, dst)
-            if str(dst).endswith(".old"):
-                os.kill(os.getpid(), signal.SIGKILL)
-        export.os.rename = rename
+    # Failpoints (tfmeta.failpoints) SIGKILL the overwrite that follows:
+    os.environ["TFMETA_FAULT"] = {
+        "mid_write": "export.model_written@1",         # model.keras written, no SavedModel yet
+        "between_renames": "atomic.dir_moved_aside@1",  # old export moved aside, new not in place
+        "loop": "",
+    }[mode]
     seed = 1
     while True:                     # "loop": overwrite until killed from outside
         export.export_initialization(model(seed), path, overwrite=True)

@@ -53,6 +53,7 @@ __all__ = [
     "open_atomic",
     "recover_directories",
     "recover_directory",
+    "remove_directory",
     "replace_directory",
     "staged_directory",
     "write_bytes",
@@ -254,6 +255,24 @@ def replace_directory(staging, path):
     failpoint("atomic.dir_replaced")
     _remove(backup)
     return path
+
+
+def remove_directory(path):
+    """Delete the folder `path` so that no half-deleted folder is ever left under its name.
+
+    It is renamed to a hidden staging name first (one atomic step), then
+    deleted: a kill during the deletion leaves a hidden ``.partial`` folder
+    that `recover_directory` removes, never a `path` with some files gone.
+
+    Example::
+
+        remove_directory("runs/x/checkpoints/ckpt-000000100")
+    """
+    path = pathlib.Path(path)
+    doomed = _sibling(path, STAGING_SUFFIX)
+    os.rename(path, doomed)
+    fsync_directory(path.parent)
+    _remove(doomed)
 
 
 @contextlib.contextmanager

@@ -4,11 +4,17 @@ An export is a folder that plain Keras can use without tfmeta::
 
     path/
       model.keras     the model (architecture + weights), keras.saving format
-      saved_model/    TensorFlow SavedModel with two endpoints:
-                        serve           model(x, training=False)
-                        serve_training  model(x, training=True)
-      tfmeta.json     format version, versions, input/output shapes, endpoint
-                      names, user metadata and the sha256 of every file above
+      saved_model/    TensorFlow SavedModel with these endpoints:
+                        serve              model(x, training=False)
+                        serve_training     model(x, training=True)
+                        features           the head's input, training=False
+                        features_training  the head's input, training=True
+                      (the features pair only for models whose head, the
+                      last Dense layer, can be told apart: Sequential and
+                      functional ones)
+      tfmeta.json     format version, versions, input/output/feature shapes,
+                      endpoint names, user metadata and the sha256 of every
+                      file above
 
 Example::
 
@@ -29,25 +35,36 @@ through the ``serve_training`` endpoint)::
         trainable=True,
     )
     model = keras.Sequential([keras.Input((28, 28, 1)), layer])
+
+and with a new head on the features (docs/export_finetune.md)::
+
+    features = keras.layers.TFSMLayer(
+        "runs/leap_init/saved_model",
+        call_endpoint="features",
+        call_training_endpoint="features_training",
+    )
+    inputs = keras.Input((28, 28, 1))
+    model = keras.Model(inputs, keras.layers.Dense(5)(features(inputs)))
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
-import shutil
-import uuid
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmeta import atomic
 from tfmeta.checksums import sha256_file
+from tfmeta.failpoints import failpoint
 
 __all__ = [
     "CorruptExportError",
+    "FEATURES_ENDPOINT",
+    "FEATURES_TRAINING_ENDPOINT",
     "FORMAT_VERSION",
     "InvalidExportError",
     "SERVE_ENDPOINT",
@@ -65,6 +82,8 @@ SAVED_MODEL_DIR = "saved_model"
 INFO_FILE = "tfmeta.json"
 SERVE_ENDPOINT = "serve"
 TRAINING_ENDPOINT = "serve_training"
+FEATURES_ENDPOINT = "features"
+FEATURES_TRAINING_ENDPOINT = "features_training"
 HEAD_MODES = ("replace", "reset", "keep")
 
 
@@ -82,10 +101,15 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
     The model must be built and have one input and one output tensor. The
     folder holds ``model.keras``, a SavedModel ``saved_model/`` with a
     ``serve`` (training=False) and a ``serve_training`` (training=True)
-    endpoint, and ``tfmeta.json`` (see the module docstring).
+    endpoint, for Sequential and functional models whose last layer is a
+    Dense head also ``features`` and ``features_training`` (the head's
+    input, to put a new head on with Keras alone), and ``tfmeta.json``
+    (see the module docstring).
 
-    The write is atomic: everything goes to a hidden temporary sibling
-    folder that is renamed to ``path`` only once complete. With
+    The write is atomic (`tfmeta.atomic.staged_directory`): everything goes
+    to a hidden temporary sibling folder, fsynced, that is renamed to
+    ``path`` only once complete; a failed write (disk full, read-only
+    folder: `tfmeta.atomic.WriteError`) leaves ``path`` as it was. With
     ``overwrite=True`` an existing export is moved aside only at that point
     and deleted after the rename, so an interrupted export leaves either no
     ``path`` or the previous export intact (a kill between the two renames
@@ -114,7 +138,7 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
         json.dumps(metadata)
     except (TypeError, ValueError) as err:
         raise TypeError(f"metadata must be JSON-serializable: {err}") from err
-    _recover_interrupted(path)
+    atomic.recover_directory(path)
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(
@@ -128,15 +152,12 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
             )
     input_shape, input_dtype = _input_spec(model)
     output_shape = _output_shape(model, input_shape, input_dtype)
+    features = _features_model(model)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide
-    # the export from other users; mkdir applies the umask like any folder.
-    staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    staging.mkdir()
-    try:
+    with atomic.staged_directory(path) as staging:
         keras.saving.save_model(model, staging / MODEL_FILE)
-        _write_saved_model(model, staging / SAVED_MODEL_DIR, input_shape, input_dtype)
+        failpoint("export.model_written")
+        _write_saved_model(model, features, staging / SAVED_MODEL_DIR, input_shape, input_dtype)
         info = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -152,15 +173,16 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
             "model_file": MODEL_FILE,
             "saved_model_dir": SAVED_MODEL_DIR,
             "endpoints": {"inference": SERVE_ENDPOINT, "training": TRAINING_ENDPOINT},
+            "feature_endpoints": None if features is None else {
+                "inference": FEATURES_ENDPOINT, "training": FEATURES_TRAINING_ENDPOINT,
+            },
+            "features_shape": None if features is None else [
+                int(d) for d in features.output.shape[1:]
+            ],
             "metadata": metadata,
             "files": _checksums(staging),
         }
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _move_into_place(staging, path)
-    except BaseException:
-        # BaseException too: a KeyboardInterrupt must not leave a partial folder.
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
@@ -177,7 +199,7 @@ def read_export_info(path):
     """
     path = pathlib.Path(path)
     if not path.exists():
-        backups = _backups(path)
+        backups = atomic.backups(path)
         if backups:
             raise FileNotFoundError(
                 f"no tfmeta export at {path}, but {backups[-1].name} beside it is the "
@@ -324,31 +346,6 @@ def load_savedmodel_layer(path, *, trainable=True, name=None):
     )
 
 
-_HEX8 = "[0-9a-f]" * 8
-
-
-def _backups(path):
-    if not path.parent.is_dir():
-        return []
-    return sorted(path.parent.glob(f".{path.name}.{_HEX8}.old"), key=lambda p: p.stat().st_mtime)
-
-
-def _recover_interrupted(path):
-    """Undo what a killed export left beside `path`.
-
-    A kill between the two renames of an overwrite leaves no `path` and the
-    previous export in a hidden `.old` folder: it is renamed back. Hidden
-    `.partial` staging folders of killed writes are removed.
-    """
-    backups = _backups(path)
-    if backups and not (path.exists() or path.is_symlink()):
-        os.rename(backups.pop(), path)
-    if not path.parent.is_dir():
-        return
-    for leftover in [*path.parent.glob(f".{path.name}.{_HEX8}.partial"), *backups]:
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _is_replaceable(path):
     return path.is_dir() and not path.is_symlink() and (
         (path / INFO_FILE).is_file() or not any(path.iterdir())
@@ -395,25 +392,26 @@ def _output_shape(model, input_shape, input_dtype):
     return tuple(int(d) for d in outputs.shape[1:])
 
 
-def _write_saved_model(model, directory, input_shape, input_dtype):
+def _write_saved_model(model, features, directory, input_shape, input_dtype):
     archive = keras.export.ExportArchive()
     archive.track(model)
     signature = [tf.TensorSpec((None, *input_shape), input_dtype, name="inputs")]
-    archive.add_endpoint(
-        name=SERVE_ENDPOINT,
-        fn=lambda inputs: model(inputs, training=False),
-        input_signature=signature,
-    )
     # A separate training endpoint is how a SavedModel carries training-mode
     # behaviour: TFSMLayer calls it when training=True, so BatchNorm normalizes
     # with batch statistics and its moving-statistic updates (assign ops traced
     # into this function) apply to the reloaded variables.
-    archive.add_endpoint(
-        name=TRAINING_ENDPOINT,
-        fn=lambda inputs: model(inputs, training=True),
-        input_signature=signature,
-    )
+    endpoints = [(SERVE_ENDPOINT, model, False), (TRAINING_ENDPOINT, model, True)]
+    if features is not None:
+        # The same layers (same variables) up to the head's input: a TFSMLayer
+        # on these holds the trunk's weights only, ready for a new head.
+        endpoints += [(FEATURES_ENDPOINT, features, False), (FEATURES_TRAINING_ENDPOINT, features, True)]
+    for name, net, training in endpoints:
+        archive.add_endpoint(name=name, fn=_caller(net, training), input_signature=signature)
     archive.write_out(str(directory), verbose=False)
+
+
+def _caller(net, training):
+    return lambda inputs: net(inputs, training=training)
 
 
 def _checksums(root):
@@ -426,20 +424,6 @@ def _checksums(root):
 
 
 
-def _move_into_place(staging, path):
-    if not path.exists():
-        os.rename(staging, path)
-        return
-    backup = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-    os.rename(path, backup)
-    try:
-        os.rename(staging, path)
-    except BaseException:
-        os.rename(backup, path)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 def _tfmeta_version():
     # tfmeta/__init__.py is imported before this module, so this never
     # triggers a new import; a checkout without __version__ records None.
@@ -448,7 +432,8 @@ def _tfmeta_version():
     return getattr(tfmeta, "__version__", None)
 
 
-def _with_new_head(model, num_classes):
+def _head(model):
+    """`(head, features)`: the last Dense layer and its input tensor, or `TypeError` saying why not."""
     old_head = model.layers[-1] if model.layers else None
     if not isinstance(old_head, keras.layers.Dense):
         raise TypeError(
@@ -456,11 +441,6 @@ def _with_new_head(model, num_classes):
             f"layer is a Dense layer (got {type(old_head).__name__}); load with "
             "num_classes=None and add your own head"
         )
-    new_head = keras.layers.Dense.from_config({**old_head.get_config(), "units": num_classes})
-    if isinstance(model, keras.Sequential):
-        inputs = model.inputs[0]
-        input_layer = keras.Input(batch_shape=inputs.shape, dtype=inputs.dtype)
-        return keras.Sequential([input_layer, *model.layers[:-1], new_head], name=model.name)
     outputs = getattr(model, "outputs", None)
     if not outputs:
         raise TypeError(
@@ -474,4 +454,23 @@ def _with_new_head(model, num_classes):
             "load_initialization replaces the head only of single-output models "
             "whose output is produced by their last Dense layer"
         )
-    return keras.Model(model.inputs, new_head(old_head.input), name=model.name)
+    return old_head, old_head.input
+
+
+def _features_model(model):
+    """The model from its input to its head's input (same layers), or None if it has no clear head."""
+    try:
+        _, features = _head(model)
+    except TypeError:
+        return None  # e.g. subclassed: exported without the features endpoints
+    return keras.Model(model.inputs[0], features, name=f"{model.name}_features")
+
+
+def _with_new_head(model, num_classes):
+    old_head, features = _head(model)
+    new_head = keras.layers.Dense.from_config({**old_head.get_config(), "units": num_classes})
+    if isinstance(model, keras.Sequential):
+        inputs = model.inputs[0]
+        input_layer = keras.Input(batch_shape=inputs.shape, dtype=inputs.dtype)
+        return keras.Sequential([input_layer, *model.layers[:-1], new_head], name=model.name)
+    return keras.Model(model.inputs, new_head(features), name=model.name)

@@ -40,6 +40,9 @@ Points (every name used in tfmeta; `POINTS` lists them):
     `tfmeta.atomic.recover_directory`).
 ``atomic.dir_replaced``
     the new folder is in place, the backup not yet deleted.
+``export.model_written``
+    `tfmeta.export.export_initialization`: model.keras is in the staging
+    folder, the SavedModel not yet.
 ``checkpoint.started``, ``checkpoint.state_written`` (state.npz in the
 staging folder, no manifest yet), ``checkpoint.manifest_written`` (complete,
 not renamed), ``checkpoint.renamed`` (in place, older checkpoints not yet
@@ -64,6 +67,7 @@ POINTS = (
     "atomic.dir_staged",
     "atomic.dir_moved_aside",
     "atomic.dir_replaced",
+    "export.model_written",
     "checkpoint.started",
     "checkpoint.state_written",
     "checkpoint.manifest_written",
