@@ -214,3 +214,42 @@ def test_interrupted_prepare_is_not_loadable(archive_dir, tmp_path, monkeypatch)
     (leftover / "features.json").write_text("{}")
     with pytest.raises(DatasetNotPreparedError):
         load("mnist", "train", data_dir=data_dir)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("failing_write", [1, 2])   # the archive copy, then its .INFO
+def test_a_failed_cache_write_never_marks_an_archive_cached(
+    archive_dir, tmp_path, monkeypatch, failing_write
+):
+    """Omniglot's re-zipped archives are copied into the TFDS download cache and
+    marked cached by an ``.INFO`` file: an I/O error (a failpoint here) in either
+    write leaves no ``.INFO`` beside a missing or truncated copy, and no temporary."""
+    from tensorflow_datasets.core.download import resource
+
+    from tfmeta import atomic, failpoints
+
+    builder = prepare._builder("omniglot", tmp_path / "tfds")
+    archives = prepare._check_archives(builder, archive_dir, {}, verify=False)
+    rezipped = [a for a in archives if a[3] != a[1].checksum]
+    assert rezipped, "omniglot has re-zipped archives: the download-cache route"
+    download_dir = tmp_path / "downloads"
+    monkeypatch.setenv(failpoints.ENV, f"atomic.file_synced@{failing_write}=error")
+    failpoints.reset()
+    with pytest.raises(atomic.WriteError):
+        prepare._stage(builder, archives, download_dir, download_dir / "manual")
+    cache = download_dir / "omniglot"
+    url, info, path, _ = rezipped[0]
+    copy = cache / resource.get_dl_fname(url, info.checksum)
+    assert not resource.get_info_path(copy).exists()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+    if failing_write == 2:  # the copy itself completed: whole, byte for byte
+        assert copy.read_bytes() == path.read_bytes()
+    else:
+        assert not copy.exists()
+
+    monkeypatch.delenv(failpoints.ENV)
+    prepare._stage(builder, archives, download_dir, download_dir / "manual")
+    for url, info, path, _ in rezipped:
+        copy = cache / resource.get_dl_fname(url, info.checksum)
+        assert copy.read_bytes() == path.read_bytes()
+        assert resource.get_info_path(copy).is_file()

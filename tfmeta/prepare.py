@@ -16,7 +16,10 @@ corrupted archive fails early with the file's name instead of deep inside TFDS.
 
 TFDS writes each dataset into an ``incomplete.*`` folder and renames it to its
 final ``<data_dir>/<name>/<version>`` folder only on success, so an interrupted
-preparation never looks prepared; this module relies on that.
+preparation never looks prepared; this module relies on that. The files it
+writes itself (cached archive copies and their ``.INFO``) go through
+`tfmeta.atomic`; the folder of links for ``manual_dir`` is rebuilt from
+scratch on every preparation, so a crash while building it is harmless.
 
 Example::
 
@@ -37,6 +40,7 @@ import shutil
 import sys
 import time
 
+from tfmeta import atomic
 from tfmeta.checksums import sha256_file
 
 __all__ = [
@@ -192,11 +196,9 @@ def _stage(builder, archives, download_dir, manual_dir) -> None:
             "placing it in the download cache as %s",
             name, info.filename, dst.name,
         )
-        # Copy then rename, and write .INFO last: .INFO marks the file as
-        # cached, so a crash here never leaves a truncated "cached" archive.
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dst)
+        # Both writes atomic, and .INFO last: .INFO marks the file as cached,
+        # so a crash here never leaves a truncated "cached" archive.
+        atomic.copy_file(path, dst)
         info_json = {
             "dataset_names": [name],
             "original_fname": info.filename,
@@ -208,10 +210,7 @@ def _stage(builder, archives, download_dir, manual_dir) -> None:
             },
             "urls": [url],
         }
-        info_path = resource.get_info_path(dst)
-        tmp = info_path.with_name(info_path.name + ".tmp")
-        tmp.write_text(json.dumps(info_json, sort_keys=True))
-        os.replace(tmp, info_path)
+        atomic.write_text(resource.get_info_path(dst), json.dumps(info_json, sort_keys=True))
 
 
 def prepare_datasets(

@@ -39,13 +39,13 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import tempfile
 import zipfile
 from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from tfmeta import atomic
 from tfmeta.prepare import default_data_dir, load
 from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks
 
@@ -76,9 +76,10 @@ def array_cache_dir(data_dir=None) -> pathlib.Path:
 def cached_arrays(path, build: Callable[[], dict]) -> dict:
     """Load the arrays saved at `path` (.npz), or `build()` them and save them.
 
-    The file is written to a temporary name and renamed into place, so
-    concurrent builders never see a half-written cache (the last one wins,
-    with identical content). An unreadable cache is rebuilt.
+    The file is written atomically (`tfmeta.atomic.open_atomic`: a hidden
+    temporary file renamed into place), so concurrent builders and crashes
+    never leave a half-written cache (the last builder wins, with identical
+    content). An unreadable cache is rebuilt.
 
     Example::
 
@@ -93,15 +94,8 @@ def cached_arrays(path, build: Callable[[], dict]) -> dict:
             pass  # Truncated or foreign file: rebuild below.
     arrays = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shareable data.
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.open_atomic(path) as handle:
+        np.savez_compressed(handle, **arrays)
     return arrays
 
 
