@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,12 +36,12 @@ from tfmeta import atomic
 """
 
 
-def _child(code, tmp_path, fault=None):
+def _child(code, tmp_path, fault=None, prefix=()):
     env = {k: v for k, v in os.environ.items() if k != failpoints.ENV}
     if fault:
         env[failpoints.ENV] = fault
     return subprocess.run(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        [*prefix, sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
 
@@ -118,14 +119,18 @@ def test_disk_full_raises_write_error_and_keeps_the_old_file(tmp_path):
     assert _hidden(tmp_path) == []
 
 
-def _chmod_blocks_writes(folder):
-    probe = folder / "probe"
-    try:
-        probe.write_text("x")
-    except PermissionError:
-        return True
-    probe.unlink()
-    return False
+def without_dac_override():
+    """Command prefix running a child without root's permission override (CAP_DAC_OVERRIDE).
+
+    Tests run as root in CI, where a read-only mode stops no write; `setpriv`
+    drops the capability, so the child obeys the mode bits as any user does.
+    """
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a read-only mode would not stop writes")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
 
 
 def test_read_only_folder_raises_write_error_and_keeps_the_old_file(tmp_path):
@@ -135,14 +140,17 @@ def test_read_only_folder_raises_write_error_and_keeps_the_old_file(tmp_path):
     target.write_bytes(OLD)
     folder.chmod(0o555)
     try:
-        if not _chmod_blocks_writes(folder):
-            pytest.skip("running with CAP_DAC_OVERRIDE (root): a read-only mode does not stop "
-                        "writes here; the disk-full test covers the failure path")
-        with pytest.raises(atomic.WriteError, match="could not write .*data.bin") as caught:
-            atomic.write_bytes(target, NEW)
-        assert caught.value.errno == errno.EACCES
+        proc = _child(f"""
+            try:
+                atomic.write_bytes("ro/data.bin", {NEW_EXPR})
+            except atomic.WriteError as error:
+                print(json.dumps([error.errno, str(error)]))
+        """, tmp_path, prefix=without_dac_override())
     finally:
         folder.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    code, message = json.loads(proc.stdout)
+    assert code == errno.EACCES and "could not write ro/data.bin" in message
     assert target.read_bytes() == OLD
     assert _hidden(folder) == []
 

@@ -6,6 +6,7 @@ chosen points inside a checkpoint write, from outside at an arbitrary
 moment, and between checkpoints) next to one uninterrupted run.
 """
 
+import errno
 import json
 import os
 import pathlib
@@ -417,6 +418,111 @@ def test_export_killed_mid_write_keeps_the_previous_export(tmp_path):
             first = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]).get_weights()
             for a, b in zip(loaded, first):
                 np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------- failed saves: disk full, read-only
+FAILED_SAVE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, pathlib, resource, signal, sys
+    import keras
+    import tfmeta
+    from tfmeta import atomic
+    from tfmeta.checkpoint import save_checkpoint
+    from tfmeta.export import export_initialization
+    from tfmeta.models import mlp
+
+    keras.utils.set_random_seed(0)
+    meta = tfmeta.MetaModel(mlp(5, units=(16,)))
+    meta.compile(optimizer=keras.optimizers.SGD(0.5), inner_optimizer=keras.optimizers.Adam(0.01),
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 learner=tfmeta.Leap(), inner_steps=4)
+    meta.build((3, 2, 5, 8, 8, 1))
+    save_checkpoint(meta, "ckpt", 1)
+    export_initialization(meta.model, "init")
+    meta.model.set_weights([w + 1 for w in meta.model.get_weights()])
+
+    def checkpoint():
+        save_checkpoint(meta, "ckpt", 2)
+
+    def export():
+        export_initialization(meta.model, "init", overwrite=True)
+
+    if sys.argv[1] == "full_disk":
+        keras_size = pathlib.Path("init/model.keras").stat().st_size
+        pb_size = pathlib.Path("init/saved_model/saved_model.pb").stat().st_size
+        state_size = pathlib.Path("ckpt/ckpt-000000001/state.npz").stat().st_size
+        assert keras_size < pb_size and keras_size < state_size, (keras_size, pb_size, state_size)
+        # RLIMIT_FSIZE makes writes past the limit fail with EFBIG, as a full
+        # disk does, without root; SIGXFSZ ignored so that the write fails
+        # instead of the process. The export fails on model.keras, then (a
+        # larger limit) inside TensorFlow's SavedModel write.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        attempts = {"checkpoint": (keras_size - 1, checkpoint),
+                    "export_keras": (keras_size - 1, export),
+                    "export_savedmodel": ((keras_size + pb_size) // 2, export)}
+        def limited(limit, save):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+            save()
+    else:
+        os.chmod("ckpt", 0o555)
+        os.chmod(".", 0o555)
+        attempts = {"checkpoint": (None, checkpoint), "export_keras": (None, export)}
+        def limited(limit, save):
+            save()
+    report = {}
+    for name, (limit, save) in attempts.items():
+        try:
+            limited(limit, save)
+            report[name] = None
+        except atomic.WriteError as error:
+            report[name] = [error.errno, str(error)]
+    os.chmod(".", 0o755)
+    os.chmod("ckpt", 0o755)
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize("failure, code", [("full_disk", errno.EFBIG), ("read_only", errno.EACCES)])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_export(tmp_path, failure, code):
+    """A save that fails (disk full: a file-size limit; read-only folders) raises
+    WriteError naming the target, and leaves the previous checkpoint and export
+    complete, verified and loadable, with no half-written folder beside them."""
+    from test_atomic import without_dac_override
+
+    from tfmeta.export import load_initialization, read_export_info
+    from tfmeta.models import mlp
+
+    script = tmp_path / "failed_save.py"
+    script.write_text(FAILED_SAVE_SCRIPT)
+    work = tmp_path / "work"
+    work.mkdir()
+    prefix = without_dac_override() if failure == "read_only" else []
+    proc = subprocess.run([*prefix, sys.executable, str(script), failure], cwd=work, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    targets = {"checkpoint": "ckpt/ckpt-000000002", "export_keras": "init", "export_savedmodel": "init"}
+    for name, message in report.items():
+        assert message is not None, f"{name} did not fail"
+        assert message[0] == code, (name, message)
+        assert f"could not write {targets[name]}: " in message[1] and "previous content" in message[1]
+    if failure == "full_disk":
+        assert "SavedModel" in report["export_savedmodel"][1]
+
+    checkpoints = work / "ckpt"
+    assert _steps_in(checkpoints) == [1] and [p.name for p in work.rglob(".*")] == []
+    path, manifest = latest_checkpoint(checkpoints)  # verified: every sha256 matches
+    assert manifest["step"] == 1
+    restore_checkpoint(_meta(seed=3), path, manifest)
+    read_export_info(work / "init")
+    # The first export, not the +1 weights of the failed overwrites.
+    keras.utils.set_random_seed(0)
+    first = mlp(5, units=(16,))
+    first.build((None, 8, 8, 1))
+    for loaded, expected in zip(load_initialization(work / "init").get_weights(), first.get_weights()):
+        np.testing.assert_array_equal(loaded, expected)
 
 
 # --------------------------------------------------------------- divergence

@@ -50,6 +50,7 @@ and with a new head on the features (docs/export_finetune.md)::
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import pathlib
 
@@ -85,6 +86,12 @@ TRAINING_ENDPOINT = "serve_training"
 FEATURES_ENDPOINT = "features"
 FEATURES_TRAINING_ENDPOINT = "features_training"
 HEAD_MODES = ("replace", "reset", "keep")
+# How TensorFlow reports a failed file write (its errno-to-status mapping).
+_TF_WRITE_ERRNOS = {
+    tf.errors.OutOfRangeError: errno.EFBIG,
+    tf.errors.ResourceExhaustedError: errno.ENOSPC,
+    tf.errors.PermissionDeniedError: errno.EACCES,
+}
 
 
 class InvalidExportError(ValueError):
@@ -407,7 +414,13 @@ def _write_saved_model(model, features, directory, input_shape, input_dtype):
         endpoints += [(FEATURES_ENDPOINT, features, False), (FEATURES_TRAINING_ENDPOINT, features, True)]
     for name, net, training in endpoints:
         archive.add_endpoint(name=name, fn=_caller(net, training), input_signature=signature)
-    archive.write_out(str(directory), verbose=False)
+    try:
+        archive.write_out(str(directory), verbose=False)
+    except tuple(_TF_WRITE_ERRNOS) as error:
+        # TensorFlow's C++ file writes report errno as a status code: back to
+        # an OSError, which `atomic.staged_directory` turns into a WriteError.
+        code = next(c for kind, c in _TF_WRITE_ERRNOS.items() if isinstance(error, kind))
+        raise OSError(code, f"TensorFlow could not write the SavedModel ({error.message})") from error
 
 
 def _caller(net, training):
