@@ -194,6 +194,129 @@ def pure_keras_run(exported, digits, tmp_path_factory):
     return report, np.load(work / "predictions.npy"), x[DOWNSTREAM_TEST][:64]
 
 
+FEATURES_SCRIPT = textwrap.dedent(
+    """
+    # A Keras-only user replaces the head, as docs/export_finetune.md says.
+    import json
+    import sys
+
+    import keras
+    import numpy as np
+
+    export_dir, data_file, out_file = sys.argv[1:4]
+    data = np.load(data_file)
+    x, y, x_check = data["x"], data["y"], data["x_check"]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    report, arrays = {}, {}
+
+    def fit(name, model, features):
+        model.compile(keras.optimizers.SGD(0.05), loss)
+        before = model.evaluate(x, y, verbose=0)
+        moving = [w.numpy().copy() for w in features.non_trainable_weights]
+        model.fit(x, y, batch_size=20, epochs=3, shuffle=False, verbose=0)
+        head = model.layers[-1]
+        arrays[name + "_logits"] = model.predict(x_check, verbose=0)
+        arrays[name + "_features_after"] = np.asarray(features(x_check, training=False))
+        arrays[name + "_kernel"], arrays[name + "_bias"] = head.kernel.numpy(), head.bias.numpy()
+        report[name] = {
+            "loss_before": before,
+            "loss_after": model.evaluate(x, y, verbose=0),
+            "moving_change": max(float(np.abs(a - w.numpy()).max())
+                                 for a, w in zip(moving, features.non_trainable_weights)),
+            "trunk_weights": [len(features.trainable_weights), len(features.non_trainable_weights)],
+        }
+
+    # 1. SavedModel, whole network fine-tuned with a new 5-unit head.
+    features = keras.layers.TFSMLayer(
+        export_dir + "/saved_model",
+        call_endpoint="features",
+        call_training_endpoint="features_training",
+        trainable=True,
+    )
+    arrays["savedmodel_features"] = np.asarray(features(x_check))
+    inputs = keras.Input((8, 8, 1))
+    fit("savedmodel", keras.Model(inputs, keras.layers.Dense(5)(features(inputs))), features)
+
+    # 2. SavedModel, frozen trunk (linear probe): no training endpoint, so
+    #    fit() calls "features" too and BatchNorm keeps its moving statistics.
+    probe = keras.layers.TFSMLayer(
+        export_dir + "/saved_model", call_endpoint="features", trainable=False
+    )
+    inputs = keras.Input((8, 8, 1))
+    fit("probe", keras.Model(inputs, keras.layers.Dense(5)(probe(inputs))), probe)
+
+    # 3. model.keras: the trunk is the loaded model up to its head's input.
+    loaded = keras.saving.load_model(export_dir + "/model.keras", compile=False)
+    trunk = keras.Model(loaded.inputs[0], loaded.layers[-1].input)
+    arrays["keras_features"] = np.asarray(trunk(x_check, training=False))
+    fit("keras", keras.Model(trunk.input, keras.layers.Dense(5)(trunk.output)), trunk)
+
+    report["tfmeta_imported"] = "tfmeta" in sys.modules
+    np.savez(out_file, **arrays)
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def features_run(exported, digits, tmp_path_factory):
+    """Replace the head with Keras alone (SavedModel and .keras) in a fresh Python."""
+    x, y = digits
+    work = tmp_path_factory.mktemp("features")
+    np.savez(work / "data.npz", x=x[DOWNSTREAM_TRAIN], y=y[DOWNSTREAM_TRAIN] % 5,
+             x_check=x[DOWNSTREAM_TEST][:64])
+    (work / "run.py").write_text(FEATURES_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    completed = subprocess.run(
+        [sys.executable, str(work / "run.py"), str(exported), str(work / "data.npz"),
+         str(work / "out.npz")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    return report, dict(np.load(work / "out.npz")), x[DOWNSTREAM_TEST][:64]
+
+
+def _penultimate(model, x):
+    # Layer by layer, up to the head: an independent way to the head's input.
+    for layer in model.layers[:-1]:
+        x = layer(x, training=False)
+    return np.asarray(x)
+
+
+def test_features_endpoints_are_the_penultimate_activations(features_run, pretrained):
+    report, arrays, x_check = features_run
+    assert not report["tfmeta_imported"]
+    expected = _penultimate(pretrained, x_check)
+    assert expected.shape == (64, 64)  # 2x2x16 after two poolings, flattened
+    np.testing.assert_allclose(arrays["savedmodel_features"], expected, atol=1e-5)
+    np.testing.assert_allclose(arrays["keras_features"], expected, atol=1e-5)
+    # The features layer holds the trunk only: 2 conv + 2 BN (gamma, beta),
+    # kernels and biases, and the 4 moving statistics; not the old head.
+    assert report["savedmodel"]["trunk_weights"] == [8, 4]
+
+
+@pytest.mark.parametrize("route", ["savedmodel", "probe", "keras"])
+def test_a_replaced_head_fine_tunes_with_keras_alone(features_run, pretrained, route):
+    report, arrays, x_check = features_run
+    result = report[route]
+    assert result["loss_after"] < 0.5 * result["loss_before"], result
+    # The new head sits on the features: logits = features @ kernel + bias.
+    features = arrays[route + "_features_after"]
+    np.testing.assert_allclose(
+        arrays[route + "_logits"], features @ arrays[route + "_kernel"] + arrays[route + "_bias"],
+        atol=1e-4,
+    )
+    if route == "probe":
+        # Frozen trunk: the exported features, to the bit, moving statistics included.
+        assert result["moving_change"] == 0.0
+        np.testing.assert_allclose(features, _penultimate(pretrained, x_check), atol=1e-5)
+    else:
+        # Fine-tuned trunk in training mode: BatchNorm's moving statistics moved.
+        assert result["moving_change"] > 1e-4
+
+
 def test_export_layout_and_info(exported):
     assert (exported / "model.keras").is_file()
     assert (exported / "saved_model" / "saved_model.pb").is_file()
@@ -202,6 +325,8 @@ def test_export_layout_and_info(exported):
     assert info["input_shape"] == [8, 8, 1]
     assert info["output_units"] == 10
     assert info["endpoints"] == {"inference": "serve", "training": "serve_training"}
+    assert info["feature_endpoints"] == {"inference": "features", "training": "features_training"}
+    assert info["features_shape"] == [64]
     assert info["metadata"] == {"method": "pretrain", "alphabets": [1, 2]}
     assert "model.keras" in info["files"]
     assert "saved_model/saved_model.pb" in info["files"]
@@ -385,6 +510,61 @@ def test_corrupt_export_is_detected(exported, tmp_path):
     (copy / "saved_model" / "saved_model.pb").unlink()
     with pytest.raises(CorruptExportError, match="saved_model.pb is missing"):
         load_savedmodel_layer(copy)
+
+
+def _truncate_model(folder):
+    model = folder / "model.keras"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+
+
+def _edit_info(folder):
+    (folder / "tfmeta.json").write_text('{"format": "tfmeta.initialization", ')
+
+
+BAD_EXPORTS = [
+    (_truncate_model, CorruptExportError, r"corrupt: the sha256 of model\.keras .*Re-export with"),
+    (lambda f: (f / "saved_model" / "saved_model.pb").unlink(), CorruptExportError,
+     r"corrupt: saved_model/saved_model\.pb is missing\. Re-export with"),
+    (lambda f: shutil.rmtree(f / "saved_model"), CorruptExportError, r"corrupt: saved_model/.* is missing"),
+    (lambda f: (f / "tfmeta.json").unlink(), InvalidExportError, r"no tfmeta\.json\. Create an export"),
+    (_edit_info, CorruptExportError, r"tfmeta\.json is unreadable .*re-export with"),
+]
+
+
+@pytest.mark.parametrize("damage, error, message", BAD_EXPORTS)
+def test_a_bad_export_raises_one_line_naming_the_problem_and_fix(exported, tmp_path, damage, error, message):
+    copy = tmp_path / "bad"
+    shutil.copytree(exported, copy)
+    damage(copy)
+    for load in (load_initialization, load_savedmodel_layer, read_export_info):
+        with pytest.raises(error, match=message) as caught:
+            load(copy)
+        assert "\n" not in str(caught.value)  # the CLI prints it as one line
+
+
+def test_an_intact_export_keras_cannot_rebuild_names_custom_objects(tmp_path, monkeypatch):
+    model = SubclassedNet(3)
+    model(np.zeros((2, 4), "float32"))
+    export_initialization(model, tmp_path / "init")
+    # As in a process that never imported the class's module.
+    monkeypatch.delitem(keras.saving.get_custom_objects(), "tfmeta_tests>SubclassedNet")
+    with pytest.raises(InvalidExportError, match=r"intact .*cannot load it \(TypeError: Could not "
+                       r"locate class 'SubclassedNet'\); .*custom_objects") as caught:
+        load_initialization(tmp_path / "init")
+    assert "\n" not in str(caught.value)
+    loaded = load_initialization(tmp_path / "init", custom_objects={"tfmeta_tests>SubclassedNet": SubclassedNet})
+    assert isinstance(loaded, SubclassedNet)
+    # Subclassed: no head tfmeta can cut at, so no features endpoints.
+    assert read_export_info(tmp_path / "init")["feature_endpoints"] is None
+    with pytest.raises(InvalidExportError, match="no features endpoints.*features=False"):
+        load_savedmodel_layer(tmp_path / "init", features=True)
+
+
+def test_load_savedmodel_layer_features(exported, pretrained, digits):
+    x = digits[0][:16]
+    trunk = load_savedmodel_layer(exported, features=True)
+    assert (trunk.call_endpoint, trunk.call_training_endpoint) == ("features", "features_training")
+    np.testing.assert_allclose(trunk(x).numpy(), _penultimate(pretrained, x), atol=1e-5)
 
 
 def test_non_export_folder_gives_clear_error(tmp_path):

@@ -1,0 +1,78 @@
+"""The head of an exported model: find it, cut the model at its input, or replace it.
+
+The head is the model's last layer when it is a Dense layer producing the
+model's only output (Sequential and functional models); subclassed models
+have no layer graph to cut.
+
+Example::
+
+    from tfmeta.export.heads import features_model
+
+    trunk = features_model(model)   # model input -> head input, same layers
+"""
+
+from __future__ import annotations
+
+import keras
+
+__all__ = ["features_model", "find_head", "with_new_head"]
+
+
+def find_head(model):
+    """`(head, features)`: the last Dense layer and its input tensor, or `TypeError` saying why not.
+
+    Example::
+
+        head, features = find_head(model)   # features: the head's input tensor
+    """
+    old_head = model.layers[-1] if model.layers else None
+    if not isinstance(old_head, keras.layers.Dense):
+        raise TypeError(
+            "load_initialization replaces the head only when the model's last "
+            f"layer is a Dense layer (got {type(old_head).__name__}); load with "
+            "num_classes=None and add your own head"
+        )
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        raise TypeError(
+            f"{type(model).__name__} is a subclassed model: load_initialization "
+            "cannot rewire its head. Load with num_classes=None (or head='keep') "
+            "and build the new head in the model class, e.g. by constructing it "
+            "with num_classes and copying the other layers' weights."
+        )
+    if len(outputs) != 1 or outputs[0] is not old_head.output:
+        raise TypeError(
+            "load_initialization replaces the head only of single-output models "
+            "whose output is produced by their last Dense layer"
+        )
+    return old_head, old_head.input
+
+
+def features_model(model):
+    """The model from its input to its head's input (same layers), or None if it has no clear head.
+
+    Example::
+
+        penultimate = features_model(model)(x, training=False)
+    """
+    try:
+        _, features = find_head(model)
+    except TypeError:
+        return None  # e.g. subclassed: exported without the features endpoints
+    return keras.Model(model.inputs[0], features, name=f"{model.name}_features")
+
+
+def with_new_head(model, num_classes):
+    """`model` with a fresh head of `num_classes` units (the old head's config otherwise).
+
+    Example::
+
+        five_way = with_new_head(model, 5)
+    """
+    old_head, features = find_head(model)
+    new_head = keras.layers.Dense.from_config({**old_head.get_config(), "units": num_classes})
+    if isinstance(model, keras.Sequential):
+        inputs = model.inputs[0]
+        input_layer = keras.Input(batch_shape=inputs.shape, dtype=inputs.dtype)
+        return keras.Sequential([input_layer, *model.layers[:-1], new_head], name=model.name)
+    return keras.Model(model.inputs, new_head(features), name=model.name)
