@@ -46,6 +46,22 @@ def _child(code, tmp_path, fault=None, prefix=()):
     )
 
 
+FULL_DISK = """
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+"""
+
+
+def _write_error_of(code, tmp_path, prefix=()):
+    """`(errno, message)` of the WriteError that `code`, run in a child, raises."""
+    body = textwrap.indent(textwrap.dedent(code), "    ")
+    proc = _child(f"try:\n{body}\nexcept atomic.WriteError as error:\n"
+                  "    print(json.dumps([error.errno, str(error)]))\n", tmp_path, prefix=prefix)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout, "no WriteError"
+    return json.loads(proc.stdout)
+
+
 def _hidden(folder):
     return sorted(p.name for p in pathlib.Path(folder).iterdir() if p.name.startswith("."))
 
@@ -103,16 +119,7 @@ def test_disk_full_raises_write_error_and_keeps_the_old_file(tmp_path):
     # RLIMIT_FSIZE: writes past 64 KiB fail with EFBIG, as on a full disk
     # (no root needed). SIGXFSZ would kill the process instead of failing
     # the write: ignored, so the write returns the error.
-    proc = _child(f"""
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-        try:
-            atomic.write_bytes("data.bin", {NEW_EXPR})
-        except atomic.WriteError as error:
-            print(json.dumps([error.errno, str(error)]))
-    """, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    code, message = json.loads(proc.stdout)
+    code, message = _write_error_of(FULL_DISK + f"atomic.write_bytes('data.bin', {NEW_EXPR})", tmp_path)
     assert code == errno.EFBIG
     assert "could not write data.bin" in message and "previous content" in message
     assert target.read_bytes() == OLD
@@ -140,16 +147,11 @@ def test_read_only_folder_raises_write_error_and_keeps_the_old_file(tmp_path):
     target.write_bytes(OLD)
     folder.chmod(0o555)
     try:
-        proc = _child(f"""
-            try:
-                atomic.write_bytes("ro/data.bin", {NEW_EXPR})
-            except atomic.WriteError as error:
-                print(json.dumps([error.errno, str(error)]))
-        """, tmp_path, prefix=without_dac_override())
+        code, message = _write_error_of(
+            f"atomic.write_bytes('ro/data.bin', {NEW_EXPR})", tmp_path, prefix=without_dac_override()
+        )
     finally:
         folder.chmod(0o755)
-    assert proc.returncode == 0, proc.stderr
-    code, message = json.loads(proc.stdout)
     assert code == errno.EACCES and "could not write ro/data.bin" in message
     assert target.read_bytes() == OLD
     assert _hidden(folder) == []
@@ -201,15 +203,22 @@ OLD_EXPORT = {"a.txt": "old a"}
 NEW_EXPORT = {"a.txt": "new a", "sub/b.txt": "new b"}
 
 
+@pytest.fixture
+def old_export(tmp_path):
+    """`tmp_path/export` holding OLD_EXPORT."""
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "a.txt").write_text("old a")
+    return target
+
+
 @pytest.mark.parametrize("point, survivor", [
     ("atomic.dir_staged", OLD_EXPORT),       # staging complete, not in place
     ("atomic.dir_moved_aside", OLD_EXPORT),  # old moved to its backup, new not in place
     ("atomic.dir_replaced", NEW_EXPORT),     # new in place, backup not yet deleted
 ])
-def test_a_folder_replace_killed_at_any_point_recovers_old_or_new(tmp_path, point, survivor):
-    target = tmp_path / "export"
-    target.mkdir()
-    (target / "a.txt").write_text("old a")
+def test_a_folder_replace_killed_at_any_point_recovers_old_or_new(tmp_path, old_export, point, survivor):
+    target = old_export
     proc = _child(STAGE, tmp_path, fault=f"{point}@1")
     assert proc.returncode == KILLED, proc.stderr
     assert _hidden(tmp_path)  # a leftover staging folder or backup
@@ -218,10 +227,8 @@ def test_a_folder_replace_killed_at_any_point_recovers_old_or_new(tmp_path, poin
     assert _hidden(tmp_path) == []
 
 
-def test_a_failing_block_leaves_the_folder_untouched(tmp_path):
-    target = tmp_path / "export"
-    target.mkdir()
-    (target / "a.txt").write_text("old a")
+def test_a_failing_block_leaves_the_folder_untouched(tmp_path, old_export):
+    target = old_export
     with pytest.raises(RuntimeError, match="boom"):
         with atomic.staged_directory(target) as staging:
             (staging / "a.txt").write_text("new a")
@@ -230,24 +237,23 @@ def test_a_failing_block_leaves_the_folder_untouched(tmp_path):
     assert _hidden(tmp_path) == []
 
 
-def test_a_full_disk_while_staging_leaves_the_folder_untouched(tmp_path):
-    target = tmp_path / "export"
-    target.mkdir()
-    (target / "a.txt").write_text("old a")
-    proc = _child(f"""
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-        try:
-            with atomic.staged_directory("export") as staging:
-                (staging / "a.txt").write_bytes({NEW_EXPR})
-        except atomic.WriteError as error:
-            print(json.dumps([error.errno, str(error)]))
-    """, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    code, message = json.loads(proc.stdout)
+def test_a_full_disk_while_staging_leaves_the_folder_untouched(tmp_path, old_export):
+    target = old_export
+    code, message = _write_error_of(FULL_DISK + f"""
+with atomic.staged_directory("export") as staging:
+    (staging / "a.txt").write_bytes({NEW_EXPR})
+""", tmp_path)
     assert code == errno.EFBIG and "could not write export" in message
     assert _export_content(target) == OLD_EXPORT
     assert _hidden(tmp_path) == []
+
+
+def test_a_removal_killed_midway_leaves_no_half_folder_under_its_name(tmp_path, old_export):
+    proc = _child('atomic.remove_directory("export")', tmp_path, fault="atomic.dir_removing@1")
+    assert proc.returncode == KILLED, proc.stderr
+    assert not old_export.exists()
+    assert atomic.recover_directory(old_export) and _hidden(tmp_path) == []
+    assert not old_export.exists()
 
 
 def test_recover_directories_handles_every_target_with_the_prefix(tmp_path):

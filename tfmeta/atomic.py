@@ -272,6 +272,7 @@ def remove_directory(path):
     doomed = _sibling(path, STAGING_SUFFIX)
     os.rename(path, doomed)
     fsync_directory(path.parent)
+    failpoint("atomic.dir_removing")
     _remove(doomed)
 
 

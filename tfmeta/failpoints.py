@@ -40,6 +40,9 @@ Points (every name used in tfmeta; `POINTS` lists them):
     `tfmeta.atomic.recover_directory`).
 ``atomic.dir_replaced``
     the new folder is in place, the backup not yet deleted.
+``atomic.dir_removing``
+    `tfmeta.atomic.remove_directory`: the folder is renamed to a hidden
+    ``.partial`` name, not yet deleted.
 ``export.model_written``
     `tfmeta.export.export_initialization`: model.keras is in the staging
     folder, the SavedModel not yet.
@@ -67,6 +70,7 @@ POINTS = (
     "atomic.dir_staged",
     "atomic.dir_moved_aside",
     "atomic.dir_replaced",
+    "atomic.dir_removing",
     "export.model_written",
     "checkpoint.started",
     "checkpoint.state_written",
