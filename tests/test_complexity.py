@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tfmeta.configurables  # noqa: F401  (registers tfmeta.complexity with gin)
 from tfmeta import complexity as cx
+from tfmeta.experiments.complexity_figures import plot_reachability
 
 # --------------------------------------------------------------------------
 # helpers
@@ -145,41 +147,7 @@ def test_empirical_fisher_equals_fisher_in_expectation_with_model_labels():
     assert abs(emp.trace - exact.trace) < 3 * emp.trace_stderr
 
 
-def _naive_exact_fisher(model, x):
-    """One GradientTape per (example, class): the slow reference."""
-    acc = [np.zeros(v.shape) for v in model.trainable_variables]
-    for i in range(len(x)):
-        p = np.asarray(tf.nn.softmax(model(x[i:i + 1], training=False)))[0]
-        for c in range(len(p)):
-            with tf.GradientTape() as tape:
-                nll = -tf.nn.log_softmax(model(x[i:i + 1], training=False))[0, c]
-            for a, g in zip(acc, tape.gradient(nll, model.trainable_variables)):
-                a += p[c] * np.asarray(g, np.float64) ** 2
-    return [a / len(x) for a in acc]
-
-
-def test_vectorized_conv_fisher_matches_per_example_loop():
-    layers = keras.layers
-    model = keras.Sequential([
-        keras.Input((10, 10, 2)),
-        layers.Conv2D(3, 3, strides=2, padding="same"),
-        layers.BatchNormalization(),
-        layers.ReLU(),
-        layers.Conv2D(4, 3, dilation_rate=2),
-        layers.DepthwiseConv2D(3, padding="same"),
-        layers.Conv2D(4, 1, groups=2),  # grouped: falls back to the stock gradient
-        layers.Dropout(0.5),  # inactive: Fisher is in inference mode
-        layers.Flatten(),
-        layers.Dense(3),
-    ])
-    x = np.random.default_rng(4).normal(size=(5, 10, 10, 2)).astype(np.float32)
-    fisher = cx.diagonal_fisher(model, x, exact=True)
-    # aligned with trainable variables only (BatchNorm moving stats excluded)
-    assert len(fisher.diagonal) == len(model.trainable_variables)
-    for got, want, v in zip(fisher.diagonal, _naive_exact_fisher(model, x),
-                            model.trainable_variables):
-        assert tuple(got.shape) == tuple(v.shape)
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-9)
+# Convolutional models: tests/test_complexity_conv.py.
 
 
 def test_fisher_accepts_batched_dataset_probabilities_and_num_samples():
@@ -290,7 +258,7 @@ def test_reachability_matrix_and_plot(tmp_path):
         reach.union_complexity[("ab", "abcd")].total - reach.complexity["ab"].total)
     # the superset task reaches its part more easily than the reverse
     assert reach.distance[j, i] < reach.distance[i, j]
-    path = cx.plot_reachability(reach, tmp_path / "reach" / "matrix.png")
+    path = plot_reachability(reach, tmp_path / "reach" / "matrix.png")
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
@@ -320,6 +288,21 @@ def test_rank_initializations_reports_steps_and_spearman():
     # candidates are not modified by the measurement
     for w0, w1 in zip(before, same_task.get_weights()):
         np.testing.assert_array_equal(w0, w1)
+
+
+def test_rank_initializations_distance_needs_a_source_for_every_candidate():
+    target = _blobs([0, 1], 60, seed=43)
+    keras.utils.set_random_seed(8)
+    candidates = {"a": _mlp(), "b": _mlp()}
+    # sources {a, c} is not a superset of candidates {a, b}: b has no source
+    # (a strict-subset test let this through to a KeyError).
+    sources = {"a": _blobs([0, 1], 60, seed=44), "c": _blobs([2, 3], 60, seed=45)}
+    with pytest.raises(ValueError, match=r"missing for \['b'\]"):
+        cx.rank_initializations(target, candidates, _recipe(), lam=1.0, weight_decay=1e-3,
+                                predictor="distance", sources=sources)
+    with pytest.raises(ValueError, match=r"missing for \['a', 'b'\]"):
+        cx.rank_initializations(target, candidates, _recipe(), lam=1.0, weight_decay=1e-3,
+                                predictor="distance")
 
 
 def test_spearman_with_ties_matches_scipy():
@@ -353,23 +336,29 @@ def test_fit_to_threshold_counts_steps():
 
 
 def test_gin_configures_recipe_and_functions():
+    # Registered centrally (tfmeta.configurables): bindings reach the
+    # configurables gin hands out (`@name`, gin.get_configurable), not the
+    # library functions themselves.
     gin.clear_config()
     try:
         gin.parse_config(
             """
             tfmeta.complexity.TrainingRecipe.steps = 7
+            tfmeta.complexity.TrainingRecipe.optimizer = @tfmeta.complexity.sgd
             tfmeta.complexity.sgd.learning_rate = 0.5
             tfmeta.complexity.diagonal_fisher.exact = True
             """
         )
-        recipe = cx.TrainingRecipe(batch_size=4)
+        recipe = gin.get_configurable("tfmeta.complexity.TrainingRecipe")(batch_size=4)
+        assert isinstance(recipe, cx.TrainingRecipe)
         assert recipe.steps == 7 and recipe.batch_size == 4
         assert float(recipe.optimizer().learning_rate) == pytest.approx(0.5)
         rng = np.random.default_rng(9)
         x = rng.normal(size=(50, 5)).astype(np.float32)
         model = _logreg(5, 3)
-        fisher = cx.diagonal_fisher(model, x)
+        fisher = gin.get_configurable("tfmeta.complexity.diagonal_fisher")(model, x)
         assert fisher.exact
+        assert not cx.diagonal_fisher(model, x).exact  # the library function is untouched
         np.testing.assert_allclose(fisher.flat(), _flat(_closed_form_fisher(model, x)),
                                    atol=1e-5)
         # Keras models are untouched by gin: still trainable and callable

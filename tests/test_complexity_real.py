@@ -26,8 +26,12 @@ import keras
 import numpy as np
 import pytest
 
+import tfmeta.configurables  # noqa: F401  (registers the experiments with gin)
 from tfmeta import complexity as cx
-from tfmeta.complexity import experiments as ex
+from tfmeta.experiments.complexity_ranking import ranking_experiment
+from tfmeta.experiments.complexity_reachability import reachability_experiment
+from tfmeta.experiments.complexity_relabel import relabel_experiment
+from tfmeta.experiments.complexity_tasks import mlp_classifier, relabel, task_arrays
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +48,7 @@ def _png_size(path):
 
 def test_replace_head_keeps_body_and_leaves_source_untouched():
     keras.utils.set_random_seed(0)
-    source = ex.mlp_classifier(num_classes=10, input_shape=(6,), units=(8,))
+    source = mlp_classifier(num_classes=10, input_shape=(6,), units=(8,))
     before = [w.copy() for w in source.get_weights()]
     new = cx.replace_head(source, 3, seed=1)
     assert new.output_shape == (None, 3)
@@ -77,7 +81,7 @@ def test_per_task_heads_and_label_spaces_on_synthetic_tasks():
     recipe = cx.TrainingRecipe(optimizer=lambda: keras.optimizers.SGD(0.1), steps=300,
                                loss_threshold=0.2, eval_every=10)
     reach = cx.reachability_matrix(
-        tasks, lambda num_classes: ex.mlp_classifier(num_classes, (6,), (16,)), recipe,
+        tasks, lambda num_classes: mlp_classifier(num_classes, (6,), (16,)), recipe,
         lam=1.0, weight_decay=1e-3, heads="per_task",
         label_spaces={"two": "a", "three": "b", "two_b": "a"},
         complexity_kwargs=dict(fisher_samples=64),
@@ -97,19 +101,19 @@ def test_per_task_heads_and_label_spaces_on_synthetic_tasks():
 
 def test_unknown_task_names_say_what_exists():
     with pytest.raises(ValueError, match="known tasks"):
-        ex.task_arrays("cifar10")
+        task_arrays("cifar10")
     with pytest.raises(ValueError, match="integer"):
-        ex.task_arrays("mnist@x")
+        task_arrays("mnist@x")
     y = np.arange(100) % 10
-    noisy = ex.relabel(y, 0.5, seed=3)
-    assert np.sum(noisy != y) <= 50 and np.array_equal(noisy, ex.relabel(y, 0.5, seed=3))
-    np.testing.assert_array_equal(ex.relabel(y, 0.0), y)
+    noisy = relabel(y, 0.5, seed=3)
+    assert np.sum(noisy != y) <= 50 and np.array_equal(noisy, relabel(y, 0.5, seed=3))
+    np.testing.assert_array_equal(relabel(y, 0.0), y)
 
 
 def test_gin_files_parse_and_select_their_experiment():
-    expected = {"complexity_relabel.gin": ex.relabel_experiment,
-                "complexity_reachability.gin": ex.reachability_experiment,
-                "complexity_ranking.gin": ex.ranking_experiment}
+    expected = {"complexity_relabel.gin": relabel_experiment,
+                "complexity_reachability.gin": reachability_experiment,
+                "complexity_ranking.gin": ranking_experiment}
     for name, function in expected.items():
         gin.clear_config()
         try:
@@ -132,7 +136,7 @@ def test_random_labels_raise_complexity_and_steps_on_real_mnist(tfds_dir, tmp_pa
     # C(0.5) - C(0) >= 0.07 in every seed, but C(1) - C(0.5) between 0.0003
     # and 0.10: the middle of the complexity curve is ordered, though not by
     # a robust margin, so it is checked only up to 0.02.
-    out = ex.relabel_experiment(
+    out = relabel_experiment(
         tmp_path, fractions=(0.0, 0.5, 1.0), seeds=(0,), examples=300,
         sensitivity_lams=(0.1,), sensitivity_weight_decays=(5e-4,), log=None,
         data_dir=tfds_dir,
@@ -161,7 +165,7 @@ def test_reachability_on_real_mnist_is_asymmetric(tfds_dir, tmp_path):
     # each, the MLP. Measured over seeds 0-5: random -> MNIST 130-140 steps,
     # MNIST -> random 590-630; d(random -> MNIST) 0.003-0.063 and
     # d(MNIST -> random) 0.16-0.21; C(random) - C(MNIST) >= 0.10.
-    out = ex.reachability_experiment(
+    out = reachability_experiment(
         tmp_path, tasks=("mnist", "mnist_random"), examples=300, log=None,
         data_dir=tfds_dir,
     )

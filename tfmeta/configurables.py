@@ -39,5 +39,34 @@ gin.external_configurable(himmelblau.point_model, module="tfmeta.tasks")
 for _family in (tasks.digits_tasks, tasks.omniglot_alphabets, tasks.datasets_as_tasks, tasks.random_affine):
     gin.external_configurable(_family, module="tfmeta.tasks")
 
+# Task complexity and its experiments (`tools/complexity.py`), all under the gin
+# module "tfmeta.complexity", the names gin/complexity_*.gin use. Bindings reach
+# only what gin passes (`@name`) or `gin.get_configurable` returns, not the
+# library functions called directly (e.g. `complexity` calls plain `diagonal_fisher`).
+from tfmeta import complexity  # noqa: E402
+from tfmeta.experiments import (  # noqa: E402
+    complexity_figures,
+    complexity_ranking,
+    complexity_reachability,
+    complexity_relabel,
+    complexity_run,
+    complexity_tasks,
+)
+
+for _configurable in (
+    complexity.diagonal_fisher, complexity.complexity, complexity.beta_from_weight_decay,
+    complexity.sgd, complexity.TrainingRecipe, complexity.static_distance,
+    complexity.reachability_matrix, complexity.rank_initializations,
+    complexity_figures.plot_reachability, complexity_figures.plot_relabel,
+    complexity_figures.plot_ranking, complexity_tasks.mlp_classifier,
+    complexity_tasks.conv_classifier, complexity_tasks.task_arrays,
+):
+    gin.external_configurable(_configurable, module="tfmeta.complexity")
+for _experiment in (
+    complexity_relabel.relabel_experiment, complexity_reachability.reachability_experiment,
+    complexity_ranking.ranking_experiment, complexity_run.run,
+):
+    gin.external_configurable(_experiment, module="tfmeta.complexity", denylist=["output_dir"])
+
 # The evaluations register themselves when imported.
 from tfmeta import evaluation  # noqa: E402,F401

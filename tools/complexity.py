@@ -8,7 +8,7 @@
 
 The gin file selects the experiment (``run.experiment = @relabel_experiment``,
 ``@reachability_experiment`` or ``@ranking_experiment``, see
-tfmeta/complexity/experiments.py) and binds its settings; ``--gin_param``
+tfmeta/experiments/complexity_*.py) and binds its settings; ``--gin_param``
 overrides any binding. ``--experiment NAME`` selects an experiment without a
 gin file (library defaults). Outputs in ``--output_dir`` (default
 ``runs/<gin file name>``): ``results.json``, ``summary.md``, the PNG figure
@@ -47,7 +47,7 @@ def main(argv=None):
 
     import gin
 
-    from tfmeta.complexity import experiments
+    import tfmeta.configurables  # noqa: F401  (registers the experiments with gin)
 
     repo_gin = pathlib.Path(__file__).resolve().parents[1] / "gin"
     if repo_gin.is_dir():
@@ -57,6 +57,12 @@ def main(argv=None):
         bindings.append(f"tfmeta.complexity.run.experiment = "
                         f"@tfmeta.complexity.{args.experiment}_experiment")
     gin.parse_config_files_and_bindings(args.gin_file, bindings)
+    try:
+        gin.query_parameter("tfmeta.complexity.run.experiment")
+    except ValueError:
+        print("error: no experiment selected. Bind it in the gin file (e.g. 'run.experiment = "
+              "@relabel_experiment') or pass --experiment.", file=sys.stderr)
+        return 2
     if args.output_dir:
         output_dir = args.output_dir
     elif args.gin_file:
@@ -64,15 +70,11 @@ def main(argv=None):
     else:
         output_dir = os.path.join("runs", f"complexity_{args.experiment}")
     began = time.perf_counter()
-    try:
-        experiments.run(output_dir)
-    except RuntimeError as err:
-        if "Required bindings" not in str(err):
-            raise
-        print(f"error: {err}. Bind it in the gin file (e.g. 'run.experiment = "
-              "@relabel_experiment') or pass --experiment.", file=sys.stderr)
-        return 2
-    (pathlib.Path(output_dir) / "operative_config.gin").write_text(gin.operative_config_str())
+    # The gin-configured `run` (the plain function would see no bindings).
+    gin.get_configurable("tfmeta.complexity.run")(output_dir)
+    from tfmeta import atomic
+
+    atomic.write_text(pathlib.Path(output_dir) / "operative_config.gin", gin.operative_config_str())
     print(f"\nDone in {time.perf_counter() - began:.0f} s; outputs in {output_dir}/ "
           "(results.json, summary.md, PNG, operative_config.gin)")
     return 0

@@ -116,8 +116,10 @@ def num_examples(data):
 
 
 def log_probs(outputs, from_logits):
-    """Log-probabilities of the model's categorical outputs."""
-    outputs = tf.cast(outputs, tf.float32)
+    """Log-probabilities of the model's categorical outputs, in their dtype
+    (float32 for half-precision outputs, as Keras' losses do)."""
+    if outputs.dtype not in (tf.float32, tf.float64):
+        outputs = tf.cast(outputs, tf.float32)
     if from_logits:
         return tf.nn.log_softmax(outputs, axis=-1)
     return tf.math.log(tf.clip_by_value(outputs, 1e-12, 1.0))

@@ -20,14 +20,18 @@ estimates ``diag(F)`` over the examples of a dataset:
   where the model is confidently wrong) and is offered only as a named
   option.
 
-Per-example gradients are vectorized with ``tf.vectorized_map`` inside a
-``tf.function`` (one traced call per batch, no Python loop over examples).
-``pfor`` computes the per-example filter gradient of ``Conv2D`` (and of
-``Conv1D``, which Keras lowers to ``Conv2D``) with a sequential while-loop,
-so the gradient of ``Conv2D`` is replaced, inside this computation only, by a
-vectorizable one (input patches gathered with an identity convolution, then
-a per-example contraction); it is exact (tested against the standard
-gradient) and makes the estimator cost about one training epoch.
+Per-example gradients come from :mod:`tfmeta.complexity.per_example`: a
+``tf.vectorized_map`` inside one ``tf.function`` per batch (about one
+training epoch of cost), or, for what that cannot do on every CPU (grouped
+convolutions, nested functions), a ``tf.map_fn`` over the rows; the path is
+chosen from the model's graph before running and reported as
+``FisherEstimate.path``.
+
+Dtypes: the estimate has the dtype of each trainable variable (float64
+models get a float64 Fisher); the log-softmax is taken in the outputs' dtype,
+or float32 for half-precision outputs. Under a ``mixed_float16`` policy
+(float32 variables, float16 computation) the Fisher is float32, with the
+rounding of a float16 forward and backward pass (about 1e-3 relative).
 
 The model is run in inference mode (``training=False``: dropout off,
 BatchNorm using its moving statistics) through ``model.stateless_call``, so
@@ -42,66 +46,13 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Optional
 
-import gin
 import numpy as np
 import tensorflow as tf
 
 from tfmeta.complexity import _data
+from tfmeta.complexity.per_example import PATHS, squared_gradients, vectorization_blocker
 
 __all__ = ["FisherEstimate", "diagonal_fisher"]
-
-_CONV_GRADIENT = "TfmetaPerExampleConv2D"
-
-
-def _conv2d_attrs(op):
-    return dict(
-        strides=op.get_attr("strides"),
-        padding=op.get_attr("padding"),
-        explicit_paddings=op.get_attr("explicit_paddings"),
-        data_format=op.get_attr("data_format"),
-        dilations=op.get_attr("dilations"),
-    )
-
-
-def _per_example_conv2d_grad(op, grad):
-    """Gradient of Conv2D whose filter part ``pfor`` vectorizes.
-
-    The filter gradient ``dW[i, j, c, o] = sum_{h,w} patch[h, w, (i, j, c)]
-    grad[h, w, o]`` is computed from the input patches, extracted by a
-    convolution with an identity filter (same strides, padding and dilations
-    as the forward op), followed by an ``einsum``. Both vectorize over the
-    ``vectorized_map`` dimension (a forward Conv2D with a loop-invariant
-    filter folds the loop into the batch). Unsupported layouts fall back to
-    the standard gradient.
-    """
-    attrs = _conv2d_attrs(op)
-    inputs, filters = op.inputs
-    d_inputs = tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=tf.shape(inputs), filter=filters, out_backprop=grad, **attrs
-    )
-    kh, kw, ci, co = filters.shape.as_list()
-    static_ok = (
-        attrs["data_format"] == b"NHWC"
-        and None not in (kh, kw, ci, co)
-        and inputs.shape.rank == 4
-        and inputs.shape[-1] == ci  # no grouped convolution
-    )
-    if not static_ok:
-        d_filters = tf.raw_ops.Conv2DBackpropFilter(
-            input=inputs, filter_sizes=tf.shape(filters), out_backprop=grad, **attrs
-        )
-        return d_inputs, d_filters
-    k = kh * kw * ci
-    eye = tf.reshape(tf.eye(k, dtype=inputs.dtype), [kh, kw, ci, k])
-    patches = tf.raw_ops.Conv2D(input=inputs, filter=eye, **attrs)
-    d_filters = tf.einsum("nhwk,nhwo->ko", patches, grad)
-    return d_inputs, tf.reshape(d_filters, [kh, kw, ci, co])
-
-
-try:
-    tf.RegisterGradient(_CONV_GRADIENT)(_per_example_conv2d_grad)
-except KeyError:  # module re-imported: already registered
-    pass
 
 
 @dataclasses.dataclass
@@ -109,8 +60,8 @@ class FisherEstimate:
     """A diagonal Fisher estimate.
 
     Attributes:
-      diagonal: one float32 tensor per entry of ``model.trainable_variables``
-        (same order and shapes), the estimate of ``diag(F)`` averaged over
+      diagonal: one tensor per entry of ``model.trainable_variables`` (same
+        order, shapes and dtypes), the estimate of ``diag(F)`` averaged over
         examples.
       stderr: Monte-Carlo standard error of each entry of ``diagonal``
         (same structure), or None if not requested: the standard error of
@@ -126,6 +77,8 @@ class FisherEstimate:
       label_samples: labels drawn per example (sampled mode).
       variable_names: paths of the trainable variables, aligned with
         ``diagonal``.
+      path: how the per-example gradients were computed, ``"vectorized"``
+        or ``"per_example"`` (:mod:`tfmeta.complexity.per_example`).
     """
 
     diagonal: List[tf.Tensor]
@@ -137,6 +90,7 @@ class FisherEstimate:
     exact: bool
     label_samples: int
     variable_names: List[str]
+    path: str
 
     def flat(self) -> np.ndarray:
         """The diagonal as one float64 NumPy vector (variable order)."""
@@ -168,7 +122,7 @@ class FisherEstimate:
         )
 
 
-def _build_batch_fn(model, from_logits, mode, label_samples, per_parameter):
+def _build_batch_fn(model, from_logits, mode, label_samples, per_parameter, path):
     """Trace-once function: one batch -> (sum_i f_i, sum_i f_i^2, trace_i)."""
     tvars = list(model.trainable_variables)
     ntvars = list(model.non_trainable_variables)
@@ -180,7 +134,7 @@ def _build_batch_fn(model, from_logits, mode, label_samples, per_parameter):
         batch = tf.shape(x)[0]
         if mode == "empirical":
             rows_x, rows_y = x, y
-            rows_w = tf.ones([batch], tf.float32)
+            rows_w = tf.ones([batch], tf.float64)
             per_example = 1
         else:
             out, _ = model.stateless_call(tvals, ntvals, x, training=False)
@@ -200,52 +154,56 @@ def _build_batch_fn(model, from_logits, mode, label_samples, per_parameter):
                 )
                 rows_x = tf.repeat(x, label_samples, axis=0)
                 rows_y = tf.reshape(sampled, [-1])
-                rows_w = tf.fill([batch * label_samples], 1.0 / label_samples)
+                rows_w = tf.fill([batch * label_samples],
+                                 tf.constant(1.0 / label_samples, tf.float64))
 
-        def per_row(args):
-            x1, y1 = args
-            graph = tf.compat.v1.get_default_graph()
-            with graph.gradient_override_map({"Conv2D": _CONV_GRADIENT}):
-                o, _ = model.stateless_call(tvals, ntvals, x1[None], training=False)
-            logp1 = _data.log_probs(o, from_logits)[0]
-            onehot = tf.one_hot(y1, tf.shape(logp1)[-1], dtype=logp1.dtype)
-            nll = -tf.reduce_sum(logp1 * onehot)
-            grads = tf.gradients(nll, tvals)
-            return [
-                tf.zeros_like(t) if g is None else tf.square(tf.cast(g, tf.float32))
-                for g, t in zip(grads, tvals)
-            ]
-
-        squares = tf.vectorized_map(per_row, (rows_x, rows_y))
+        squares = squared_gradients(model, tvals, ntvals, rows_x, rows_y, from_logits, path)
         sums, sums_sq = [], []
-        traces = tf.zeros([batch], tf.float32)
+        traces = tf.zeros([batch], tf.float64)
         for s in squares:
             shape = tf.shape(s)[1:]
-            w = tf.reshape(rows_w, tf.concat([[-1], tf.ones_like(shape)], 0))
+            w = tf.reshape(tf.cast(rows_w, s.dtype), tf.concat([[-1], tf.ones_like(shape)], 0))
             f_i = tf.reduce_sum(
                 tf.reshape(w * s, tf.concat([[batch, per_example], shape], 0)), axis=1
             )
             sums.append(tf.reduce_sum(f_i, axis=0))
             if per_parameter:
                 sums_sq.append(tf.reduce_sum(tf.square(f_i), axis=0))
-            traces += tf.reduce_sum(tf.reshape(f_i, [batch, -1]), axis=1)
+            traces += tf.cast(tf.reduce_sum(tf.reshape(f_i, [batch, -1]), axis=1), tf.float64)
         return sums, sums_sq, traces
 
     return batch_fn
 
 
-def _batch_fn(model, from_logits, mode, label_samples, per_parameter):
+def _choose_path(model, x, path):
+    """The gradient path for ``model`` on inputs like ``x`` (cached per model)."""
+    spec = tf.TensorSpec([1, *x.shape[1:]], tf.as_dtype(x.dtype))
+    cache = _data.model_cache(model, "fisher_path")
+    key = (_data.variables_key(model), tuple(spec.shape), spec.dtype)
+    if key not in cache:
+        cache[key] = vectorization_blocker(model, spec)
+    blocker = cache[key]
+    if path == "auto":
+        return "per_example" if blocker else "vectorized"
+    if path == "vectorized" and blocker:
+        raise ValueError(
+            f"path='vectorized' does not apply to this model: {blocker}. "
+            "Use path='auto' (it takes the per-example path here)"
+        )
+    return path
+
+
+def _batch_fn(model, from_logits, mode, label_samples, per_parameter, path):
     cache = _data.model_cache(model, "fisher")
     key = (_data.variables_key(model), bool(from_logits), mode,
-           int(label_samples), bool(per_parameter))
+           int(label_samples), bool(per_parameter), path)
     fn = cache.get(key)
     if fn is None:
-        fn = _build_batch_fn(model, from_logits, mode, label_samples, per_parameter)
+        fn = _build_batch_fn(model, from_logits, mode, label_samples, per_parameter, path)
         cache[key] = fn
     return fn
 
 
-@gin.configurable(module="tfmeta.complexity")
 def diagonal_fisher(
     model,
     data,
@@ -257,6 +215,7 @@ def diagonal_fisher(
     batch_size: Optional[int] = None,
     seed: int = 0,
     per_parameter_stderr: bool = True,
+    path: str = "auto",
 ) -> FisherEstimate:
     """Estimate the diagonal of the Fisher information of ``model`` on ``data``.
 
@@ -276,7 +235,7 @@ def diagonal_fisher(
       label_samples: labels sampled per example (sampled mode).
       from_logits: whether the model outputs logits (default) or
         probabilities.
-      batch_size: examples per vectorized call; None keeps the dataset's
+      batch_size: examples per traced call; None keeps the dataset's
         batches (arrays: 32). Memory is about ``batch_size * rows *
         num_params`` floats, with rows = ``label_samples`` (or the number of
         classes in exact mode).
@@ -284,10 +243,19 @@ def diagonal_fisher(
         is a deterministic function of ``(model, data, seed)``.
       per_parameter_stderr: also accumulate per-parameter standard errors
         (one more reduction per batch).
+      path: ``"auto"`` (default: the rule of
+        :mod:`tfmeta.complexity.per_example`), ``"per_example"`` (force the
+        row-by-row path) or ``"vectorized"`` (refused with the reason when
+        the rule says it does not apply).
 
     Returns:
       A :class:`FisherEstimate`; ``diagonal`` is aligned with
       ``model.trainable_variables``.
+
+    Example::
+
+        fisher = diagonal_fisher(model, (x, y), num_samples=1024)
+        fisher.trace, fisher.trace_stderr, fisher.path
     """
     if labels not in ("model", "empirical"):
         raise ValueError(f"labels must be 'model' or 'empirical', got {labels!r}")
@@ -295,16 +263,20 @@ def diagonal_fisher(
         raise ValueError("exact=True applies to labels='model' only")
     if label_samples < 1:
         raise ValueError("label_samples must be >= 1")
+    if path not in ("auto", *PATHS):
+        raise ValueError(f"path must be 'auto', 'vectorized' or 'per_example', got {path!r}")
     if not model.built:
         raise ValueError("the model must be built")
     mode = "empirical" if labels == "empirical" else ("exact" if exact else "sample")
-    fn = _batch_fn(model, from_logits, mode, label_samples, per_parameter_stderr)
     tvars = list(model.trainable_variables)
     sums = [np.zeros(v.shape, np.float64) for v in tvars]
     sums_sq = [np.zeros(v.shape, np.float64) for v in tvars] if per_parameter_stderr else None
     traces = []
     count = 0
     for index, (x, y) in enumerate(_data.iterate_batches(data, batch_size, num_samples)):
+        if index == 0:
+            path = _choose_path(model, x, path)
+            fn = _batch_fn(model, from_logits, mode, label_samples, per_parameter_stderr, path)
         if mode == "empirical":
             if y is None:
                 raise ValueError("labels='empirical' needs (x, y) data")
@@ -319,7 +291,7 @@ def diagonal_fisher(
         if per_parameter_stderr:
             for acc, part in zip(sums_sq, s2):
                 acc += part.numpy()
-        traces.append(tr.numpy().astype(np.float64))
+        traces.append(tr.numpy())
         count += int(x.shape[0])
     if count == 0:
         raise ValueError("no examples: empty data or num_samples=0")
@@ -328,12 +300,12 @@ def diagonal_fisher(
     stderr = None
     if per_parameter_stderr:
         stderr = []
-        for s, s2 in zip(mean, sums_sq):
+        for s, s2, v in zip(mean, sums_sq, tvars):
             var = np.maximum(s2 / count - s * s, 0.0) * (count / max(count - 1, 1))
-            stderr.append(tf.constant(np.sqrt(var / count), tf.float32))
+            stderr.append(tf.constant(np.sqrt(var / count), v.dtype))
     trace_se = float(np.std(traces, ddof=1) / np.sqrt(count)) if count > 1 else float("nan")
     return FisherEstimate(
-        diagonal=[tf.constant(m, tf.float32) for m in mean],
+        diagonal=[tf.constant(m, v.dtype) for m, v in zip(mean, tvars)],
         stderr=stderr,
         trace=float(np.sum([m.sum() for m in mean])),
         trace_stderr=trace_se,
@@ -342,4 +314,5 @@ def diagonal_fisher(
         exact=bool(exact),
         label_samples=int(label_samples),
         variable_names=[getattr(v, "path", v.name) for v in tvars],
+        path=path,
     )

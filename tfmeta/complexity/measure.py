@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import gin
 import numpy as np
 
 from tfmeta.complexity import _data
@@ -57,7 +56,6 @@ __all__ = [
 ]
 
 
-@gin.configurable(module="tfmeta.complexity")
 def beta_from_weight_decay(gamma: float, lam: float) -> float:
     """``beta = 2 lam^2 gamma`` (Achille et al., section 6)."""
     return 2.0 * float(lam) ** 2 * float(gamma)
@@ -128,7 +126,6 @@ def complexity_terms(loss, weight_sq_norm, fisher_diagonal, beta, lam):
     return weight_term, curvature_term, log_det, float(loss) + weight_term + curvature_term
 
 
-@gin.configurable(module="tfmeta.complexity")
 def complexity(
     model,
     data,

@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, List, Optional, Tuple, Union
 
-import gin
 import keras
 import tensorflow as tf
 
 from tfmeta.complexity import _data
 
 __all__ = [
+    "NOT_CONVERGED",
     "TrainResult",
     "TrainingRecipe",
     "copy_model",
@@ -32,8 +32,10 @@ __all__ = [
     "train",
 ]
 
+#: Marks a fine-tuning run that did not reach the threshold in ``steps``.
+NOT_CONVERGED = -1
 
-@gin.configurable(module="tfmeta.complexity")
+
 def sgd(learning_rate: float = 0.1, momentum: float = 0.0,
         weight_decay: Optional[float] = None):
     """Default optimizer factory: ``keras.optimizers.SGD``."""
@@ -42,7 +44,6 @@ def sgd(learning_rate: float = 0.1, momentum: float = 0.0,
     )
 
 
-@gin.configurable(module="tfmeta.complexity")
 @dataclasses.dataclass(frozen=True)
 class TrainingRecipe:
     """How every model of a comparison is trained (same recipe for all).

@@ -1,26 +1,52 @@
 """PNG figures of the complexity experiments (matplotlib, Agg canvas).
 
-* :func:`plot_reachability`: heatmap of a reachability matrix (figure 2);
+Figures are experiment output, so they live here and not in the measurement
+library ``tfmeta.complexity`` (which does not import matplotlib):
+
+* :func:`plot_reachability`: heatmap of a
+  :class:`~tfmeta.complexity.Reachability` (figure 2);
 * :func:`plot_relabel`: complexity and steps vs. the fraction of random
   labels, and log-steps vs. complexity (figure 1, left);
 * :func:`plot_ranking`: predicted vs. measured ease of candidate
   initializations.
 
 All draw on a ``FigureCanvasAgg`` directly, so the global matplotlib backend
-is left alone, and return the path written.
+is left alone, write the PNG atomically and return the path written.
+
+Example::
+
+    plot_reachability(reach, "runs/reach/reachability.png")
 """
 
 from __future__ import annotations
 
 import os
 
-import gin
 import numpy as np
+
+from tfmeta import atomic
 
 __all__ = ["plot_ranking", "plot_reachability", "plot_relabel"]
 
 
-@gin.configurable(module="tfmeta.complexity")
+def _save(fig, path, dpi):
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with atomic.open_atomic(path) as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    return path
+
+
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_reachability(reach, path, title=None, cmap="viridis", dpi=120, scratch=True,
                       show_distance=True):
     """Save ``reach`` (a :class:`~tfmeta.complexity.Reachability`) as a PNG.
@@ -30,21 +56,16 @@ def plot_reachability(reach, path, title=None, cmap="viridis", dpi=120, scratch=
     steps to the loss threshold, "n.c." when it did not converge, and with
     ``show_distance`` the distance under it. With
     ``scratch``, each row label also gives the target's steps from scratch
-    (``reach.pretraining``). Uses a ``FigureCanvasAgg`` directly, so the
-    global matplotlib backend is left alone. Returns ``path``.
+    (``reach.pretraining``). Returns ``path``.
 
     Example::
 
         plot_reachability(reach, "runs/reach/reachability.png")
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names = list(reach.names)
     n = len(names)
     size = max(3.5, 1.0 + 0.9 * n)
-    fig = Figure(figsize=(size + 1.2, size))
-    FigureCanvasAgg(fig)
+    fig = _figure(size + 1.2, size)
     ax = fig.add_subplot(1, 1, 1)
     dist = np.asarray(reach.distance, np.float64)
     image = ax.imshow(dist, cmap=cmap)
@@ -77,26 +98,9 @@ def plot_reachability(reach, path, title=None, cmap="viridis", dpi=120, scratch=
     return _save(fig, path, dpi)
 
 
-def _save(fig, path, dpi):
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
-
-
-def _figure(width, height):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-@gin.configurable(module="tfmeta.complexity")
 def plot_relabel(result, path, dpi=100):
-    """Figure 1 (left) from a :func:`~tfmeta.complexity.experiments.relabel_experiment`
+    """Figure 1 (left) from a
+    :func:`~tfmeta.experiments.complexity_relabel.relabel_experiment`
     result: complexity and steps (mean and std over seeds) vs. the fraction
     of random labels (left), and log-steps vs. complexity for every run with
     the Kramers fit ``log(steps) = a + b C`` (right). Returns ``path``.
@@ -146,11 +150,10 @@ def plot_relabel(result, path, dpi=100):
     return _save(fig, path, dpi)
 
 
-@gin.configurable(module="tfmeta.complexity")
 def plot_ranking(result, path, dpi=100):
     """Predicted cost vs. measured fine-tuning steps of candidate
     initializations (one panel per predictor) from a
-    :func:`~tfmeta.complexity.experiments.ranking_experiment` result.
+    :func:`~tfmeta.experiments.complexity_ranking.ranking_experiment` result.
 
     Example::
 

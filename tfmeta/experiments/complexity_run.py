@@ -1,0 +1,115 @@
+"""Running a complexity experiment into a folder, and what it writes there.
+
+Every complexity experiment (``complexity_relabel``, ``complexity_reachability``,
+``complexity_ranking``) returns its results as a dict and, given an output
+folder, writes them through :func:`write_outputs`: ``results.json``,
+``summary.md`` (Markdown tables) and a PNG figure, each atomically
+(``tfmeta.atomic``). :func:`run` is the gin entry point of
+``tools/complexity.py`` (``run.experiment = @relabel_experiment``).
+
+Example::
+
+    from tfmeta.experiments.complexity_relabel import relabel_experiment
+    run("runs/relabel", experiment=relabel_experiment)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+from typing import Callable, Optional
+
+import numpy as np
+
+from tfmeta import atomic
+
+__all__ = ["describe_recipe", "print_line", "run", "say", "write_outputs"]
+
+
+def print_line(message):
+    """The experiments' default log: print and flush."""
+    print(message, flush=True)
+
+
+def say(log: Optional[Callable[[str], None]], message: str):
+    """``log(message)`` unless ``log`` is None (a silent run)."""
+    if log is not None:
+        log(message)
+
+
+def _json_default(value):
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return repr(value)
+
+
+def describe_recipe(recipe) -> dict:
+    """A :class:`~tfmeta.complexity.TrainingRecipe` as a JSON-friendly dict
+    (the optimizer factory by name and arguments).
+
+    Example::
+
+        describe_recipe(default_recipe(5e-4))["optimizer"]   # "sgd({'learning_rate': 0.1, ...})"
+    """
+    out = dataclasses.asdict(recipe)
+    opt = recipe.optimizer
+    if isinstance(opt, functools.partial):
+        out["optimizer"] = f"{getattr(opt.func, '__name__', opt.func)}({opt.keywords})"
+    else:
+        out["optimizer"] = repr(opt)
+    return out
+
+
+def write_outputs(out, output_dir, plot_fn, figure_name, markdown, log):
+    """Write an experiment's figure (``plot_fn(path)``, skipped when falsy),
+    ``results.json`` and ``summary.md`` (``markdown(out)``) into
+    ``output_dir`` (nothing when None), log the summary, and return ``out``
+    (with ``out["figure"]``, the PNG's path).
+
+    Example::
+
+        write_outputs(out, "runs/x", lambda p: plot_relabel(out, p), "relabel.png",
+                      relabel_markdown, print_line)
+    """
+    if output_dir is not None:
+        folder = pathlib.Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        if plot_fn:
+            out["figure"] = str(plot_fn(folder / figure_name))
+        atomic.write_text(folder / "results.json",
+                          json.dumps(out, indent=2, default=_json_default))
+        atomic.write_text(folder / "summary.md", markdown(out))
+    say(log, markdown(out))
+    return out
+
+
+def run(output_dir, experiment: Optional[Callable] = None):
+    """Run ``experiment`` (gin: ``run.experiment = @relabel_experiment``,
+    ``@reachability_experiment`` or ``@ranking_experiment``) into
+    ``output_dir`` and return its results.
+
+    Example (gin)::
+
+        tfmeta.complexity.run.experiment = @tfmeta.complexity.relabel_experiment
+    """
+    if experiment is None:
+        raise ValueError(
+            "no experiment selected: bind 'run.experiment = @relabel_experiment' "
+            "(or @reachability_experiment, @ranking_experiment)"
+        )
+    if not callable(experiment):
+        raise TypeError(
+            "run.experiment must be an experiment function, e.g. "
+            "'run.experiment = @relabel_experiment' (no parentheses)"
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    return experiment(output_dir=output_dir)
