@@ -113,6 +113,6 @@ def test_finetune_command_compares_export_with_random_init(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
-    assert len(results["initialization"]["per_task"]) == 3
-    assert results["initialization"]["mean"]["loss_auc"] < results["random init"]["mean"]["loss_auc"]
+    assert len(results["meta-learned"]["per_task"]) == 3
+    assert results["meta-learned"]["mean"]["loss_auc"] < results["random init"]["mean"]["loss_auc"]
     assert (tmp_path / "ft" / "curves.png").stat().st_size > 5_000

@@ -68,5 +68,19 @@ for _experiment in (
 ):
     gin.external_configurable(_experiment, module="tfmeta.complexity", denylist=["output_dir"])
 
-# The evaluations register themselves when imported.
-from tfmeta import evaluation  # noqa: E402,F401
+# The command-line jobs (`tools/train.py`, `tools/finetune.py`), the evaluations
+# they run, and a strategy object for `train.strategy = @MirroredStrategy()`.
+import tensorflow as tf  # noqa: E402
+
+from tfmeta import evaluation  # noqa: E402
+from tfmeta.cli import finetune as finetune_cli  # noqa: E402
+from tfmeta.cli import job as train_job  # noqa: E402
+
+gin.external_configurable(
+    train_job.train, name="train", module="tfmeta",
+    denylist=["output_dir", "resume", "bindings", "operative_config"],
+)
+gin.external_configurable(finetune_cli.finetune, name="finetune", module="tfmeta", denylist=["init", "output_dir"])
+gin.external_configurable(evaluation.heldout_finetuning, module="tfmeta.evaluation")
+gin.external_configurable(evaluation.himmelblau_adaptation, module="tfmeta.evaluation")
+gin.external_configurable(tf.distribute.MirroredStrategy, module="tf.distribute")

@@ -2,21 +2,44 @@
 
 An evaluation is a callable `evaluate(learned, baseline, tasks) -> dict`
 mapping each candidate name ("meta-learned", "random init") to its metrics.
-`tools/train.py` runs one after export; gin picks which.
+`tools/train.py` runs one after export; gin picks which (`train.evaluation`,
+registered in `tfmeta.configurables`). The evaluations here carry
+`checks_settings = True`: called with both candidates None they only check
+their settings against the tasks and return `{}`, which `tools/train.py`
+does before training, so that a bad setting costs seconds, not a run.
+
+Example::
+
+    heldout_finetuning(None, None, heldout, steps=0)
+    # ValueError: heldout_finetuning.steps=0 must be an integer >= 1: ...
 """
 
-import gin
+import math
+
 import numpy as np
 
 from tfmeta import finetune as finetuning
+from tfmeta.validation import check_positive_int
 
 
-@gin.configurable(module="tfmeta.evaluation")
+def _check_learning_rate(name, value):
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0: set {name} to e.g. 0.1.")
+    return rate
+
+
 def himmelblau_adaptation(learned, baseline, tasks, steps=100):
     """Task-average loss after `steps` inner steps from each candidate point.
 
     For the two-parameter models of `tfmeta.tasks.RotatedHimmelblau`.
     """
+    steps = check_positive_int("himmelblau_adaptation.steps", steps)
+    if learned is None and baseline is None:
+        return {}
     points = np.stack(
         [np.asarray(m.trainable_variables[0].numpy()) for m in (learned, baseline)]
     )
@@ -27,21 +50,39 @@ def himmelblau_adaptation(learned, baseline, tasks, steps=100):
     }
 
 
-@gin.configurable(module="tfmeta.evaluation")
 def heldout_finetuning(learned, baseline, tasks, steps=100, learning_rate=0.1, batch_size=20, seed=0):
     """Fine-tune each candidate on every held-out task with plain Keras `fit`.
 
     Reports the mean (and standard deviation over tasks) of Leap's metrics:
     area under the training-loss and training-error curves and the final
     held-out test error. Every task starts from a fresh copy of the candidate.
-    Either candidate may be None to skip it.
+    Either candidate may be None to skip it (both: only check the settings).
     """
+    steps = check_positive_int("heldout_finetuning.steps", steps)
+    batch_size = check_positive_int("heldout_finetuning.batch_size", batch_size)
+    learning_rate = _check_learning_rate("heldout_finetuning.learning_rate", learning_rate)
+    _check_test_examples(tasks)
     results = {}
     for name, model in (("meta-learned", learned), ("random init", baseline)):
         if model is not None:
             runs = finetune_every_task(model, tasks, steps, learning_rate, batch_size, seed)
             results[name] = summary(runs)
     return results
+
+
+himmelblau_adaptation.checks_settings = heldout_finetuning.checks_settings = True
+
+
+def _check_test_examples(tasks):
+    """Every held-out task needs test examples for its test error."""
+    for i in range(getattr(tasks, "num_tasks", 0)):
+        task = tasks.task(i) if hasattr(tasks, "task") else None
+        if task is not None and len(task.x_test) == 0:
+            raise ValueError(
+                f"held-out task {task.name!r} has no test examples, so heldout_finetuning cannot "
+                "measure its test error: give the held-out tasks test examples (e.g. "
+                "digits_tasks.test_shots >= 1), or set train.evaluation = None."
+            )
 
 
 def finetune_every_task(model, tasks, steps=100, learning_rate=0.1, batch_size=20, seed=0):

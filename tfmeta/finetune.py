@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import io
 import pathlib
 import random
 
@@ -38,6 +39,8 @@ import numpy as np
 import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from tfmeta import atomic
 
 __all__ = [
     "FinetuneResult",
@@ -130,8 +133,10 @@ def plot_curves(results, path, *, title=None):
     if title:
         figure.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    # Rendered in memory, then written atomically: a crash keeps the old PNG.
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    return atomic.write_bytes(path, png.getvalue())
 
 
 def finetune(

@@ -76,6 +76,28 @@ def _permutations(key, n, count) -> tf.Tensor:
     return tf.reshape(order, [-1])[:count]
 
 
+def _image_dtype_problem(name, split, x):
+    """The message for images that are not uint8, naming the conversion that fits them."""
+    start = f"task {name!r}: x_{split} must be uint8 images (kept as bytes in memory), got {x.dtype}"
+    if np.issubdtype(x.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        if bad:
+            return (
+                f"{start} with {bad} NaN or infinite values: repair or drop those images, then "
+                "convert with np.round(x * 255).astype('uint8') for images in [0, 1]."
+            )
+    return f"{start}; convert with np.round(x * 255).astype('uint8') for images in [0, 1]."
+
+
+def _label_dtype_problem(name, split, y):
+    """The message for labels that are not integers, naming the conversion if one is exact."""
+    start = f"task {name!r}: y_{split} must hold integer class labels 0..n-1, got {y.dtype}"
+    whole = np.issubdtype(y.dtype, np.floating) and bool(np.all(np.isfinite(y) & (y == np.round(y))))
+    if whole:
+        return f"{start} (whole numbers): convert them with y.astype('int32')."
+    return f"{start}: map each class to an integer 0..n-1 (e.g. np.unique(y, return_inverse=True)[1])."
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClassificationTask:
     """One classification task: train and test images with labels in 0..num_classes-1.
@@ -106,11 +128,7 @@ class ClassificationTask:
             x = np.asarray(getattr(self, f"x_{split}"))
             y = np.asarray(getattr(self, f"y_{split}"))
             if x.dtype != np.uint8:
-                raise TypeError(
-                    f"task {self.name!r}: x_{split} must be uint8 images (kept as bytes in "
-                    f"memory), got {x.dtype}; convert with np.round(x * 255).astype('uint8') "
-                    "for images in [0, 1]."
-                )
+                raise TypeError(_image_dtype_problem(self.name, split, x))
             if x.ndim != 4:
                 raise ValueError(
                     f"task {self.name!r}: x_{split} must be [N, H, W, C], got shape {x.shape} "
@@ -121,7 +139,7 @@ class ClassificationTask:
                     f"task {self.name!r}: y_{split} has shape {y.shape}, expected ({len(x)},)."
                 )
             if not np.issubdtype(y.dtype, np.integer):
-                raise TypeError(f"task {self.name!r}: y_{split} must hold integer labels.")
+                raise TypeError(_label_dtype_problem(self.name, split, y))
             object.__setattr__(self, f"x_{split}", x)
             object.__setattr__(self, f"y_{split}", y.astype(np.int32))
         if len(self.x_train) == 0:

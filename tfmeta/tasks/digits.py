@@ -75,6 +75,14 @@ def digits_arrays(image_size: int = 8):
     return images, digits.target.astype(np.int32)
 
 
+def _check_count(name, value, minimum, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(
+            f"{name}={value!r} must be an integer >= {minimum} ({what}): set "
+            f"digits_tasks.{name} to an integer >= {minimum}."
+        )
+
+
 def digits_tasks(num_pretrain: int = 100, num_heldout: int = 20, ways: int = 5,
                  train_shots: int = 20, test_shots: int = 10, heldout_fraction: float = 0.4,
                  image_size: int = 8, seed: int = 0,
@@ -103,12 +111,19 @@ def digits_tasks(num_pretrain: int = 100, num_heldout: int = 20, ways: int = 5,
         pretrain, heldout = digits_tasks(seed=1)
         heldout.task(0).x_train.shape          # (100, 8, 8, 1)
     """
-    if not 2 <= ways <= NUM_DIGITS:
-        raise ValueError(f"ways must be in 2..{NUM_DIGITS}, got {ways}.")
-    if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.")
-    if num_pretrain < 1 or num_heldout < 1:
-        raise ValueError("num_pretrain and num_heldout must be >= 1.")
+    _check_count("ways", ways, 2, f"digits per task, 2..{NUM_DIGITS}")
+    if ways > NUM_DIGITS:
+        raise ValueError(f"ways={ways} must be in 2..{NUM_DIGITS}: set digits_tasks.ways to at most {NUM_DIGITS}.")
+    _check_count("num_pretrain", num_pretrain, 1, "pretraining tasks")
+    _check_count("num_heldout", num_heldout, 1, "held-out tasks")
+    _check_count("train_shots", train_shots, 1, "train images per class and task")
+    _check_count("test_shots", test_shots, 0, "test images per class and task")
+    _check_count("image_size", image_size, 1, "image height and width, 8 = native")
+    if not (isinstance(heldout_fraction, (int, float)) and 0.0 < heldout_fraction < 1.0):
+        raise ValueError(
+            f"heldout_fraction={heldout_fraction!r} must be in (0, 1): set "
+            "digits_tasks.heldout_fraction to e.g. 0.4."
+        )
     images, labels = digits_arrays(image_size)
     rng = np.random.default_rng(seed)
 
@@ -135,7 +150,8 @@ def digits_tasks(num_pretrain: int = 100, num_heldout: int = 20, ways: int = 5,
                 picked = rng.choice(pools[pool][digit], size=need, replace=False)
                 train += [(i, label) for i in picked[:train_shots]]
                 test += [(i, label) for i in picked[train_shots:]]
-            train, test = np.array(train), np.array(test)
+            # [n, 2] even when empty (test_shots=0): (image index, label) pairs.
+            train, test = (np.array(pairs, dtype=np.int64).reshape(-1, 2) for pairs in (train, test))
             tasks.append(ClassificationTask(
                 "digits_" + "_".join(str(d) for d in chosen),
                 images[train[:, 0]], train[:, 1], images[test[:, 0]], test[:, 1], ways,
