@@ -27,9 +27,9 @@ def _softmax(z):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _logreg(d, k, scale=1.0, seed=0):
+def _logreg(d, k, scale=1.0, seed=0, dtype=None):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(k)])
+    model = keras.Sequential([keras.Input((d,), dtype=dtype), keras.layers.Dense(k, dtype=dtype)])
     if scale != 1.0:
         w, b = model.get_weights()
         model.set_weights([w * scale, b])
@@ -165,6 +165,110 @@ def test_fisher_accepts_batched_dataset_probabilities_and_num_samples():
         cx.diagonal_fisher(model, x, labels="empirical")
     with pytest.raises(ValueError):
         cx.diagonal_fisher(model, (x, y), labels="data")
+
+
+# --------------------------------------------------------------------------
+# dtypes: float64 models keep float64 (NumPy references at 1e-10), mixed precision
+
+
+def _numpy_tanh_mlp_fisher(model, x):
+    """Exact Fisher of x -> tanh(x W1 + b1) W2 + b2 by hand: with
+    r = p - e_c = d(-log p_c)/dz, dW2 = h r^T, db2 = r, and through the
+    hidden layer d_a = (W2 r) (1 - h^2), dW1 = x d_a^T, db1 = d_a."""
+    w1, b1, w2, b2 = [np.asarray(v, np.float64) for v in model.get_weights()]
+    acc = [np.zeros_like(w) for w in (w1, b1, w2, b2)]
+    for xi in x:
+        h = np.tanh(xi @ w1 + b1)
+        p = _softmax((h @ w2 + b2)[None])[0]
+        for c in range(len(p)):
+            r = p - np.eye(len(p))[c]
+            d_a = (w2 @ r) * (1 - h**2)
+            for a, g in zip(acc, (np.outer(xi, d_a), d_a, np.outer(h, r), r)):
+                a += p[c] * g**2
+    return [a / len(x) for a in acc]
+
+
+def test_float64_fisher_matches_numpy_to_1e10():
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(40, 5))
+    y = rng.integers(0, 4, size=40)
+    logreg = _logreg(5, 4, scale=2.0, dtype="float64")
+    exact = cx.diagonal_fisher(logreg, x, exact=True, batch_size=16)
+    for got, want in zip(exact.diagonal, _closed_form_fisher(logreg, x)):
+        assert got.dtype == tf.float64
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-15)
+    emp = cx.diagonal_fisher(logreg, (x, y), labels="empirical")
+    np.testing.assert_allclose(emp.flat(), _flat(_closed_form_empirical(logreg, x, y)),
+                               rtol=1e-10, atol=1e-15)
+    assert all(s.dtype == tf.float64 for s in emp.stderr)
+    sampled = cx.diagonal_fisher(logreg, x, label_samples=3)
+    assert all(d.dtype == tf.float64 for d in sampled.diagonal)
+
+    keras.utils.set_random_seed(12)
+    mlp = keras.Sequential([keras.Input((5,), dtype="float64"),
+                            keras.layers.Dense(7, activation="tanh", dtype="float64"),
+                            keras.layers.Dense(3, dtype="float64")])
+    fisher = cx.diagonal_fisher(mlp, x, exact=True)
+    for got, want in zip(fisher.diagonal, _numpy_tanh_mlp_fisher(mlp, x)):
+        assert got.dtype == tf.float64
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-15)
+
+
+def test_float64_complexity_and_distance_stay_float64():
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(60, 5))
+    y = rng.integers(0, 4, size=60)
+    model = _logreg(5, 4, scale=2.0, dtype="float64")
+    beta, lam = 0.05, 0.7
+    c = cx.complexity(model, (x, y), beta, lam, exact=True, fisher_samples=None)
+    w, b = [np.asarray(v, np.float64) for v in model.get_weights()]
+    p = _softmax(x @ w + b)
+    loss = -np.mean(np.log(p[np.arange(60), y]))
+    f = _flat(_closed_form_fisher(model, x))
+    curvature = beta / 2 * np.sum(np.log1p(2 * lam**2 * f / beta))
+    assert c.loss == pytest.approx(loss, rel=1e-12)
+    assert c.curvature_term == pytest.approx(curvature, rel=1e-10)
+    assert c.total == pytest.approx(
+        loss + beta / 2 * (np.sum(w**2) + np.sum(b**2)) / lam**2 + curvature, rel=1e-10)
+
+    def model_fn():
+        return keras.Sequential([keras.Input((DIM,), dtype="float64"),
+                                 keras.layers.Dense(DIM, dtype="float64")])
+
+    a, b_ = _blobs([0, 1], 40, seed=14), _blobs([2, 3], 40, seed=15)
+    a, b_ = (a[0].astype(np.float64), a[1]), (b_[0].astype(np.float64), b_[1])
+    assert cx.union(a, b_)[0].dtype == np.float64
+    d = cx.static_distance(a, b_, _recipe(steps=20, loss_threshold=None), model_fn=model_fn,
+                           lam=1.0, weight_decay=1e-3)
+    for part in (d.source, d.union):
+        assert all(v.dtype == tf.float64 for v in part.fisher.diagonal)
+    assert d.distance == pytest.approx(d.union.total - d.source.total, rel=1e-12)
+
+
+def test_mixed_float16_fisher_is_float32_and_close_to_the_float32_model():
+    def build():
+        return keras.Sequential([keras.Input((8, 8, 1)),
+                                 keras.layers.Conv2D(4, 3, activation="relu"),
+                                 keras.layers.Flatten(), keras.layers.Dense(5)])
+
+    keras.utils.set_random_seed(16)
+    reference = build()
+    x = np.random.default_rng(17).normal(size=(32, 8, 8, 1)).astype(np.float32)
+    want = cx.diagonal_fisher(reference, x, exact=True)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        mixed = build()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    mixed.set_weights(reference.get_weights())
+    assert mixed(x[:1]).dtype == tf.float16  # the forward pass runs in float16
+    got = cx.diagonal_fisher(mixed, x, exact=True)
+    assert got.path == "vectorized"
+    assert all(d.dtype == tf.float32 for d in got.diagonal)
+    # float16 rounding of the forward and backward pass, ~1e-2 of the largest entry
+    assert np.max(np.abs(got.flat() - want.flat())) < 0.03 * np.max(want.flat())
+    assert got.trace == pytest.approx(want.trace, rel=1e-2)
 
 
 # --------------------------------------------------------------------------

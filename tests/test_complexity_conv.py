@@ -120,37 +120,33 @@ def _numpy_exact_fisher(model, x, layer_kind, cfg):
 
 
 NUMPY_CASES = {
-    # name: (layer, input shape, kind, strides, dilations, groups, expected path)
-    "conv2d_strided": (lambda: L.Conv2D(3, (2, 3), strides=(2, 1)), (5, 6, 2),
-                       "conv", (2, 1), (1, 1), 1, "vectorized"),
-    "conv2d_dilated": (lambda: L.Conv2D(3, 2, dilation_rate=2), (5, 5, 2),
-                       "conv", (1, 1), (2, 2), 1, "vectorized"),
-    "conv2d_grouped_strided": (lambda: L.Conv2D(4, 2, strides=2, groups=2), (5, 5, 4),
-                               "conv", (2, 2), (1, 1), 2, "per_example"),
-    "conv1d_strided": (lambda: L.Conv1D(3, 2, strides=2), (7, 2),
-                       "conv", (1, 2), (1, 1), 1, "vectorized"),
-    "conv1d_grouped_dilated": (lambda: L.Conv1D(4, 2, dilation_rate=2, groups=2), (7, 2),
-                               "conv", (1, 1), (1, 2), 2, "per_example"),
-    "depthwise_strided": (lambda: L.DepthwiseConv2D(2, strides=2, depth_multiplier=2),
+    # name: (layer, its arguments, input shape, kind, strides, dilations, groups, path)
+    "conv2d_strided": (L.Conv2D, dict(filters=3, kernel_size=(2, 3), strides=(2, 1)),
+                       (5, 6, 2), "conv", (2, 1), (1, 1), 1, "vectorized"),
+    "conv2d_dilated": (L.Conv2D, dict(filters=3, kernel_size=2, dilation_rate=2),
+                       (5, 5, 2), "conv", (1, 1), (2, 2), 1, "vectorized"),
+    "conv2d_grouped_strided": (L.Conv2D, dict(filters=4, kernel_size=2, strides=2, groups=2),
+                               (5, 5, 4), "conv", (2, 2), (1, 1), 2, "per_example"),
+    "conv1d_strided": (L.Conv1D, dict(filters=3, kernel_size=2, strides=2),
+                       (7, 2), "conv", (1, 2), (1, 1), 1, "vectorized"),
+    "conv1d_grouped_dilated": (L.Conv1D, dict(filters=4, kernel_size=2, dilation_rate=2,
+                                              groups=2),
+                               (7, 2), "conv", (1, 1), (1, 2), 2, "per_example"),
+    "depthwise_strided": (L.DepthwiseConv2D, dict(kernel_size=2, strides=2, depth_multiplier=2),
                           (5, 5, 2), "depthwise", (2, 2), (1, 1), None, "vectorized"),
-    "separable_dilated": (lambda: L.SeparableConv2D(3, 2, dilation_rate=2, depth_multiplier=2),
+    "separable_dilated": (L.SeparableConv2D, dict(filters=3, kernel_size=2, dilation_rate=2,
+                                                  depth_multiplier=2),
                           (5, 5, 2), "separable", (1, 1), (2, 2), None, "vectorized"),
 }
 
 
-@pytest.fixture
-def float64():
-    """Layers built inside the test are float64 (Keras' floatx)."""
-    keras.config.set_floatx("float64")
-    yield
-    keras.config.set_floatx("float32")
-
-
 @pytest.mark.parametrize("name", sorted(NUMPY_CASES))
-def test_exact_conv_fisher_matches_numpy_in_float64(name, float64):
-    make, shape, kind, strides, dilations, groups, path = NUMPY_CASES[name]
+def test_exact_conv_fisher_matches_numpy_in_float64(name):
+    layer, arguments, shape, kind, strides, dilations, groups, path = NUMPY_CASES[name]
     keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input(shape), make(), L.Flatten(), L.Dense(3)], name=name)
+    model = keras.Sequential([keras.Input(shape, dtype="float64"),
+                              layer(**arguments, dtype="float64"), L.Flatten(dtype="float64"),
+                              L.Dense(3, dtype="float64")], name=name)
     assert all(v.dtype == "float64" for v in model.trainable_variables)
     x = np.random.default_rng(2).normal(size=(4, *shape))
     fisher = cx.diagonal_fisher(model, x, exact=True)
