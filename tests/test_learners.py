@@ -19,10 +19,28 @@ import tensorflow as tf
 import tfmeta
 from tfmeta import ContinualTrajectoryShifting, FOMAML, Leap, MetaModel, Reptile
 
-ALPHA = 0.1  # inner learning rate
+
+
+def rate(value):
+    """A rate as Keras applies it: through float32 whatever the weights' dtype.
+
+    Keras keeps learning rates in float32 variables and casts Python floats
+    (SGD's momentum) from float32 tensors, so float64 weights see 0.1 as
+    0.10000000149011612: float64 references use the same values.
+    """
+    return float(np.float32(value))
+
+
+ALPHA = rate(0.1)  # inner learning rate
 BETA = 0.5  # outer (meta) learning rate
 RTOL = 1e-5
 ATOL = 1e-6
+# float64 models against the same float64 references: only summation order differs.
+RTOL64 = 1e-10
+ATOL64 = 1e-12
+#: dtype -> (rtol, atol) of phi against the NumPy reference
+TOLERANCES = {"float32": (RTOL, ATOL), "float64": (RTOL64, ATOL64)}
+DTYPES = pytest.mark.parametrize("dtype", ["float32", "float64"])
 
 # --------------------------------------------------------------------------
 # NumPy references (float64, hand-derived gradients)
@@ -223,26 +241,25 @@ def global_norm(arrays):
 # models, data and running
 
 
-def dense_model(seed=1, d_in=3, d_out=2):
-    """Linear regression W x + b (loss "mse"), weights from a seeded RNG."""
-    model = keras.Sequential([keras.Input((d_in,)), keras.layers.Dense(d_out)])
+def linear_model(d_in, d_out, seed, dtype="float32"):
+    """x W + b in `dtype`, weights from a seeded RNG (the same values in every dtype)."""
+    model = keras.Sequential([keras.Input((d_in,), dtype=dtype), keras.layers.Dense(d_out, dtype=dtype)])
     rng = np.random.default_rng(seed)
     model.set_weights(
-        [rng.normal(0, 0.5, (d_in, d_out)).astype("float32"),
-         rng.normal(0, 0.2, (d_out,)).astype("float32")]
+        [rng.normal(0, 0.5, (d_in, d_out)).astype("float32").astype(dtype),
+         rng.normal(0, 0.2, (d_out,)).astype("float32").astype(dtype)]
     )
     return model
 
 
-def logreg_model(seed=2, d_in=4, classes=3):
+def dense_model(seed=1, d_in=3, d_out=2, dtype="float32"):
+    """Linear regression W x + b (loss "mse")."""
+    return linear_model(d_in, d_out, seed, dtype)
+
+
+def logreg_model(seed=2, d_in=4, classes=3, dtype="float32"):
     """Multinomial logistic regression (softmax cross-entropy from logits)."""
-    model = keras.Sequential([keras.Input((d_in,)), keras.layers.Dense(classes)])
-    rng = np.random.default_rng(seed)
-    model.set_weights(
-        [rng.normal(0, 0.5, (d_in, classes)).astype("float32"),
-         rng.normal(0, 0.2, (classes,)).astype("float32")]
-    )
-    return model
+    return linear_model(d_in, classes, seed, dtype)
 
 
 def dense_data(tasks, steps, batch=4, seed=0, d_in=3, d_out=2):
@@ -272,10 +289,24 @@ PROBLEMS = {
 }
 
 
+def problem_in(name, dtype):
+    """`PROBLEMS[name]` with model, data and loss in `dtype` (the same values)."""
+    make_model, make_data, loss, loss_grad = PROBLEMS[name]
+
+    def data(*args, **kwargs):
+        x, y = make_data(*args, **kwargs)
+        return x.astype(dtype), (y.astype(dtype) if y.dtype.kind == "f" else y)
+
+    loss = type(loss).from_config({**loss.get_config(), "dtype": dtype})
+    return (lambda: make_model(dtype=dtype)), data, loss, loss_grad
+
+
 def make_meta(model, learner, inner_steps, loss=None, inner=None, beta=BETA, **kwargs):
     # A loss object (reduction "sum_over_batch_size"): see
-    # test_string_loss_is_the_mean_over_the_batch for loss="mse".
-    loss = keras.losses.MeanSquaredError() if loss is None else loss
+    # test_string_loss_is_the_mean_over_the_batch for loss="mse". It computes
+    # in the weights' dtype.
+    dtype = model.trainable_variables[0].dtype
+    loss = keras.losses.MeanSquaredError(dtype=dtype) if loss is None else loss
     meta = MetaModel(model)
     meta.compile(
         optimizer=keras.optimizers.SGD(learning_rate=beta),
@@ -361,8 +392,10 @@ def assert_meta_grad_close(phi0, phi1, expected_grad, beta=BETA, rtol=1e-4):
     ],
     ids=["reptile", "fomaml_last", "fomaml_all", "leap"],
 )
-def test_one_meta_update_matches_numpy(problem, learner, rule):
-    make_model, make_data, loss, loss_grad = PROBLEMS[problem]
+@DTYPES
+def test_one_meta_update_matches_numpy(problem, learner, rule, dtype):
+    make_model, make_data, loss, loss_grad = problem_in(problem, dtype)
+    rtol, atol = TOLERANCES[dtype]
     K, T = 3, 2
     model = make_model()
     phi0 = phi_of(model)
@@ -376,8 +409,8 @@ def test_one_meta_update_matches_numpy(problem, learner, rule):
     # phi is untouched until the K-th step
     assert_params_close(rec.phis[0], phi0, rtol=0, atol=0)
     assert_params_close(rec.phis[1], phi0, rtol=0, atol=0)
-    assert_params_close(phi_of(model), expected)
-    assert_meta_grad_close(phi0, phi_of(model), grad)
+    assert_params_close(phi_of(model), expected, rtol, atol)
+    assert_meta_grad_close(phi0, phi_of(model), grad, rtol=1e3 * rtol if dtype == "float64" else 1e-4)
     # the reference gradient is not degenerate
     assert global_norm(grad) > 1e-2
 
@@ -411,23 +444,26 @@ def test_string_loss_is_the_mean_over_the_batch(problem, loss, learner):
      dict(norm=False, loss=False)],
     ids=["energy", "no_loss", "no_stabilizer", "energy_no_loss"],
 )
-def test_leap_options_match_numpy(options):
+@DTYPES
+def test_leap_options_match_numpy(options, dtype):
+    make_model, make_data, loss, _ = problem_in("dense", dtype)
+    rtol, atol = TOLERANCES[dtype]
     K, T = 4, 3
-    model = dense_model()
+    model = make_model()
     phi0 = phi_of(model)
-    x, y = dense_data(T, K, seed=4)
+    x, y = make_data(T, K, seed=4)
     x64, y64 = as64(x, y)
     # consecutive losses come from different mini-batches and some increase,
     # so the stabilizer and the loss dimension both matter on this data
     losses = [trajectory(phi0, x64[t], y64[t], mse_loss_grad)[1] for t in range(T)]
     assert any(np.any(np.diff(l) > 0) for l in losses)
 
-    meta = make_meta(model, Leap(**options), K)
+    meta = make_meta(model, Leap(**options), K, loss=loss)
     rec = run(meta, x, y, steps_per_chunk=2)
     assert rec.updates == [0, 1]
     expected, grad = meta_step(phi0, x64, y64, mse_loss_grad, leap_rule(**options))
-    assert_params_close(phi_of(model), expected)
-    assert_meta_grad_close(phi0, phi_of(model), grad)
+    assert_params_close(phi_of(model), expected, rtol, atol)
+    assert_meta_grad_close(phi0, phi_of(model), grad, rtol=1e3 * rtol if dtype == "float64" else 1e-4)
     # the option changes the result (it is not silently ignored)
     _, default_grad = meta_step(phi0, x64, y64, mse_loss_grad, leap_rule())
     assert global_norm([a - b for a, b in zip(grad, default_grad)]) > 1e-3
@@ -449,26 +485,29 @@ def test_leap_k_steps_give_k_minus_1_increments():
     [(Leap, leap_rule()), (Reptile, reptile_grad), (lambda: FOMAML("all"), fomaml_all_grad)],
     ids=["leap", "reptile", "fomaml_all"],
 )
-def test_momentum_state_carried_across_chunks_and_reset_per_trajectory(learner, rule):
+@DTYPES
+def test_momentum_state_carried_across_chunks_and_reset_per_trajectory(learner, rule, dtype):
     """K = 4 in chunks of S = 2: the SGD momentum of each task survives the
     chunk boundary, and restarts (with the task) at the next trajectory."""
-    K, S, T, mu = 4, 2, 2, 0.9
-    model = dense_model()
+    K, S, T, mu, lr = 4, 2, 2, rate(0.9), rate(0.05)
+    make_model, make_data, _, _ = problem_in("dense", dtype)
+    tolerance = TOLERANCES[dtype]
+    model = make_model()
     phi0 = phi_of(model)
-    x, y = dense_data(T, 2 * K, seed=6)  # two trajectories
-    inner = keras.optimizers.SGD(learning_rate=0.05, momentum=mu)
+    x, y = make_data(T, 2 * K, seed=6)  # two trajectories
+    inner = keras.optimizers.SGD(learning_rate=lr, momentum=mu)
     meta = make_meta(model, learner(), K, inner=inner)
     rec = run(meta, x, y, steps_per_chunk=S)
     assert rec.updates == [0, 1, 1, 2]
 
     x64, y64 = as64(x, y)
-    phi1, _ = meta_step(phi0, x64[:, :K], y64[:, :K], mse_loss_grad, rule, lr=0.05, momentum=mu)
-    phi2, _ = meta_step(phi1, x64[:, K:], y64[:, K:], mse_loss_grad, rule, lr=0.05, momentum=mu)
-    assert_params_close(rec.phis[1], phi1)
-    assert_params_close(rec.phis[3], phi2)
+    phi1, _ = meta_step(phi0, x64[:, :K], y64[:, :K], mse_loss_grad, rule, lr=lr, momentum=mu)
+    phi2, _ = meta_step(phi1, x64[:, K:], y64[:, K:], mse_loss_grad, rule, lr=lr, momentum=mu)
+    assert_params_close(rec.phis[1], phi1, *tolerance)
+    assert_params_close(rec.phis[3], phi2, *tolerance)
     # the data tells the alternatives apart: no momentum, momentum restarted at
     # the chunk boundary, momentum kept across the trajectory boundary
-    plain, _ = meta_step(phi0, x64[:, :K], y64[:, :K], mse_loss_grad, rule, lr=0.05)
+    plain, _ = meta_step(phi0, x64[:, :K], y64[:, :K], mse_loss_grad, rule, lr=lr)
     assert global_norm([a - b for a, b in zip(plain, phi1)]) > 1e-3
     per_chunk = momentum_restarted_at(phi0, x64[:, :K], y64[:, :K], rule, restart=S)
     assert global_norm([a - b for a, b in zip(per_chunk, phi1)]) > 1e-3
@@ -556,12 +595,15 @@ def test_vectorize_tasks_gives_the_same_phi(learner):
     ids=["gradient", "gradient_momentum_soft_reset", "gradient_momentum_hard_reset",
          "none", "gradient_fomaml"],
 )
-def test_cts_matches_algorithm_2(shift, momentum, hard_reset, rule):
+@DTYPES
+def test_cts_matches_algorithm_2(shift, momentum, hard_reset, rule, dtype):
     """K = 3, every = 1, two inner processes (6 steps): phi after every step."""
-    K, T, lr = 3, 3, 0.05
-    model = dense_model()
+    K, T, lr, momentum = 3, 3, rate(0.05), rate(momentum)
+    make_model, make_data, _, _ = problem_in("dense", dtype)
+    tolerance = TOLERANCES[dtype]
+    model = make_model()
     phi0 = phi_of(model)
-    x, y = dense_data(T, 2 * K, seed=9)
+    x, y = make_data(T, 2 * K, seed=9)
     inner = keras.optimizers.SGD(learning_rate=lr, momentum=momentum)
     inner_learner = Reptile() if rule == "reptile" else FOMAML()
     learner = ContinualTrajectoryShifting(inner_learner, every=1, shift=shift,
@@ -575,7 +617,7 @@ def test_cts_matches_algorithm_2(shift, momentum, hard_reset, rule):
                              hard_reset=hard_reset, rule=rule)
     for step, (actual, want) in enumerate(zip(rec.phis, expected)):
         try:
-            assert_params_close(actual, want)
+            assert_params_close(actual, want, *tolerance)
         except AssertionError as error:
             raise AssertionError(f"phi differs after inner step {step + 1}") from error
 
@@ -595,11 +637,13 @@ def test_cts_hard_reset_and_shift_change_the_result():
     assert global_norm([a - b for a, b in zip(none, grad)]) > 1e-4
 
 
-def test_cts_every_two_steps():
-    K, S, T, lr = 4, 2, 2, 0.05
-    model = dense_model()
+@DTYPES
+def test_cts_every_two_steps(dtype):
+    K, S, T, lr = 4, 2, 2, rate(0.05)
+    make_model, make_data, _, _ = problem_in("dense", dtype)
+    model = make_model()
     phi0 = phi_of(model)
-    x, y = dense_data(T, 2 * K, seed=10)
+    x, y = make_data(T, 2 * K, seed=10)
     learner = ContinualTrajectoryShifting(Reptile(), every=2)
     meta = make_meta(model, learner, K, inner=keras.optimizers.SGD(lr))
     rec = run(meta, x, y, steps_per_chunk=S)
@@ -607,15 +651,17 @@ def test_cts_every_two_steps():
     expected = cts_reference(phi0, *as64(x, y), mse_loss_grad, K=K, lr=lr, momentum=0.0,
                              beta=BETA, every=2)
     for actual, want in zip(rec.phis, expected[S - 1::S]):
-        assert_params_close(actual, want)
+        assert_params_close(actual, want, *TOLERANCES[dtype])
 
 
-def test_cts_accurate_restarts_growing_trajectories_from_phi():
-    K, T, lr = 3, 2, 0.05
+@DTYPES
+def test_cts_accurate_restarts_growing_trajectories_from_phi(dtype):
+    K, T, lr = 3, 2, rate(0.05)
     steps = 1 + 2 + 3 + 1 + 2
-    model = dense_model()
+    make_model, make_data, _, _ = problem_in("dense", dtype)
+    model = make_model()
     phi0 = phi_of(model)
-    x, y = dense_data(T, steps, seed=11)
+    x, y = make_data(T, steps, seed=11)
     learner = ContinualTrajectoryShifting(Reptile(), shift="accurate")
     meta = make_meta(model, learner, K, inner=keras.optimizers.SGD(lr))
     rec = run(meta, x, y, steps_per_chunk=1)
@@ -624,7 +670,7 @@ def test_cts_accurate_restarts_growing_trajectories_from_phi():
     assert len(expected) == steps
     for step, (actual, want) in enumerate(zip(rec.phis, expected)):
         try:
-            assert_params_close(actual, want)
+            assert_params_close(actual, want, *TOLERANCES[dtype])
         except AssertionError as error:
             raise AssertionError(f"phi differs after inner step {step + 1}") from error
 

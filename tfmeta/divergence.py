@@ -9,6 +9,13 @@ meta-update diverged, the update is skipped (phi keeps its last finite
 value) and `DivergenceGuard`, which `MetaModel.fit` adds to the callbacks,
 stops training with `DivergenceError` naming the likely cause.
 
+A loss that is finite but absurd is as bad as a NaN one: an inner loss
+above `max_task_loss` in absolute value (`MetaModel.compile`, default
+`DEFAULT_MAX_TASK_LOSS` = 1e10: far above any loss of normalized data, far
+below float32's overflow) makes that step's loss and gradients NaN
+(`diverged_as_nan`), so the task diverges like any other: left out of the
+logged loss and of the meta-update, counted in `skipped_tasks`.
+
 Example::
 
     meta.fit(stream, steps_per_epoch=100)   # logs: loss, meta_updates, skipped_tasks
@@ -19,12 +26,40 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-__all__ = ["DivergenceError", "DivergenceGuard"]
+__all__ = ["DEFAULT_MAX_TASK_LOSS", "DivergenceError", "DivergenceGuard", "diverged_as_nan"]
+
+#: Inner losses above this (in absolute value) count as diverged.
+DEFAULT_MAX_TASK_LOSS = 1e10
 
 
 class DivergenceError(FloatingPointError):
     """Every task of a meta-update diverged (NaN or inf): meta-training cannot go on."""
+
+
+def diverged_as_nan(loss, values, max_task_loss=None):
+    """`(loss, values)`, float leaves all NaN when the loss is NaN, inf or above `max_task_loss`.
+
+    `values` is any structure of tensors (a task's new parameters and
+    optimizer state); integer leaves (step counts) are kept.
+
+    Example:
+        >>> loss, params = diverged_as_nan(tf.constant(1e27), [tf.ones(2)], max_task_loss=1e10)
+        >>> float(loss), params[0].numpy()
+        (nan, array([nan, nan], dtype=float32))
+    """
+    if max_task_loss is None:
+        diverged = tf.logical_not(tf.math.is_finite(loss))
+    else:
+        diverged = tf.logical_not(tf.abs(loss) <= tf.cast(max_task_loss, loss.dtype))
+
+    def poison(value):
+        if not value.dtype.is_floating:
+            return value
+        return tf.where(diverged, tf.constant(float("nan"), value.dtype), value)
+
+    return poison(loss), tf.nest.map_structure(poison, values)
 
 
 def _learning_rate(optimizer):
@@ -42,12 +77,14 @@ def divergence_message(meta):
     shown = f"{name} learning_rate={rate:g}" if rate is not None else name
     lower = f"inner/{name}.learning_rate = {rate / 10:g}" if rate else "a smaller learning rate"
     update = int(np.asarray(meta.meta_updates.numpy())) + 1
+    limit = getattr(meta, "max_task_loss", None)
+    cause = "NaN/inf loss or gradients" + (f", or a loss above max_task_loss={limit:g}" if limit else "")
     return (
-        f"every task's inner loop diverged (NaN/inf loss or gradients) at meta-update "
+        f"every task's inner loop diverged ({cause}) at meta-update "
         f"{update}, so it was skipped and phi kept its last finite value: the inner "
         f"learning rate ({shown}) is most likely too high for this model and loss; lower "
         f"it (e.g. {lower}) or clip the inner gradients (clipnorm=1.0), and check the "
-        "task data for NaN/inf."
+        "task data for NaN/inf and its scale."
     )
 
 

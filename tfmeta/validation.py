@@ -2,22 +2,22 @@
 
 Everything here runs before the first train step (`tools/train.py` calls
 these right after building the model and the task stream, `MetaModel`
-calls the model-level ones in `compile` and `build`), so a wrong setting
-costs seconds, not a training run. Each error is a one-line message that
-says what is wrong and what to change.
+calls the model-level ones in `__init__`, `compile`, `build` and `fit`), so a
+wrong setting costs seconds, not a training run. Each error is a
+`ConfigError` (a `ValueError`) with a one-line message that says what is
+wrong and what to change.
 
 Example::
 
     from tfmeta import validation
 
     validation.check_learning_rate(keras.optimizers.SGD(-0.1), "inner_optimizer")
-    # ValueError: inner_optimizer has learning rate -0.1; it must be > 0 ...
+    # ConfigError: inner_optimizer (SGD) has learning rate -0.1; it must be a finite number > 0 ...
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 
 import numpy as np
@@ -26,22 +26,32 @@ __all__ = [
     "ConfigError",
     "check_labels",
     "check_learning_rate",
+    "check_loss_dtype",
+    "check_loss_on_outputs",
+    "check_max_task_loss",
     "check_positive_int",
     "check_task_batch",
-    "explain_gin_error",
+    "check_task_batches",
+    "check_trainable",
+    "resolve_loss",
 ]
 
 
 class ConfigError(ValueError):
-    """A gin configuration names a configurable or parameter that does not exist."""
+    """A setup error, in one line naming the problem and the fix.
+
+    Raised for a wrong gin configuration (a configurable or parameter that
+    does not exist) and for every check here, before any training: the
+    command line prints it as one line.
+    """
 
 
 def check_positive_int(name, value, fix=None, minimum=1):
-    """`value` as an int >= `minimum`, or a ValueError naming `fix`."""
+    """`value` as an int >= `minimum`, or a ConfigError naming `fix`."""
     ok = not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= minimum
     if not ok:
         hint = fix or f"set {name} to an integer >= {minimum}"
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}: {hint}.")
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}: {hint}.")
     return int(value)
 
 
@@ -59,7 +69,7 @@ def _learning_rate_value(optimizer):
 
 
 def check_learning_rate(optimizer, name, setting=None, allow_zero=False):
-    """Raise a ValueError if `optimizer`'s learning rate (at step 0) is not > 0 and finite.
+    """Raise a ConfigError if `optimizer`'s learning rate (at step 0) is not > 0 and finite.
 
     Args:
         optimizer: a Keras optimizer (or None: nothing to check).
@@ -77,7 +87,7 @@ def check_learning_rate(optimizer, name, setting=None, allow_zero=False):
     if not (math.isfinite(rate) and (rate > 0 or (allow_zero and rate == 0))):
         where = setting or f"the learning_rate of {name}"
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(
+        raise ConfigError(
             f"{name} ({type(optimizer).__name__}) has learning rate {rate}; it must be a "
             f"finite number {bound}: set {where} to e.g. 0.1."
         )
@@ -96,7 +106,7 @@ def _model_input_shape(model):
 def check_task_batch(model, x_shape, y_shape=None):
     """Check task batches `[T, S, B, *input_shape]` against `model`'s input.
 
-    Raises a ValueError naming the expected shape when the rank or the
+    Raises a ConfigError naming the expected shape when the rank or the
     per-example shape differs.
     """
     x_shape = tuple(None if d is None else int(d) for d in x_shape)
@@ -104,14 +114,14 @@ def check_task_batch(model, x_shape, y_shape=None):
     layout = "[tasks T, steps per chunk S, batch B, *input_shape]"
     if expected is None:
         if len(x_shape) < 4:
-            raise ValueError(
+            raise ConfigError(
                 f"task batches must be {layout}; got shape {x_shape}: produce them "
                 "with a tfmeta.tasks distribution's as_dataset."
             )
         return
     want = 3 + len(expected)
     if len(x_shape) != want:
-        raise ValueError(
+        raise ConfigError(
             f"task batches have shape {x_shape} (rank {len(x_shape)}) but the model "
             f"takes inputs {expected}, so task batches must be {layout} = "
             f"[T, S, B, {', '.join(str(d) for d in expected)}] (rank {want}): build the "
@@ -120,7 +130,7 @@ def check_task_batch(model, x_shape, y_shape=None):
         )
     for have, need in zip(x_shape[3:], expected):
         if need is not None and have is not None and have != need:
-            raise ValueError(
+            raise ConfigError(
                 f"task batch examples have shape {x_shape[3:]} but the model takes "
                 f"{expected}: make the model's input shape {x_shape[3:]} (e.g. "
                 "mlp.input_shape / convnet.input_shape) or resize the tasks' images "
@@ -129,7 +139,7 @@ def check_task_batch(model, x_shape, y_shape=None):
     if y_shape is not None:
         y_shape = tuple(y_shape)
         if tuple(y_shape[:3]) != tuple(x_shape[:3]):
-            raise ValueError(
+            raise ConfigError(
                 f"labels have shape {y_shape} but inputs {x_shape}: y must be "
                 "[T, S, B, ...] with the same T, S, B as x."
             )
@@ -158,7 +168,7 @@ def check_labels(model, y, loss):
         return
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= units:
-        raise ValueError(
+        raise ConfigError(
             f"task labels range over {low}..{high} but the model has {units} outputs "
             f"(classes 0..{units - 1}): give the model's head {high + 1} units (e.g. "
             f"mlp.num_classes = {high + 1} / convnet.num_classes = {high + 1}) or use "
@@ -166,64 +176,217 @@ def check_labels(model, y, loss):
         )
 
 
-def _registry():
-    try:
-        from gin import config
+def check_trainable(model):
+    """Refuse a model without trainable weights: there would be no phi to meta-learn."""
+    if not model.trainable_variables:
+        raise ConfigError(
+            f"the model {model.name!r} has no trainable weights, so there is no "
+            "initialization (phi) to meta-learn: unfreeze it (model.trainable = True, or "
+            "trainable=True on its layers) before wrapping it in MetaModel."
+        )
 
-        return config._REGISTRY
-    except (ImportError, AttributeError):
+
+def check_max_task_loss(value):
+    """`value` as a float > 0 (or None), else a ConfigError."""
+    if value is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+    if not ok or not value > 0:
+        raise ConfigError(
+            f"max_task_loss={value!r} must be a number > 0 (inner losses above it count as "
+            "diverged) or None (only NaN/inf do): e.g. max_task_loss=1e10."
+        )
+    return float(value)
+
+
+def _loss_names():
+    try:
+        from keras.src.losses import ALL_OBJECTS_DICT
+
+        return sorted(ALL_OBJECTS_DICT)
+    except ImportError:  # another Keras layout: the public names
+        import keras
+
+        return [n for n in dir(keras.losses) if not n.startswith("_")]
+
+
+def resolve_loss(loss):
+    """`keras.losses.get(loss)`, or a ConfigError naming the closest Keras loss.
+
+    Example:
+        >>> resolve_loss("sparse_categorical_crossentropyy")
+        ConfigError: unknown loss 'sparse_categorical_crossentropyy': did you mean
+        'sparse_categorical_crossentropy'? ...
+    """
+    import keras
+
+    try:
+        return keras.losses.get(loss)
+    except (ValueError, TypeError) as error:
+        if not isinstance(loss, str):
+            raise ConfigError(
+                f"loss={loss!r} is not a Keras loss: pass a keras.losses.Loss, a function "
+                "(y_true, y_pred) -> per-example losses, or a Keras loss name such as 'mse'."
+            ) from error
+        close = difflib.get_close_matches(loss, _loss_names(), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "see keras.losses for the names"
+        raise ConfigError(
+            f"unknown loss {loss!r}: {hint} (a Keras loss name, e.g. "
+            "'sparse_categorical_crossentropy' or 'mse', or a keras.losses.Loss object)."
+        ) from error
+
+
+def _weights_dtype(model):
+    """The widest float dtype of `model`'s trainable weights (e.g. "float32")."""
+    dtypes = [np.dtype(v.dtype) for v in model.trainable_variables]
+    return max(dtypes, key=lambda d: d.itemsize).name if dtypes else None
+
+
+def check_loss_dtype(loss, model):
+    """Refuse a loss that computes in a narrower float dtype than the model's weights.
+
+    Keras casts predictions and labels to the loss's dtype (float32 unless
+    given), so a float64 model with a float32 loss would train on rounded
+    losses and gradients.
+    """
+    weights = _weights_dtype(model)
+    computes = getattr(loss, "dtype", None)
+    if weights is None or computes is None:
+        return
+    if np.dtype(computes).itemsize < np.dtype(weights).itemsize:
+        name = type(loss).__name__
+        raise ConfigError(
+            f"the loss computes in {computes} but the model's weights are {weights}, so "
+            f"every inner loss and gradient would be rounded to {computes}: create the loss "
+            f"with dtype={weights!r} (e.g. keras.losses.{name}(dtype={weights!r})), or "
+            f"call keras.config.set_floatx({weights!r}) before creating it."
+        )
+
+
+def _builtin_name(loss):
+    """The Keras name of a built-in loss (object or wrapped function), else None."""
+    fn = getattr(loss, "fn", loss)
+    module = getattr(type(loss), "__module__", "") if fn is loss else getattr(fn, "__module__", "")
+    if not str(module).startswith("keras"):
+        return None
+    return getattr(fn, "__name__", None) or type(loss).__name__
+
+
+def _output_spec(model, example_shape, batch):
+    import keras
+
+    inputs = getattr(model, "inputs", None)
+    dtype = inputs[0].dtype if inputs else "float32"
+    try:
+        return model.compute_output_spec(keras.KerasTensor((batch, *example_shape), dtype=dtype))
+    except Exception:  # noqa: BLE001 - a model Keras cannot trace symbolically: no check
         return None
 
 
-def explain_gin_error(error, bindings=()):
-    """Turn a gin parse error into a one-line `ConfigError` naming the fix, or None.
+def check_loss_on_outputs(model, loss, x_shape, y_shape, y_dtype):
+    """Check, before any step, that `loss` can compare task labels with the model's outputs.
 
-    Handles unknown configurables ("No configurable matching 'trian'"),
-    unknown parameters ("Configurable 'train' doesn't have a parameter named
-    'meta_update'") and missing gin files, suggesting the closest names.
+    Args:
+        model: the wrapped model.
+        loss: the task loss (a `keras.losses.Loss`).
+        x_shape, y_shape: task-batch shapes `[T, S, B, ...]`.
+        y_dtype: the labels' dtype.
+
+    Raises a ConfigError naming the fix for a model whose output is not a
+    vector per example under a sparse (class-index) loss, for integer class
+    labels given to a loss that compares values elementwise (e.g. MSE), for
+    labels shaped unlike the outputs, and for a loss that fails on them.
     """
-    import re
+    import keras
+    import tensorflow as tf
 
-    text = str(error)
-    first = text.splitlines()[0] if text else ""
-    registry = _registry()
-    match = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", text)
-    if match and registry is not None:
-        configurable, parameter = match.groups()
-        known = []
-        try:
-            found = registry.get_match(configurable)
-            known = [
-                p for p in inspect.signature(found.wrapped).parameters
-                if p not in (found.denylist or ()) and p not in ("self", "args", "kwargs")
-            ]
-        except Exception:  # noqa: BLE001 - suggestions are best effort
-            pass
-        close = difflib.get_close_matches(parameter, known, n=1)
-        hint = f"did you mean {configurable}.{close[0]}?" if close else (
-            f"its parameters are: {', '.join(known)}" if known else "check the spelling"
+    batch = x_shape[2] or 2
+    spec = _output_spec(model, tuple(x_shape[3:]), batch)
+    if not isinstance(spec, keras.KerasTensor):
+        return
+    outputs, labels = tuple(spec.shape[1:]), tuple(y_shape[3:])
+    name = _builtin_name(loss)
+    if name is not None:
+        _check_builtin_shapes(name, outputs, labels, np.dtype(y_dtype).kind in "iu")
+    try:  # traced only: nothing is computed
+        tf.function(loss).get_concrete_function(
+            tf.TensorSpec((batch, *labels), y_dtype), tf.TensorSpec(spec.shape, spec.dtype)
         )
-        return ConfigError(
-            f"gin binding {configurable}.{parameter}: {configurable} has no parameter "
-            f"{parameter!r}; {hint}"
+    except Exception as error:  # noqa: BLE001 - any failure is the loss's on these shapes
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"the loss {getattr(loss, 'name', loss)!r} fails on labels of shape {labels} and "
+            f"model outputs of shape {outputs} per example ({first}): make the labels and "
+            "the model's head match what the loss expects."
+        ) from error
+
+
+# Keras' built-in losses by how they pair labels with outputs: one class index
+# per output vector, or one label value per output value.
+_CLASS_INDEX_LOSSES = ("sparse_categorical_crossentropy",)
+_ELEMENTWISE_LOSSES = (
+    "mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",
+    "mean_squared_logarithmic_error", "huber", "log_cosh", "binary_crossentropy",
+    "binary_focal_crossentropy", "categorical_crossentropy", "categorical_focal_crossentropy",
+    "kl_divergence", "poisson", "hinge", "squared_hinge", "categorical_hinge",
+    "cosine_similarity",
+)
+
+
+def _check_builtin_shapes(name, outputs, labels, integer):
+    if name in _CLASS_INDEX_LOSSES:
+        if labels in (outputs[:-1], outputs[:-1] + (1,)):
+            return
+        if len(outputs) > 1 and len(labels) == 0:
+            raise ConfigError(
+                f"the model's output is not a vector per example: it is {outputs}, but "
+                f"{name} needs one vector of class scores per label: end the model with "
+                "Flatten() (or GlobalAveragePooling2D()) and Dense(num_classes)."
+            )
+        raise ConfigError(
+            f"{name} needs one class index per output vector, i.e. labels of shape "
+            f"{outputs[:-1]} per example for outputs {outputs}; got labels {labels}."
         )
-    match = re.search(r"No configurable matching (?:reference )?'@?([^'(]+)", text)
-    if match:
-        name = match.group(1)
-        known = []
-        if registry is not None:
-            try:
-                known = [selector.split(".")[-1] for selector, _ in registry.items()]
-            except Exception:  # noqa: BLE001 - suggestions are best effort
-                known = []
-        close = difflib.get_close_matches(name.split(".")[-1], known, n=1)
-        hint = f"did you mean {close[0]}?" if close else (
-            "register it with gin.external_configurable or import the module that "
-            "defines it (tfmeta.configurables registers tfmeta's)"
+    if name not in _ELEMENTWISE_LOSSES:
+        return
+    if labels in (outputs, outputs + (1,)) or labels + (1,) == outputs:
+        return
+    if integer:
+        raise ConfigError(
+            f"the labels are integer class indices (shape {labels} per example), but "
+            f"{name} compares them elementwise with the model's outputs {outputs}: for "
+            "class labels use keras.losses.SparseCategoricalCrossentropy(from_logits=True), "
+            f"or give one-hot float labels of shape {outputs}."
         )
-        return ConfigError(f"gin: no configurable named {name!r}; {hint}")
-    if isinstance(error, OSError) and "Unable to open file" in text:
-        return ConfigError(
-            f"gin: {first.rstrip('.')}; pass an existing --gin_file (e.g. gin/digits.gin)."
-        )
-    return None
+    raise ConfigError(
+        f"labels of shape {labels} per example cannot be compared by {name} with model "
+        f"outputs of shape {outputs}: give the model a head with output shape {labels}, or "
+        f"labels of shape {outputs}."
+    )
+
+
+def check_task_batches(model, loss, x, y=None):
+    """Check task batches (a `tf.data.Dataset` of `(x, y)`, or arrays) against model and loss.
+
+    The shapes must fit the model (`check_task_batch`) and the loss must
+    compare the labels with the model's outputs (`check_loss_on_outputs`).
+    Streams whose element shapes are unknown are left to the first step.
+    """
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        if not isinstance(spec, (tuple, list)) or len(spec) < 2:
+            return
+        if not all(isinstance(s, tf.TensorSpec) for s in spec[:2]):
+            return
+        x_shape, y_shape, y_dtype = spec[0].shape, spec[1].shape, spec[1].dtype
+    elif y is not None and hasattr(x, "shape") and hasattr(y, "shape"):
+        x_shape, y_shape, y_dtype = tf.TensorShape(x.shape), tf.TensorShape(y.shape), y.dtype
+    else:
+        return
+    if x_shape.rank is None or y_shape.rank is None:
+        return
+    check_task_batch(model, tuple(x_shape), tuple(y_shape))
+    if loss is not None and len(x_shape) >= 4 and len(y_shape) >= 3:
+        check_loss_on_outputs(model, loss, tuple(x_shape), tuple(y_shape), tf.as_dtype(y_dtype).name)

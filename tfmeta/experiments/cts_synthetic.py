@@ -21,7 +21,7 @@ from tfmeta.tasks.himmelblau import RotatedHimmelblau
 
 GRID = [(x, y) for x in (-5.0, 5.0, 15.0) for y in (-5.0, 5.0, 15.0)]
 
-#: name -> (learner factory, steps per chunk, meta-updates per train_step)
+#: name -> learner factory
 METHODS = {
     "reptile": lambda: Reptile(),
     "cts": lambda: ContinualTrajectoryShifting(Reptile(), hard_reset=True),
@@ -63,13 +63,10 @@ def meta_train(method, start, config=Config(), tasks=None):
     learner = METHODS[method]()
     K = config.inner_steps
     updates = config.processes * K
-    if learner.schedule.after_update == "grow":
-        # Exact reference: trajectories of length 1..K, restarted after each update.
-        chunk, train_steps = 1, config.processes * K * (K + 1) // 2
-    elif learner.schedule.after_update == "shift":
-        chunk, train_steps = 1, updates
-    else:
-        chunk, train_steps = K, updates
+    # Chunks as long as the schedule allows (K for Reptile, 1 for CTS); the
+    # exact reference's trajectories of length 1..K take K(K+1)/2 steps each.
+    chunk = learner.schedule.period(K)
+    train_steps = learner.schedule.steps_for(updates, K, chunk)
     keras.utils.set_random_seed(config.task_seed)
     model = tasks.model(start)
     meta = MetaModel(model)

@@ -12,10 +12,11 @@ it through `tf.while_loop` and keep it in variables between `train_step`s
 (the trajectory length K never enters the graph).
 """
 
-import dataclasses
 from typing import NamedTuple
 
 import tensorflow as tf
+
+from tfmeta.schedule import Schedule
 
 
 class InnerStep(NamedTuple):
@@ -36,31 +37,14 @@ class InnerStep(NamedTuple):
     index: tf.Tensor
 
 
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """When meta-updates happen and what happens to task learners after one.
-
-    Attributes:
-        update_every: meta-update every this many inner steps; `None` means
-            once per trajectory, after its K-th step.
-        after_update: `"reset"` (every task restarts from the new phi),
-            `"shift"` (tasks continue, moved by `MetaLearner.shift`; they are
-            reset to phi every K steps), or `"grow"` (reset to phi, and the next
-            trajectory is one step longer, cycling 1..K: CTS's exact reference).
-        reset_optimizer: whether the inner optimizer's state (momentum, Adam
-            moments) is rebuilt when a task restarts from phi.
-    """
-
-    update_every: int | None = None
-    after_update: str = "reset"
-    reset_optimizer: bool = True
-
-
 class MetaLearner:
     """Base class: turn inner trajectories into a meta-gradient.
 
     Subclasses override `meta_gradient` and, where they need more than the
-    final task parameters, `init_state` and `observe`.
+    final task parameters, `init_state` and `observe`. `schedule` (a
+    `tfmeta.schedule.Schedule`) says when meta-updates happen; the default
+    is one per trajectory, after its K-th step, every task then restarting
+    from phi.
     """
 
     schedule = Schedule()
@@ -88,7 +72,7 @@ class MetaLearner:
     def shift(self, params, delta, seed):
         """Where task parameters go after a meta-update moved phi by `delta`.
 
-        Only called when `schedule.after_update == "shift"`.
+        Only called when the schedule shifts (`schedule.shifts`).
         """
         del delta, seed
         return params

@@ -2,8 +2,9 @@
 
 import tensorflow as tf
 
-from tfmeta.learners.base import MetaLearner, Schedule, global_norm_squared
+from tfmeta.learners.base import MetaLearner, global_norm_squared
 from tfmeta.learners.leap import Leap
+from tfmeta.schedule import AfterUpdate, Schedule
 
 SHIFTS = ("gradient", "none", "random", "accurate")
 
@@ -70,9 +71,11 @@ class ContinualTrajectoryShifting(MetaLearner):
         self.shift_rule = shift
         self.hard_reset = bool(hard_reset)
         if shift == "accurate":
-            self.schedule = Schedule(None, "grow", reset_optimizer=True)
+            self.schedule = Schedule(after_update=AfterUpdate.GROW, reset_optimizer=True)
         else:
-            self.schedule = Schedule(self.every, "shift", reset_optimizer=self.hard_reset)
+            self.schedule = Schedule(
+                self.every, AfterUpdate.SHIFT, reset_optimizer=self.hard_reset
+            )
 
     def init_state(self, params):
         return self.learner.init_state(params)

@@ -42,11 +42,13 @@ class Leap(MetaLearner):
             "meta_grad": zeros_like_all(params),
             "prev_params": [tf.identity(p) for p in params],
             "prev_grads": zeros_like_all(params),
-            "prev_loss": tf.zeros((), tf.float32),
+            # The loss dimension of the path is in the parameters' dtype:
+            # float64 models keep float64 losses, and df^2 adds to ||moved||^2.
+            "prev_loss": tf.zeros((), params[0].dtype),
         }
 
     def observe(self, state, step):
-        loss = tf.cast(step.loss, tf.float32)
+        loss = tf.cast(step.loss, state["prev_loss"].dtype)
         if self.loss:
             df = loss - state["prev_loss"]
             if self.stabilizer:

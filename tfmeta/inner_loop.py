@@ -1,0 +1,168 @@
+"""The inner loop: advance every task of a task batch by one chunk of inner steps.
+
+One inner step of one task evaluates the task loss and its gradient at the
+task's parameters, hands the step to the learner (`MetaLearner.observe`) and
+lets the inner optimizer move the parameters, all on values (stateless: no
+variable is touched). A chunk of S steps is a `tf.while_loop` (`unroll`
+steps per iteration), so the graph does not grow with S or with K. The T
+tasks run as T copies of the step, or as one vectorized computation
+(`tf.vectorized_map`) with `vectorize=True`.
+
+A task whose loss is NaN, inf, or finite but above `max_task_loss` has
+diverged: its loss and gradients become NaN, so that the NaN reaches its
+parameters and `MetaModel` leaves the task out of the meta-update
+(`tfmeta.divergence`), and its loss out of the logged mean.
+
+Example (what `MetaModel` does)::
+
+    loop = InnerLoop(model, loss, learner, inner_optimizer)
+    tasks, mean_loss = loop.run(tasks, x, y, position)   # x: [T, S, B, ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from tfmeta.divergence import diverged_as_nan
+from tfmeta.inner_optimizer import stateless_apply
+from tfmeta.learners.base import InnerStep, MetaLearner
+from tfmeta.replicas import task_loss
+from tfmeta.task_state import TaskState
+from tfmeta.validation import ConfigError
+
+__all__ = ["InnerLoop", "mean_loss"]
+
+
+def mean_loss(loss):
+    """The task loss as a `keras.losses.Loss`, i.e. reduced to the batch mean.
+
+    `keras.losses.get("mse")` is a per-example function; its gradient would be
+    that of the batch sum.
+    """
+    loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    return _BatchMean(loss)
+
+
+class _BatchMean(keras.losses.Loss):
+    """A per-example loss function reduced to its mean over the batch."""
+
+    def __init__(self, fn):
+        super().__init__(name=getattr(fn, "__name__", "loss"))
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
+@dataclasses.dataclass(eq=False)
+class InnerLoop:
+    """Inner steps of every task, on stacked task states (see `TaskState`).
+
+    Args:
+        model: the wrapped Keras model (run with `stateless_call`).
+        loss: the task loss, a `keras.losses.Loss` reduced to the batch mean.
+        learner: the meta-learner that observes every step.
+        optimizer: the built inner optimizer, passed through `make_stateless`.
+        unroll: inner steps per `tf.while_loop` iteration.
+        vectorize: run the tasks' steps as one `tf.vectorized_map`.
+        max_task_loss: a finite loss above this (in absolute value) counts as
+            diverged, like NaN or inf; `None`: only NaN and inf do.
+    """
+
+    model: keras.Model
+    loss: keras.losses.Loss
+    learner: MetaLearner
+    optimizer: keras.optimizers.Optimizer
+    unroll: int = 1
+    vectorize: bool = False
+    max_task_loss: float | None = None
+
+    def task_step(self, state, x, y, index):
+        """One inner step of one task. `state` = (params, non_trainable, opt, learner)."""
+        params, non_trainable, opt_vars, learner_state = state
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            y_pred, new_non_trainable, losses = self.model.stateless_call(
+                params, non_trainable, x, training=True, return_losses=True
+            )
+            loss = task_loss(self.loss, y, y_pred)
+            if losses:
+                loss = loss + tf.add_n(losses)
+        grads = tape.gradient(loss, params)
+        grads = [tf.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        new_params, new_opt_vars = stateless_apply(self.optimizer, opt_vars, grads, params)
+        # A diverged step leaves NaN in the loss, the parameters and the
+        # optimizer state, which the learner and the meta-update then see.
+        loss, (new_params, new_opt_vars) = diverged_as_nan(
+            loss, (new_params, new_opt_vars), self.max_task_loss
+        )
+        learner_state = self.learner.observe(
+            learner_state, InnerStep(list(params), grads, loss, index)
+        )
+        return (list(new_params), list(new_non_trainable), list(new_opt_vars), learner_state), loss
+
+    def step(self, tasks, x, y, index):
+        """One inner step of every task (stacked in, stacked out)."""
+
+        def step(args):
+            task, x_t, y_t = args
+            return self.task_step(task, x_t, y_t, index)
+
+        if self.vectorize:
+            try:
+                return tf.vectorized_map(step, (tasks, x, y), fallback_to_while_loop=False)
+            except ValueError as error:
+                # Only what the step does without vectorization too is the
+                # step's own error; the rest is tf.vectorized_map's (pfor).
+                step((TaskState.task(tasks, 0), x[0], y[0]))
+                raise ConfigError(
+                    "vectorize_tasks=True cannot batch this model's inner step over "
+                    f"per-task weights ({str(error).splitlines()[0]}). Compile with "
+                    "vectorize_tasks=False."
+                ) from error
+        outputs = [step((TaskState.task(tasks, t), x[t], y[t])) for t in range(x.shape[0])]
+        return tf.nest.map_structure(lambda *v: tf.stack(v), *outputs)
+
+    def run(self, tasks, x, y, position):
+        """Advance every task by the chunk's S inner steps.
+
+        Args:
+            tasks: the stacked task states.
+            x, y: the chunk, `[T, S, B, ...]`.
+            position: the inner steps the tasks took before this chunk.
+
+        Returns:
+            `(tasks, loss)`: the advanced states and the mean of the chunk's
+            finite inner losses (NaN when every loss diverged).
+        """
+        steps = x.shape[1]
+        dtype = tf.as_dtype(self.loss.dtype)
+
+        def body(s, tasks, loss_sum, count):
+            for u in range(self.unroll):
+                tasks, losses = self.step(tasks, x[:, s + u], y[:, s + u], position + s + u)
+                # The logged loss averages the finite losses: one diverged
+                # task's NaN would hide every other task's progress.
+                losses = tf.cast(losses, dtype)
+                finite = tf.math.is_finite(losses)
+                loss_sum = loss_sum + tf.reduce_sum(tf.where(finite, losses, 0.0))
+                count = count + tf.reduce_sum(tf.cast(finite, dtype))
+            return s + self.unroll, tasks, loss_sum, count
+
+        zero = tf.zeros((), dtype)
+        if steps == self.unroll:
+            _, tasks, loss_sum, count = body(tf.constant(0), tasks, zero, zero)
+        else:
+            _, tasks, loss_sum, count = tf.while_loop(
+                lambda s, *_: s < steps,
+                body,
+                (tf.constant(0), tasks, zero, zero),
+                maximum_iterations=steps // self.unroll,
+            )
+        nan = tf.constant(float("nan"), dtype)
+        return tasks, tf.math.divide_no_nan(loss_sum, count) + tf.where(count > 0, zero, nan)

@@ -1,0 +1,217 @@
+"""How a `MetaModel` train step runs on each of R synchronized replicas.
+
+The T tasks of every task batch are split along the task axis, T / R per
+replica (`tfmeta.distribute.distribute_task_batches`). Each replica keeps the
+state of its own tasks in per-replica variables (`local_variable`) and runs
+their inner loops without communication, its task t being global task
+`first_task(...) + t`. At a meta-update each replica contributes the sums of
+its finite tasks' meta-gradients and float state (`finite_sum`), and
+`all_reduce_sum` adds them over the replicas. With one replica (no strategy)
+the same code runs and every function here is the identity on one copy.
+
+What Keras does for ordinary models and a MetaModel must undo lives here too:
+the division of mean losses by R (`task_loss`: a task's inner loss is not a
+shard of a global batch), the build on the replicas' averaged first batch
+(`SplitTaskBatches._maybe_symbolic_build`) and the reduction of scalar logs
+across workers (`worker_logs`).
+
+Example (what `MetaModel` does)::
+
+    first = first_task(num_tasks)                     # this replica's task 0
+    loss = task_loss(loss_fn, y, y_pred)              # not divided by R
+    sums = all_reduce_sum(strategy, [(count, var), ...])
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import tensorflow as tf
+
+from tfmeta.distribute import distribute_task_batches
+from tfmeta.validation import ConfigError
+
+__all__ = [
+    "SplitTaskBatches",
+    "all_reduce_sum",
+    "check_created_in_scope",
+    "finite_sum",
+    "first_task",
+    "in_strategy",
+    "local_variable",
+    "task_loss",
+    "worker_logs",
+]
+
+# Under a strategy with R replicas, Keras divides losses reduced to a mean by
+# R (keras.losses.loss.scale_loss_for_distribution, applied to non-scalar
+# per-example values): each replica would hold a shard of one global batch.
+# A task's inner loss is not a shard.
+_SCALED_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def task_loss(loss_fn, y_true, y_pred):
+    """`loss_fn(y_true, y_pred)` without Keras' division by the replicas."""
+    value = loss_fn(y_true, y_pred)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas > 1 and getattr(loss_fn, "reduction", None) in _SCALED_REDUCTIONS:
+        if _per_example(loss_fn, y_true, y_pred):
+            value = value * tf.cast(replicas, value.dtype)
+    return value
+
+
+def _per_example(loss_fn, y_true, y_pred):
+    """Whether `loss_fn.call` returns non-scalar values (which Keras then scales).
+
+    Found from static shapes in a scratch graph: nothing is computed.
+    """
+    dtype = getattr(loss_fn, "dtype", None) or "float32"
+    try:
+        with tf.Graph().as_default():
+            values = loss_fn.call(
+                tf.compat.v1.placeholder(dtype, y_true.shape),
+                tf.compat.v1.placeholder(dtype, y_pred.shape),
+            )
+        return tuple(values.shape) not in ((), (0,))
+    except Exception:  # noqa: BLE001  (an unusual loss: assume Keras' convention)
+        return True
+
+
+def local_variable(owner, name, shape, dtype, initializer, scope=None):
+    """A variable of `owner` that each replica keeps its own copy of.
+
+    `synchronization="on_read"`: reads and writes in a replica stay on that
+    replica; read outside (checkpoints, `numpy()`) it gives replica 0's
+    copy. Without a strategy it is a plain variable. Its path is
+    `<owner>/<scope>/<name>`, and `owner` tracks it (so checkpoints hold it).
+    """
+    inner = keras.name_scope(scope) if scope else contextlib.nullcontext()
+    with keras.name_scope(owner.name, caller=owner), inner:
+        variable = keras.Variable(
+            initializer=initializer,
+            shape=shape,
+            dtype=dtype,
+            trainable=False,
+            name=name,
+            synchronization="on_read",
+            aggregation="only_first_replica",
+        )
+    owner._track_variable(variable)
+    return variable
+
+
+def check_created_in_scope(model):
+    """Refuse a model whose variables were created outside the current strategy's scope."""
+    strategy = tf.distribute.get_strategy()
+    outside = [
+        v.path for v in model.variables
+        if not strategy.extended.variable_created_in_scope(getattr(v, "value", v))
+    ]
+    if outside:
+        raise ConfigError(
+            f"MetaModel is created under {type(strategy).__name__}, but the wrapped "
+            f"model's variables (e.g. {outside[0]}) were created outside its scope: "
+            "create the model and the MetaModel inside the same `with strategy.scope():` "
+            "(or copy the model there with tfmeta.distribute.in_scope(model, strategy))."
+        )
+
+
+def in_strategy(optimizer, strategy):
+    """`optimizer`, or a fresh copy from its config if made outside `strategy`.
+
+    Keras' TensorFlow optimizer keeps the strategy current at its creation
+    and creates its variables there; gin builds optimizers before training
+    enters the strategy's scope.
+    """
+    made_in = getattr(optimizer, "_distribution_strategy", strategy)
+    if made_in is strategy or optimizer.built:
+        return optimizer
+    with strategy.scope():
+        return type(optimizer).from_config(optimizer.get_config())
+
+
+def first_task(num_tasks):
+    """The global index of this replica's first task (a Python int when static)."""
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    static = tf.get_static_value(replica)
+    replica = int(static) if static is not None else tf.cast(replica, tf.int32)
+    return replica * num_tasks
+
+
+def finite_sum(stacked, finite):
+    """The sum over the task axis of `stacked`, counting only tasks where `finite`."""
+    mask = tf.reshape(finite, [-1] + [1] * (stacked.shape.rank - 1))
+    return tf.reduce_sum(tf.where(mask, stacked, tf.zeros_like(stacked)), axis=0)
+
+
+def all_reduce_sum(strategy, pairs):
+    """Sum each value over the replicas, in cross-replica context.
+
+    Args:
+        strategy: the current `tf.distribute.Strategy`.
+        pairs: `(per-replica value, destination variable)` pairs; the
+            destination only places the result.
+
+    Returns:
+        The sums, as plain tensors (replica 0's copy of each).
+    """
+    reduced = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, pairs)
+    return [strategy.experimental_local_results(r)[0] for r in reduced]
+
+
+def worker_logs(logs, strategy):
+    """`logs` as Keras can reduce them across the workers of a multi-worker strategy."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and getattr(
+        strategy.extended, "_in_multi_worker_mode", lambda: False
+    )():
+        # Keras 3 reduces logs across workers along axis 0, which scalars
+        # lack (tensorflow/tensorflow#72388): give them one.
+        return {k: v[None] for k, v in logs.items()}
+    return logs
+
+
+class SplitTaskBatches:
+    """`keras.Model` mixin: under a strategy, `fit` splits task batches over the replicas.
+
+    A `tf.data.Dataset` of task batches becomes a distributed one whose
+    replica r gets tasks `[r * T / R, (r + 1) * T / R)` of every element
+    (T must be a multiple of R), and the model is built on that per-replica
+    shape. Without a strategy nothing changes.
+    """
+
+    def fit(self, x=None, *args, **kwargs):
+        strategy = self.distribute_strategy
+        if self._distribute_strategy is not None or strategy.num_replicas_in_sync > 1:
+            if isinstance(x, tf.data.Dataset):
+                # The distributed stream's cardinality is unknown: an epoch
+                # is still the dataset once.
+                size = int(x.cardinality())
+                if size > 0 and kwargs.get("steps_per_epoch") is None:
+                    kwargs["steps_per_epoch"] = size
+                replicas = strategy.num_replicas_in_sync
+                spec = x.element_spec
+                x = distribute_task_batches(x, strategy)  # checks T % R
+                self._replica_spec = tf.nest.map_structure(
+                    lambda s: tf.TensorSpec((s.shape[0] // replicas, *s.shape[1:]), s.dtype),
+                    spec,
+                )
+            elif not isinstance(x, tf.distribute.DistributedDataset):
+                raise ConfigError(
+                    f"Under {type(strategy).__name__} MetaModel.fit needs task batches as "
+                    "a tf.data.Dataset (e.g. a task distribution's as_dataset), got "
+                    f"{type(x).__name__}: wrap arrays with tf.data.Dataset.from_tensor_slices."
+                )
+        return super().fit(x, *args, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy Keras builds on the first batch averaged over the
+        # replicas (`strategy.reduce`), which fails for (x, y) batches under
+        # MultiWorkerMirroredStrategy (TF 2.21: reduce takes one tensor, not
+        # a structure). The per-replica spec is all the task state needs.
+        spec = getattr(self, "_replica_spec", None)
+        if self._distribute_strategy is not None and data_batch is None and spec is not None:
+            with self.distribute_strategy.scope():
+                self._symbolic_build(data_batch=spec)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
