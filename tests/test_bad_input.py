@@ -1,13 +1,25 @@
 """Bad input fails early, with one line that names the problem and the fix.
 
-Every case runs before any train step: the table checks the error type and
-that the (first line of the) message says what to change.
+Every case runs before any train step: the table checks the error type,
+that the (first line of the) message says what to change, and that the
+failed command left nothing behind. The command-line tests then check that
+each case prints exactly that one line and exits 2, that following the
+advice of a message works, and the cases that need a process of their own
+(a file-size limit, Ctrl-C), grouped so that few processes start.
 """
 
+import json
+import os
+import pathlib
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import gin
 import keras
+import numpy as np
 import pytest
 
 import tfmeta
@@ -16,6 +28,7 @@ from tfmeta.checkpoint import (
     IncompatibleCheckpointError,
     save_checkpoint,
 )
+from tfmeta.divergence import DivergenceError
 from tfmeta.export import CorruptExportError, InvalidExportError, export_initialization
 from tfmeta.prepare import DatasetNotPreparedError
 from tfmeta.validation import ConfigError
@@ -31,17 +44,77 @@ BASE = [
 ]
 
 
-def cli(tmp_path, *bindings, gin_file="gin/digits.gin", resume=False):
-    from tfmeta.cli.train import run
+REPO = pathlib.Path(__file__).resolve().parents[1]
+#: What the last `cli` call changed under tmp_path (a failed call must change nothing).
+CHANGED = []
 
-    argv = ["--gin_file", gin_file, "--output_dir", str(tmp_path / "run")]
+
+def _tree(root):
+    return {
+        str(p.relative_to(root)): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+        for p in pathlib.Path(root).rglob("*")
+    }
+
+
+def argv_for(output_dir, *bindings, gin_file="gin/digits.gin", resume=False):
+    argv = ["--gin_file", gin_file, "--output_dir", str(output_dir)]
     for binding in (*BASE, *bindings):
         argv += ["--gin_param", binding]
+    return argv + (["--resume"] if resume else [])
+
+
+def cli(tmp_path, *bindings, gin_file="gin/digits.gin", resume=False, output_dir=None):
+    from tfmeta.cli.train import run
+
+    argv = argv_for(output_dir or tmp_path / "run", *bindings, gin_file=gin_file, resume=resume)
+    before = _tree(tmp_path)
     gin.clear_config()
     try:
-        return run(argv + (["--resume"] if resume else []))
+        return run(argv)
     finally:
         gin.clear_config()
+        after = _tree(tmp_path)
+        CHANGED[:] = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+
+
+def _write(path, content):
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+def _earlier_run(tmp_path, *bindings):
+    """A finished quick run in tmp_path/run (what the resume and overwrite cases find)."""
+    cli(tmp_path, *bindings)
+    assert (tmp_path / "run" / "results.json").is_file()
+
+
+# Models and task families that gin cannot build from tfmeta's own configurables.
+def _frozen_model():
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(5, trainable=False)])
+
+
+def _image_output_model():
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(5, 1)])
+
+
+def _float_label_tasks():
+    from tfmeta.tasks import ClassificationTasks
+
+    x, y = np.zeros((10, 8, 8, 1), np.uint8), (np.arange(10) % 5).astype(np.float64)
+    return ClassificationTasks([(x, y, x, y)] * 8)
+
+
+def _nan_image_tasks():
+    from tfmeta.tasks import ClassificationTasks
+
+    x, y = np.full((10, 8, 8, 1), np.nan, np.float32), np.arange(10) % 5
+    return ClassificationTasks([(x, y, x, y)] * 8)
+
+
+for _configurable in (_frozen_model, _image_output_model, _float_label_tasks, _nan_image_tasks):
+    gin.external_configurable(_configurable, name=_configurable.__name__[1:], module="tests.bad_input")
 
 
 def _small_model():
@@ -215,6 +288,116 @@ def compile_negative_inner_learning_rate(tmp_path):
     _compile(tfmeta.MetaModel(_small_model()), inner_optimizer=keras.optimizers.SGD(-1.0))
 
 
+def gin_syntax_error_in_file(tmp_path):
+    cli(tmp_path, gin_file=str(_write(tmp_path / "bad.gin", "train.meta_updates = = 3\n")))
+
+
+def gin_reference_without_at(tmp_path):
+    cli(tmp_path, "train.learner=Reptile()")
+
+
+def gin_bracket_never_closed(tmp_path):
+    cli(tmp_path, "mlp.units = (64, 64")
+
+
+def empty_gin_file(tmp_path):
+    cli(tmp_path, gin_file=str(_write(tmp_path / "empty.gin", "")))
+
+
+def binary_gin_file(tmp_path):
+    cli(tmp_path, gin_file=str(_write(tmp_path / "bin.gin", bytes(range(128, 256)))))
+
+
+def gin_file_is_a_directory(tmp_path):
+    (tmp_path / "configs.gin").mkdir()
+    cli(tmp_path, gin_file=str(tmp_path / "configs.gin"))
+
+
+def misspelt_gin_file(tmp_path):
+    cli(tmp_path, gin_file="gin/digit.gin")
+
+
+def float_labels(tmp_path):
+    cli(tmp_path, "train.tasks = @float_label_tasks()")
+
+
+def float_images_with_nan(tmp_path):
+    cli(tmp_path, "train.tasks = @nan_image_tasks()")
+
+
+def train_shots_zero(tmp_path):
+    cli(tmp_path, "digits_tasks.train_shots = 0")
+
+
+def heldout_tasks_without_test_examples(tmp_path):
+    cli(tmp_path, "digits_tasks.test_shots = 0", "train.evaluation = @heldout_finetuning")
+
+
+def output_dir_under_a_file(tmp_path):
+    _write(tmp_path / "notes", "a file")
+    cli(tmp_path, output_dir=tmp_path / "notes" / "run")
+
+
+def output_dir_is_a_file(tmp_path):
+    cli(tmp_path, output_dir=_write(tmp_path / "run", "a file"))
+
+
+def checkpoint_every_zero(tmp_path):
+    cli(tmp_path, "train.checkpoint_every = 0")
+
+
+def heldout_finetuning_steps_zero(tmp_path):
+    cli(tmp_path, "train.evaluation = @heldout_finetuning", "heldout_finetuning.steps = 0")
+
+
+def unknown_strategy_name(tmp_path):
+    cli(tmp_path, "train.strategy = 'mirored'")
+
+
+def misspelt_loss_name(tmp_path):
+    cli(tmp_path, "train.loss = 'sparse_categorical_crossentropi'")
+
+
+def mse_on_class_labels(tmp_path):
+    cli(tmp_path, "train.loss = @MeanSquaredError()")
+
+
+def model_without_trainable_weights(tmp_path):
+    cli(tmp_path, "train.model = @frozen_model()")
+
+
+def model_output_not_a_vector(tmp_path):
+    cli(tmp_path, "train.model = @image_output_model()")
+
+
+def overwrite_and_resume_together(tmp_path):
+    cli(tmp_path, "train.overwrite = True", resume=True)
+
+
+def overwrite_a_folder_that_is_not_a_run(tmp_path):
+    _write(tmp_path / "run" / "thesis.tex", "years of work")
+    cli(tmp_path, "train.overwrite = True")
+
+
+def resume_with_another_meta_learning_rate(tmp_path):
+    _earlier_run(tmp_path)
+    cli(tmp_path, "meta/SGD.learning_rate = 0.5", resume=True)
+
+
+def resume_with_another_task_seed(tmp_path):
+    _earlier_run(tmp_path)
+    cli(tmp_path, "digits_tasks.seed = 3", resume=True)
+
+
+def resume_with_another_length(tmp_path):
+    _earlier_run(tmp_path)
+    cli(tmp_path, "train.meta_updates = 6", resume=True)
+
+
+def diverged_at_the_first_step(tmp_path):
+    cli(tmp_path, "inner/SGD.learning_rate = 1e30")
+
+
 def _built_meta():
     meta = _compile(tfmeta.MetaModel(_small_model()))
     meta.build((2, 1, 3, 4))
@@ -252,18 +435,51 @@ CASES = [
     (metamodel_fed_wrong_rank, ValueError, r"must be .*\[T, S, B, 8, 8, 1\] \(rank 6\)"),
     (compile_negative_inner_learning_rate, ValueError, r"finite number >= 0: set the learning_rate of inner_optimizer"),
     (meta_batch_not_divisible_by_replicas, ValueError, r"choose tasks_per_batch a multiple of 2 \(e\.g\. 4\)"),
+    (gin_syntax_error_in_file, ConfigError, r"bad\.gin line 1: .*write each binding as configurable\.parameter = value"),
+    (gin_reference_without_at, ConfigError, r"'train\.learner=Reptile\(\)': 'Reptile' is not a gin value: write @Reptile\(\)"),
+    (gin_bracket_never_closed, ConfigError, r"'mlp\.units = \(64, 64': a bracket or quote is opened and never closed: close it"),
+    (empty_gin_file, ConfigError, r"empty\.gin\) binds no train\.tasks, .*start from a complete config such as gin/digits\.gin"),
+    (binary_gin_file, ConfigError, r"bin\.gin is not a gin text file .*pass a gin config such as gin/digits\.gin"),
+    (gin_file_is_a_directory, ConfigError, r"configs\.gin is a directory, not a gin file: pass one of the files in it"),
+    (misspelt_gin_file, ConfigError, r"gin/digit\.gin does not exist: pass an existing --gin_file; did you mean gin/digits\.gin\?"),
+    (float_labels, TypeError, r"y_train must hold integer class labels .*float64 \(whole numbers\): convert them with y\.astype\('int32'\)"),
+    (float_images_with_nan, TypeError, r"x_train must be uint8 .* 640 NaN or infinite values: repair or drop those images"),
+    (train_shots_zero, ValueError, r"train_shots=0 must be an integer >= 1 .*set digits_tasks\.train_shots"),
+    (heldout_tasks_without_test_examples, ValueError, r"has no test examples.*digits_tasks\.test_shots >= 1\), or set train\.evaluation = None"),
+    (output_dir_under_a_file, NotADirectoryError, r"notes, which is a file, not a folder: choose an --output_dir elsewhere"),
+    (output_dir_is_a_file, NotADirectoryError, r"is a file, not a folder: choose another --output_dir"),
+    (checkpoint_every_zero, ValueError, r"train\.checkpoint_every=0 must be an integer >= 1: set train\.checkpoint_every"),
+    (heldout_finetuning_steps_zero, ValueError, r"heldout_finetuning\.steps=0 must be an integer >= 1: set heldout_finetuning\.steps"),
+    (unknown_strategy_name, ValueError, r"Unknown strategy 'mirored': choose one of"),
+    (misspelt_loss_name, ConfigError, r"did you mean 'sparse_categorical_crossentropy'"),
+    (mse_on_class_labels, ConfigError, r"for class labels use keras\.losses\.SparseCategoricalCrossentropy"),
+    (model_without_trainable_weights, ConfigError, r"no trainable weights.*unfreeze it"),
+    (model_output_not_a_vector, ConfigError, r"not a vector per example.*end the model with Flatten\(\)"),
+    (overwrite_and_resume_together, ValueError, r"--resume and train\.overwrite=True contradict each other: drop one"),
+    (overwrite_a_folder_that_is_not_a_run, FileExistsError, r"not part of a tfmeta run \(thesis\.tex\).*choose another --output_dir"),
+    (resume_with_another_meta_learning_rate, IncompatibleCheckpointError,
+     r"written with meta/SGD\.learning_rate = 0\.1, this run has 0\.5: resume with --gin_param \"meta/SGD\.learning_rate = 0\.1\""),
+    (resume_with_another_task_seed, IncompatibleCheckpointError,
+     r"written with digits_tasks\.seed = 0, this run has 3: resume with --gin_param \"digits_tasks\.seed = 0\""),
+    (diverged_at_the_first_step, DivergenceError, r"at meta-update 1.*lower it \(e\.g\. inner/SGD\.learning_rate = "),
+    (resume_with_another_length, IncompatibleCheckpointError,
+     r"written with train\.meta_updates = 3, this run has 6: resume with --gin_param \"train\.meta_updates = 3\""),
 ]
 
 
 @pytest.mark.parametrize("case, error, fix", CASES, ids=[c[0].__name__ for c in CASES])
 def test_bad_input_fails_early_naming_the_fix(case, error, fix, tmp_path):
+    CHANGED.clear()
     with pytest.raises(error) as raised:
         case(tmp_path)
     assert type(raised.value) is error or isinstance(raised.value, error)
     first_line = str(raised.value).splitlines()[0]
     assert re.search(fix, first_line), first_line
     # Nothing was trained: no checkpoint beyond the ones a case planted, no export.
-    assert not (tmp_path / "run" / "history.csv").exists()
+    if not case.__name__.startswith("resume_"):
+        assert not (tmp_path / "run" / "history.csv").exists()
+    # The failed command changed nothing: no empty run folder, no logs.
+    assert CHANGED == [], CHANGED
 
 
 def test_at_least_fifteen_kinds():
@@ -291,3 +507,249 @@ def test_command_line_prints_one_line(tmp_path):
         "parameter 'meta_update'; did you mean train.meta_updates?"
     ]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------- advice, followed
+def _main(tool, argv):
+    """`main` of tools/train.py ("train") or tools/finetune.py ("finetune"), gin cleared around it."""
+    from tfmeta.cli import finetune, train
+
+    gin.clear_config()
+    try:
+        return {"train": train, "finetune": finetune}[tool].main(argv)
+    finally:
+        gin.clear_config()
+
+
+def _weights(run):
+    return keras.saving.load_model(run / "initialization" / "model.keras").get_weights()
+
+
+def test_overwrite_as_advised_starts_a_fresh_run(tmp_path):
+    _earlier_run(tmp_path, "digits_tasks.seed = 1")
+    _write(tmp_path / "run" / "logs" / "earlier.marker", "from the earlier run")
+    with pytest.raises(FileExistsError, match=r"pass --gin_param train\.overwrite=True to start the run afresh"):
+        cli(tmp_path)
+    results = cli(tmp_path, "train.overwrite = True")  # the advice, followed
+    assert results["resumed_from_step"] == 0
+    assert not (tmp_path / "run" / "logs" / "earlier.marker").exists()
+    assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 1 + 3  # this run's epochs only
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left aside
+    cli(tmp_path, output_dir=tmp_path / "fresh")
+    for overwritten, fresh in zip(_weights(tmp_path / "run"), _weights(tmp_path / "fresh")):
+        np.testing.assert_allclose(overwritten, fresh, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_or_overwrite_as_advised_for_leftover_checkpoints(tmp_path):
+    _earlier_run(tmp_path)
+    # As if killed after the last checkpoint, before the export: only checkpoints remain.
+    for name in ("initialization", "results.json", "operative_config.gin"):
+        path = tmp_path / "run" / name
+        (path.unlink if path.is_file() else lambda: __import__("shutil").rmtree(path))()
+    with pytest.raises(FileExistsError, match=r"pass --resume to continue it") as raised:
+        cli(tmp_path)
+    assert "--gin_param train.overwrite=True to start afresh" in str(raised.value)
+    resumed = cli(tmp_path, resume=True)  # the first advice, followed: exported, nothing retrained
+    assert resumed["resumed_from_step"] == resumed["train_steps"] == 3
+    assert (tmp_path / "run" / "initialization" / "model.keras").is_file()
+    afresh = cli(tmp_path, "train.overwrite = True")  # the second
+    assert afresh["resumed_from_step"] == 0
+    for a, b in zip(resumed["history"]["loss"], afresh["history"]["loss"]):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_resume_with_the_advised_binding_is_accepted(tmp_path):
+    _earlier_run(tmp_path)
+    with pytest.raises(IncompatibleCheckpointError) as raised:
+        cli(tmp_path, "meta/SGD.learning_rate = 0.5", resume=True)
+    advised = re.search(r'--gin_param "([^"]+)"', str(raised.value)).group(1)
+    assert cli(tmp_path, "meta/SGD.learning_rate = 0.5", advised, resume=True)["complete"]
+
+
+def test_resume_of_a_finished_run_says_so_and_redoes_nothing(tmp_path, capsys):
+    _earlier_run(tmp_path)
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    assert _main("train", argv_for(tmp_path / "run", resume=True)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        f"Meta-training: 3 meta-updates, already complete in {tmp_path / 'run'}: nothing to resume "
+        "(to train it again or longer, start afresh with --gin_param train.overwrite=True, or choose "
+        "another --output_dir)."
+    )
+    assert _tree(tmp_path) == before  # no re-export, no rewritten results
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="running as root: a read-only folder (chmod) does not stop root from writing")
+@pytest.mark.parametrize("where", ["parent", "output_dir"])
+def test_read_only_folder_is_refused_before_training(where, tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    output_dir = folder / "run" if where == "parent" else folder
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match=r"not writable: choose another --output_dir"):
+            cli(tmp_path, output_dir=output_dir)
+    finally:
+        folder.chmod(0o700)
+    assert CHANGED == []
+
+
+def _damaged_export(tmp_path, damage):
+    from tfmeta.models import mlp
+
+    keras.utils.set_random_seed(0)
+    export = export_initialization(mlp(5, input_shape=(8, 8, 1), units=(8,)), tmp_path / "init")
+    if damage == "saved_model.pb":
+        (export / "saved_model" / "saved_model.pb").unlink()
+    else:
+        data = (export / "model.keras").read_bytes()
+        (export / "model.keras").write_bytes(data[: len(data) // 2])
+    return export
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("saved_model.pb", r"saved_model/saved_model\.pb is missing\. Re-export with"),
+    ("model.keras", r"corrupt: the sha256 of model\.keras .*Re-export with"),
+])
+def test_finetune_command_on_a_damaged_export_prints_one_line(damage, problem, tmp_path, capsys):
+    export = _damaged_export(tmp_path, damage)
+    code = _main("finetune", ["--init", str(export), "--gin_file", "gin/digits.gin",
+                              "--output_dir", str(tmp_path / "ft")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("tfmeta-finetune: error: CorruptExportError: "), err
+    assert re.search(problem, err[0]), err[0]
+    assert not (tmp_path / "ft").exists()
+
+
+# ------------------------------------------------------------- in processes of their own
+# One process runs several command lines in a row, each with its own stderr
+# (file descriptor 2, so TensorFlow's C++ messages would show) and, if asked,
+# a file-size limit (a soft RLIMIT_FSIZE; Python ignores SIGXFSZ, so a write
+# past it fails with EFBIG instead of killing the process).
+DRIVER = r"""
+import json, os, resource, shutil, sys, threading
+import gin
+from tfmeta.cli import finetune, train
+outcomes = []
+for call in json.loads(sys.argv[1]):
+    for path in call.get("remove", []):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # A pipe, not a file: the file-size limit applies to files only, as on a terminal.
+    read_end, write_end = os.pipe()
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 65536), b"")))
+    reader.start()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    if call.get("fsize"):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (call["fsize"], hard))
+    try:
+        code = {"train": train, "finetune": finetune}[call["tool"]].main(call["argv"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        reader.join()
+        os.close(read_end)
+        gin.clear_config()
+    outcomes.append({"code": code, "stderr": b"".join(chunks).decode().splitlines()})
+print(json.dumps(outcomes))
+"""
+
+
+def _user_env():
+    """The environment of a user who set nothing (conftest quiets TensorFlow for the tests)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "TFMETA_DEBUG", "TFMETA_FAULT"):
+        env.pop(name, None)
+    return env
+
+
+def _drive(calls):
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(calls)],
+        cwd=REPO, env=_user_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_each_command_line_error_is_one_line_with_exit_code_2(tmp_path):
+    run, history = tmp_path / "run", tmp_path / "run" / "history.csv"
+    export = _damaged_export(tmp_path, "model.keras")
+    train = lambda *bindings, out=run, **kw: {"tool": "train", "argv": argv_for(out, *bindings, **kw)}  # noqa: E731
+    calls = {
+        "unknown parameter": train("train.meta_update = 3"),
+        "missing gin file": train(gin_file="gin/digit.gin"),  # no stray "ERROR:root" line first
+        "reference without @": train("train.learner=Reptile()"),
+        "train_shots = 0": train("digits_tasks.train_shots = 0"),
+        "output dir is a file": train(out=export / "model.keras"),
+        "truncated export": {"tool": "finetune", "argv": ["--init", str(export), "--gin_file", "gin/digits.gin"]},
+        # A file-size limit met by the first checkpoint: nothing is left behind.
+        "file-size limit": {**train(out=tmp_path / "limited"), "fsize": 20_000},
+        # A finished run whose export and results are lost (killed before them): its
+        # resume first cuts history.csv back, which the limit stops half-way.
+        "earlier run": train(),
+        "history rewrite at the limit": {
+            **train(resume=True), "fsize": 100,
+            "remove": [str(run / "initialization"), str(run / "results.json")],
+        },
+        "limit lifted, as advised": train(resume=True),
+    }
+    outcomes = dict(zip(calls, _drive(list(calls.values()))))
+    for name, outcome in outcomes.items():
+        if name in ("earlier run", "limit lifted, as advised"):
+            assert outcome["code"] == 0, (name, outcome)
+            continue
+        assert outcome["code"] == 2, (name, outcome)
+        assert len(outcome["stderr"]) == 1, (name, outcome["stderr"])
+        assert re.match(r"tfmeta-(train|finetune): error: \w+: ", outcome["stderr"][0]), (name, outcome)
+    assert "File too large" in outcomes["file-size limit"]["stderr"][0]
+    assert not (tmp_path / "limited").exists()
+    line = outcomes["history rewrite at the limit"]["stderr"][0]
+    assert f"could not write {history}: File too large; its previous content, if any, is unchanged" in line
+    # The rewrite was atomic: the limit left history.csv whole (3 epochs), and
+    # the resumed run with the limit lifted kept it.
+    rows = history.read_text().splitlines()
+    assert len(rows) == 1 + 3 and all(len(r.split(",")) == len(rows[0].split(",")) for r in rows)
+    assert not list(run.glob(".history.csv.*"))
+    assert (run / "results.json").is_file()
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, str(REPO / "tools" / "train.py"), *argv_for(
+        run, "train.meta_updates = 300", "train.steps_per_execution = 1", "train.epochs = 3")]
+    env = _user_env()
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "history.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # history.csv appears when training starts
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"tfmeta-train: interrupted at train step (\d+), checkpoint saved in (\S+): continue with: (.+)", last
+    )
+    assert match, last
+    step, directory, resume = int(match[1]), pathlib.Path(match[2]), match[3]
+    assert 0 < step < 300 and directory == run / "checkpoints"
+    assert (directory / f"ckpt-{step:09d}" / "manifest.json").is_file()
+    assert "Traceback" not in err
+    # The advice, followed word for word.
+    words = __import__("shlex").split(resume)
+    assert words[:2] == ["python", str(REPO / "tools" / "train.py")] and words[-1] == "--resume"
+    resumed = subprocess.run([sys.executable, *words[1:]], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed_from_step"] == step and results["meta_updates"] == 300
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 3

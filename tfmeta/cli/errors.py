@@ -34,7 +34,9 @@ class Interrupted(Exception):
     """Training stopped on Ctrl-C after writing a checkpoint of train step `step` in `directory`."""
 
     def __init__(self, step, directory):
-        super().__init__(f"interrupted at train step {step}, checkpoint saved in {directory}")
+        # `message` too: gin appends its call site to str() of errors raised inside `train`.
+        self.message = f"interrupted at train step {step}, checkpoint saved in {directory}"
+        super().__init__(self.message)
         self.step, self.directory = step, directory
 
 
@@ -44,7 +46,7 @@ def expected():
     from tfmeta.divergence import DivergenceError
 
     return (
-        ValueError, TypeError, OSError, SyntaxError, LookupError, CheckpointError, DivergenceError,
+        ValueError, TypeError, OSError, SyntaxError, CheckpointError, DivergenceError,
     ) + _tensorflow_errors()
 
 
@@ -65,6 +67,27 @@ _WRITE_FIXES = {
 }
 
 
+def unwrap(error):
+    """The error itself, not gin's copy of it.
+
+    gin re-raises an error from inside a configurable as an instance of a
+    subclass that only appends the call site to its message; that copy
+    lacks the original's attributes (an OSError's errno and filename).
+
+    Example::
+
+        unwrap(error).errno
+    """
+    inner = error.__context__
+    while (
+        inner is not None and error.__suppress_context__
+        and type(error).__bases__ == (type(inner),)
+        and type(error).__qualname__ == type(inner).__qualname__  # gin names the copy as the original
+    ):
+        error, inner = inner, inner.__context__
+    return error
+
+
 def describe(error):
     """The one line that explains `error` to a user (its first line, plus advice).
 
@@ -75,6 +98,7 @@ def describe(error):
     """
     from tfmeta.atomic import WriteError
 
+    error = unwrap(error)
     if isinstance(error, WriteError):  # names its file and says the old content is intact
         return error.strerror
     if isinstance(error, OSError) and error.errno in _WRITE_FIXES:
@@ -95,7 +119,7 @@ def report(prog, error):
     """
     if debug_enabled():
         raise error
-    print(f"{prog}: error: {type(error).__name__}: {describe(error)}", file=sys.stderr)
+    print(f"{prog}: error: {type(unwrap(error)).__name__}: {describe(error)}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 

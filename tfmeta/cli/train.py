@@ -145,7 +145,7 @@ def main(argv=None):
     try:
         results = run(argv)
     except errors.Interrupted as stop:
-        print(f"{PROG}: {stop}: continue with: {resume_command(argv)}", file=sys.stderr)
+        print(f"{PROG}: {stop.message}: continue with: {resume_command(argv)}", file=sys.stderr)
         return errors.EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{PROG}: aborted; --resume continues from the newest checkpoint, if any.", file=sys.stderr)
