@@ -96,6 +96,15 @@ def reachability_experiment(
     return out
 
 
+def _matrix_table(caption, names, matrix, cell_format):
+    """Markdown lines of a target x source matrix, under ``caption``."""
+    lines = ["", caption, "", "| target \\ source | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for t, row in zip(names, matrix):
+        lines.append(f"| **{t}** | " + " | ".join(cell_format.format(v) for v in row) + " |")
+    return lines
+
+
 def reachability_markdown(out) -> str:
     """Markdown tables of a :func:`reachability_experiment` result."""
     names = out["names"]
@@ -112,20 +121,11 @@ def reachability_markdown(out) -> str:
         lines.append(f"| **{t}** | " + " | ".join(cells)
                      + f" | {'n.c.' if scratch is None else scratch} |")
     if "total_distance" in out:
-        lines += ["", "Size-weighted distance (N_u C(S u T) - N_s C(S)) / N_t "
-                  "(`Reachability.total_distance`):", "",
-                  "| target \\ source | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]
-        for ti, t in enumerate(names):
-            lines.append(f"| **{t}** | " + " | ".join(
-                f"{v:+.3f}" for v in out["total_distance"][ti]) + " |")
-    lines += ["", "Steps relative to the target's steps from scratch (< 1: the source "
-              "helps):", "",
-              "| target \\ source | " + " | ".join(names) + " |",
-              "|---|" + "---|" * len(names)]
-    for ti, t in enumerate(names):
-        lines.append(f"| **{t}** | " + " | ".join(
-            f"{v:.2f}" for v in out["relative_steps"][ti]) + " |")
+        lines += _matrix_table("Size-weighted distance (N_u C(S u T) - N_s C(S)) / N_t "
+                               "(`Reachability.total_distance`):",
+                               names, out["total_distance"], "{:+.3f}")
+    lines += _matrix_table("Steps relative to the target's steps from scratch (< 1: the "
+                           "source helps):", names, out["relative_steps"], "{:.2f}")
     lines += ["", "| task | classes | C_beta | loss | weight term | curvature term | "
               "steps from scratch |", "|---|---|---|---|---|---|---|"]
     for t in names:
