@@ -10,7 +10,8 @@ On a small convnet (28x28x1 -> Conv2D(16) -> MaxPool -> Conv2D(32) -> MaxPool
 
 after warming both up (tracing excluded), repeated ``--repeats`` times, and
 prints the medians and their ratio (goal: <= 2). Inputs are random normal:
-this measures speed only.
+this measures speed only. ``--path per_example`` times the row-by-row path
+that models with grouped convolutions take (``tfmeta.complexity.per_example``).
 
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python tools/bench_fisher.py
 """
@@ -53,6 +54,8 @@ def main(argv=None):
                         help="skip per-parameter standard errors")
     parser.add_argument("--exact", action="store_true",
                         help="exact expectation over labels (10x the rows)")
+    parser.add_argument("--path", choices=("auto", "vectorized", "per_example"), default="auto",
+                        help="per-example gradient path of diagonal_fisher (auto: the rule)")
     parser.add_argument("--jit-compile", default="auto",
                         help="model.compile jit_compile for the epoch (auto/true/false)")
     parser.add_argument("--seed", type=int, default=0)
@@ -80,7 +83,7 @@ def main(argv=None):
         return diagonal_fisher(
             model, (x, y), batch_size=args.batch_size,
             label_samples=args.label_samples, exact=args.exact,
-            per_parameter_stderr=not args.no_stderr, seed=args.seed,
+            per_parameter_stderr=not args.no_stderr, seed=args.seed, path=args.path,
         )
 
     def epoch():
@@ -101,12 +104,12 @@ def main(argv=None):
     e_med = statistics.median(epoch_times)
     ratio = f_med / e_med
     print(f"model: {model.count_params()} parameters, N={args.examples}, "
-          f"batch={args.batch_size}, repeats={args.repeats}")
+          f"batch={args.batch_size}, repeats={args.repeats}, path={fisher().path}")
     print(f"diagonal_fisher: median {f_med:.3f} s  ({', '.join(f'{t:.3f}' for t in fisher_times)})")
     print(f"fit epoch:       median {e_med:.3f} s  ({', '.join(f'{t:.3f}' for t in epoch_times)})")
     print(f"ratio fisher/epoch: {ratio:.2f}  (goal <= 2)")
     result = {"fisher_s": f_med, "epoch_s": e_med, "ratio": ratio,
-              "examples": args.examples, "batch_size": args.batch_size,
+              "examples": args.examples, "batch_size": args.batch_size, "path": args.path,
               "params": int(model.count_params())}
     if args.json:
         print(json.dumps(result))
