@@ -244,6 +244,16 @@ def test_conv1d_fisher_matches_per_example_loop():
     _assert_matches_loop(grouped, x, "per_example")
 
 
+def test_conv3d_and_transposed_conv_fisher_match_per_example_loop():
+    # Vectorized too: pfor runs their filter gradients in its while-loop
+    # fallback, on the stock kernels (right, slower).
+    for layer, shape in ((L.Conv3D(2, 2, strides=(1, 2, 1)), (4, 4, 4, 2)),
+                         (L.Conv2DTranspose(2, 3, strides=2), (4, 4, 2))):
+        model = keras.Sequential([keras.Input(shape), layer, L.Flatten(), L.Dense(3)])
+        x = np.random.default_rng(7).normal(size=(3, *shape)).astype(np.float32)
+        _assert_matches_loop(model, x, "vectorized")
+
+
 # --------------------------------------------------------------------------
 # the same checks with and without oneDNN, each in a fresh process
 
@@ -260,7 +270,7 @@ def test_conv_fisher_is_right_with_and_without_onednn():
     for flag, child in children.items():
         output, _ = child.communicate(timeout=600)
         assert child.returncode == 0, f"TF_ENABLE_ONEDNN_OPTS={flag}:\n{output[-4000:]}"
-        assert "4 passed" in output, output[-2000:]
+        assert "5 passed" in output, output[-2000:]
 
 
 def test_onednn_flag_reaches_tensorflow():

@@ -11,8 +11,9 @@ example (:func:`gradient_path`), never by catching a failure:
   ``Conv2D`` op is one the patch gradient below handles (NHWC, static
   filter shape, not grouped). That covers ``Dense``, ``Conv1D``/``Conv2D``
   with ``groups=1`` (strided, dilated, any padding), ``DepthwiseConv2D``,
-  ``SeparableConv1D``/``SeparableConv2D``, ``Conv3D`` and transposed
-  convolutions, pooling, BatchNorm, LayerNorm and Dropout.
+  ``SeparableConv1D``/``SeparableConv2D``, pooling, BatchNorm, LayerNorm and
+  Dropout; also ``Conv3D`` and transposed convolutions, whose filter
+  gradients ``pfor`` runs in its while-loop fallback on the stock kernels.
 * ``"per_example"``: ``tf.map_fn`` over the rows, each a plain
   ``tf.gradients`` with TensorFlow's own gradients (what training uses);
   exact everywhere, slower (rows run one after another). Taken for
