@@ -12,14 +12,18 @@ stops training with `DivergenceError` naming the likely cause.
 A loss that is finite but absurd is as bad as a NaN one: an inner loss
 above `max_task_loss` in absolute value (`MetaModel.compile`, default
 `DEFAULT_MAX_TASK_LOSS` = 1e10: far above any loss of normalized data, far
-below float32's overflow) makes that step's loss and gradients NaN
-(`diverged_as_nan`), so the task diverges like any other: left out of the
-logged loss and of the meta-update, counted in `skipped_tasks`.
+below float32's overflow) makes that step's loss, the parameters it
+reaches and their inner optimizer state NaN (`diverged_as_nan`), so the
+task diverges like any other: left out of the logged loss and of the
+meta-update, counted in `skipped_tasks`, and fatal only when every task of
+a meta-update is. A NaN or inf loss is treated the same way, even where
+the gradients stayed finite.
 
 Example::
 
     meta.fit(stream, steps_per_epoch=100)   # logs: loss, meta_updates, skipped_tasks
-    # DivergenceError: every task's inner loop diverged (NaN/inf loss or gradients) ...
+    # DivergenceError: every task's inner loop diverged (NaN/inf loss or gradients,
+    # or a loss above max_task_loss=1e+10) at meta-update 1, ...
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ DEFAULT_MAX_TASK_LOSS = 1e10
 
 
 class DivergenceError(FloatingPointError):
-    """Every task of a meta-update diverged (NaN or inf): meta-training cannot go on."""
+    """Every task of a meta-update diverged (NaN, inf or an absurd loss): training cannot go on."""
 
 
 def diverged_as_nan(loss, values, max_task_loss=None):
@@ -79,12 +83,13 @@ def divergence_message(meta):
     update = int(np.asarray(meta.meta_updates.numpy())) + 1
     limit = getattr(meta, "max_task_loss", None)
     cause = "NaN/inf loss or gradients" + (f", or a loss above max_task_loss={limit:g}" if limit else "")
+    expected = f" (or raise max_task_loss if losses above {limit:g} are expected)" if limit else ""
     return (
         f"every task's inner loop diverged ({cause}) at meta-update "
         f"{update}, so it was skipped and phi kept its last finite value: the inner "
         f"learning rate ({shown}) is most likely too high for this model and loss; lower "
         f"it (e.g. {lower}) or clip the inner gradients (clipnorm=1.0), and check the "
-        "task data for NaN/inf and its scale."
+        f"task data for NaN/inf and its scale{expected}."
     )
 
 
