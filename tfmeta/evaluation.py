@@ -32,6 +32,25 @@ def _check_learning_rate(name, value):
     return rate
 
 
+def check_finetuning_settings(steps, learning_rate, batch_size, names=None):
+    """`(steps, learning_rate, batch_size)` checked, or a ValueError naming the binding to fix.
+
+    `names` maps a setting to the gin binding it came from (default
+    `heldout_finetuning.<setting>`).
+
+    Example::
+
+        check_finetuning_settings(0, 0.1, 10, names={"steps": "finetune.steps"})
+        # ValueError: finetune.steps=0 must be an integer >= 1: ...
+    """
+    names = {k: f"heldout_finetuning.{k}" for k in ("steps", "learning_rate", "batch_size")} | (names or {})
+    return (
+        check_positive_int(names["steps"], steps),
+        _check_learning_rate(names["learning_rate"], learning_rate),
+        check_positive_int(names["batch_size"], batch_size),
+    )
+
+
 def himmelblau_adaptation(learned, baseline, tasks, steps=100):
     """Task-average loss after `steps` inner steps from each candidate point.
 
@@ -58,9 +77,7 @@ def heldout_finetuning(learned, baseline, tasks, steps=100, learning_rate=0.1, b
     held-out test error. Every task starts from a fresh copy of the candidate.
     Either candidate may be None to skip it (both: only check the settings).
     """
-    steps = check_positive_int("heldout_finetuning.steps", steps)
-    batch_size = check_positive_int("heldout_finetuning.batch_size", batch_size)
-    learning_rate = _check_learning_rate("heldout_finetuning.learning_rate", learning_rate)
+    steps, learning_rate, batch_size = check_finetuning_settings(steps, learning_rate, batch_size)
     _check_test_examples(tasks)
     results = {}
     for name, model in (("meta-learned", learned), ("random init", baseline)):

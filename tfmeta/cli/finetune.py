@@ -90,7 +90,11 @@ def _settings(**given):
             overridden.append(f"finetune.{name}")
         else:
             settings[name] = ginconfig.query(f"heldout_finetuning.{name}", defaults[name].default)
-    evaluation.heldout_finetuning(None, None, None, **settings)  # checks them
+    checked = evaluation.check_finetuning_settings(
+        settings["steps"], settings["learning_rate"], settings["batch_size"],
+        names={name.split(".")[1]: name for name in overridden},
+    )
+    settings.update(zip(("steps", "learning_rate", "batch_size"), checked))
     source = "as the training run's evaluation, heldout_finetuning"
     return settings, f"{', '.join(overridden)}; the rest {source}" if overridden else source
 

@@ -33,84 +33,21 @@ import contextlib
 import dataclasses
 import json
 import math
-import sys
 import time
-from typing import Any, Callable
 
 import keras
 import numpy as np
 
 from tfmeta import atomic, distribute, validation
-from tfmeta.checkpoint import (
-    IncompatibleCheckpointError,
-    MetaCheckpoint,
-    latest_checkpoint,
-    resumable_fit,
-)
+from tfmeta.checkpoint import MetaCheckpoint, latest_checkpoint, resumable_fit
 from tfmeta.cli.history import keep_epochs_before, read_history
 from tfmeta.cli.interrupt import StopOnInterrupt, stopping_on_interrupt
 from tfmeta.cli.rundir import RunDir
+from tfmeta.cli.settings import Parts, Settings, check_same_bindings, configure, fixed_bindings
 from tfmeta.export import export_initialization
 from tfmeta.meta_model import MetaModel
 
 __all__ = ["Parts", "Settings", "TrainingJob", "configure", "train"]
-
-#: Bindings a resumed run may change: how it logs, checkpoints, compiles and is
-#: evaluated. Everything else must be the run's own, its length included
-#: (other meta_updates or steps_per_execution would move its epoch and
-#: execution boundaries away from the checkpoint's).
-RESUMABLE_CHANGES = (
-    "train.verbose", "train.evaluation", "train.checkpoint_every", "train.checkpoint_seconds",
-    "train.keep_checkpoints", "train.overwrite", "train.jit_compile", "train.deterministic",
-)
-RESUMABLE_PREFIXES = ("heldout_finetuning.", "himmelblau_adaptation.", "finetune.")
-
-
-@dataclasses.dataclass
-class Parts:
-    """The objects gin builds for a run: tasks (or a `(pretrain, heldout)` pair), model, ..."""
-
-    tasks: Any
-    model: Any
-    learner: Any
-    loss: Any
-    meta_optimizer: Any = None
-    inner_optimizer: Any = None
-    evaluation: Callable | None = None
-
-
-@dataclasses.dataclass
-class Settings:
-    """A run's checked settings (see `train` for each)."""
-
-    inner_steps: int
-    meta_updates: int
-    tasks_per_batch: int | None
-    batch_size: int
-    steps_per_chunk: int
-    epochs: int
-    steps_per_execution: int
-    vectorize_tasks: bool
-    jit_compile: Any
-    overwrite: bool
-    seed: int
-    verbose: int
-    checkpoint_every: int | None
-    checkpoint_seconds: float | None
-    keep_checkpoints: int
-    deterministic: bool
-    resume: bool
-    strategy: Any
-    bindings: dict | None = None
-    operative_config: Callable[[], str] | None = None
-
-    @property
-    def chief(self):
-        return distribute.is_chief(self.strategy)
-
-    @property
-    def workers(self):
-        return distribute.worker_count(self.strategy)
 
 
 def train(
@@ -123,55 +60,20 @@ def train(
 ):
     """Meta-train `model`'s initialization on `tasks`, export it, evaluate it.
 
-    Args:
-        output_dir: where everything is written (`tfmeta.cli.rundir`).
-        tasks: a `TaskDistribution`, or a `(pretrain, heldout)` pair of them
-            (the evaluation then uses the held-out tasks).
-        model: the Keras model whose initialization is learned.
-        learner: a meta-learner (`Leap()`, `Reptile()`, ...).
-        loss: the task loss.
-        inner_steps: K.
-        meta_updates: how many meta-updates to run.
-        tasks_per_batch, batch_size, steps_per_chunk: T, B and S of the task
-            batches (T None: all tasks).
-        meta_optimizer, inner_optimizer: Keras optimizers (default SGD 0.1).
-        epochs: the meta-updates are split into this many Keras epochs (one
-            progress bar, history row and TensorBoard point each).
-        steps_per_execution, vectorize_tasks, jit_compile: see `MetaModel.compile`.
-            `steps_per_execution` is lowered to a divisor of the steps per
-            epoch if needed (Keras would otherwise run extra steps).
-        evaluation: `evaluate(learned, baseline, tasks) -> dict` run after
-            export (see `tfmeta.evaluation`); the baseline is the model as it
-            was before meta-training (its random initialization).
-        overwrite: start afresh in an `output_dir` that holds an earlier
-            run: it is removed (one atomic step) when training starts.
-        seed: seeds Keras, NumPy, Python and the task stream (the command
-            line seeds before gin builds the model, so its init is seeded too).
-        verbose: Keras verbosity (1: progress bar).
-        checkpoint_every: also checkpoint every this many train steps
-            (checkpoints are always written at the end of every epoch and
-            every `checkpoint_seconds`); see `tfmeta.checkpoint`.
-        checkpoint_seconds: checkpoint at least this often (wall clock), or None.
-        keep_checkpoints: complete checkpoints kept in `output_dir/checkpoints`.
-        deterministic: `tf.config.experimental.enable_op_determinism()`, so
-            the same seed gives the same phi run to run (docs/resilience.md).
-        resume: continue from the newest checkpoint in `output_dir/checkpoints`
-            (`--resume`; a fresh start if there is none). The task stream
-            restarts at the checkpoint's train step, so the resumed run ends
-            with the phi of an uninterrupted one. A checkpoint written with
-            other `bindings` (beyond `RESUMABLE_CHANGES`) is refused.
-        strategy: `"default"`, `"mirrored"`, `"multi_worker"` or a
-            `tf.distribute.Strategy` (`tfmeta.distribute`); tasks_per_batch
-            must be a multiple of the replicas. Only the chief writes logs,
-            the export and results; every other worker checkpoints its own
-            tasks' states in `workers/worker-<i>/checkpoints`.
-        bindings: the gin bindings in force (`tfmeta.cli.ginconfig.bindings`),
-            stored in every checkpoint and compared on resume.
-        operative_config: returns the text of `operative_config.gin`.
+    `tasks` is a `TaskDistribution` or a `(pretrain, heldout)` pair (the
+    evaluation then uses the held-out tasks); `model`, `learner`, `loss`,
+    the optimizers and `evaluation` are the run's `Parts`, every other
+    argument a `Settings` field (each documented there). `output_dir` holds
+    the run (`tfmeta.cli.rundir`).
 
     Returns:
         A dict with the export path, the history and the evaluation
         (`"complete": True` when `--resume` found the run already finished).
+
+    Example::
+
+        results = train("runs/x", digits_tasks(), mlp(5, input_shape=(8, 8, 1)), Leap(),
+                        "sparse_categorical_crossentropy", inner_steps=20, meta_updates=300)
     """
     options = dict(locals())
     output_dir = options.pop("output_dir")
@@ -191,93 +93,6 @@ def train(
             return job.worker_results(seconds)
         job.export()
         return job.evaluate(history, seconds, start)
-
-
-# ---------------------------------------------------------------- configure
-def configure(parts, **options):
-    """Check every setting of `train` (all but the parts), before anything is built.
-
-    Returns `Settings`; raises a one-line ValueError naming the gin binding to fix.
-    """
-    positive = validation.check_positive_int
-    options["inner_steps"] = positive(
-        "train.inner_steps", options["inner_steps"], "set train.inner_steps (K, the inner trajectory length) >= 1"
-    )
-    options["steps_per_chunk"] = positive(
-        "train.steps_per_chunk", options["steps_per_chunk"], "set train.steps_per_chunk to a divisor of train.inner_steps"
-    )
-    for name in ("meta_updates", "batch_size", "epochs", "steps_per_execution", "keep_checkpoints"):
-        options[name] = positive(f"train.{name}", options[name])
-    if options["tasks_per_batch"] is not None:
-        options["tasks_per_batch"] = positive(
-            "train.tasks_per_batch", options["tasks_per_batch"], "set train.tasks_per_batch (T) >= 1, or None for all tasks"
-        )
-    if options["checkpoint_every"] is not None:
-        options["checkpoint_every"] = positive(
-            "train.checkpoint_every", options["checkpoint_every"],
-            "set train.checkpoint_every to a number of train steps >= 1, or None (checkpoints "
-            "then come at every epoch's end and every train.checkpoint_seconds)",
-        )
-    options["checkpoint_seconds"] = _check_seconds(options["checkpoint_seconds"])
-    validation.check_learning_rate(parts.meta_optimizer, "meta_optimizer", "meta/SGD.learning_rate (train.meta_optimizer)")
-    validation.check_learning_rate(parts.inner_optimizer, "inner_optimizer", "inner/SGD.learning_rate (train.inner_optimizer)")
-    settings = Settings(**options)
-    settings.strategy = distribute.get_strategy(settings.strategy)
-    distribute.check_jit_compile(settings.jit_compile, settings.strategy)
-    if settings.steps_per_execution > 1 and distribute.uses_collectives(settings.strategy):
-        print(
-            f"tfmeta-train: steps_per_execution={settings.steps_per_execution} -> 1 under "
-            f"{type(settings.strategy).__name__} (see tfmeta.distribute.uses_collectives).",
-            file=sys.stderr,
-        )
-        settings.steps_per_execution = 1
-    return settings
-
-
-def _check_seconds(seconds):
-    if seconds is None:
-        return None
-    try:
-        value = float(seconds)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"train.checkpoint_seconds={seconds!r} must be a number of seconds > 0: set it to "
-            "e.g. 300, or None for no wall-clock checkpoints."
-        )
-    return value
-
-
-def fixed_bindings(bindings):
-    """The bindings a resumed run must share with its checkpoint (all but `RESUMABLE_CHANGES`)."""
-    return {
-        key: value for key, value in (bindings or {}).items()
-        if key not in RESUMABLE_CHANGES and not key.startswith(RESUMABLE_PREFIXES)
-    }
-
-
-def check_same_bindings(saved, current, path):
-    """Refuse to resume checkpoint `path` (written with `saved` bindings) under `current` ones."""
-    if saved is None or current is None:
-        return  # a checkpoint of an older tfmeta, or a run started outside the command line
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if not differ:
-        return
-    key = differ[0]
-    more = f" ({len(differ) - 1} more differ: {', '.join(differ[1:4])})" if len(differ) > 1 else ""
-    if key in saved:
-        now = f"this run has {current[key]}" if key in current else "this run leaves it unbound"
-        fix = f'resume with --gin_param "{key} = {saved[key]}" (the run\'s own setting)'
-        was = f"{key} = {saved[key]}"
-    else:
-        now, was = f"this run binds it to {current[key]}", f"{key} unbound"
-        fix = "drop that binding to resume"
-    raise IncompatibleCheckpointError(
-        f"checkpoint {path} was written with {was}, {now}{more}: {fix}, or start a new run "
-        "in another --output_dir (a resumed run must compute what the checkpoint's run did)."
-    )
-
 
 # ---------------------------------------------------------------- the job
 class TrainingJob:
@@ -300,8 +115,9 @@ class TrainingJob:
 
     # ------------------------------------------------------------ build
     def build(self):
-        """Compile the `MetaModel`, check the task stream and evaluation against it, plan the epochs."""
+        """Seed, compile the `MetaModel`, check the task stream and evaluation against it, plan the epochs."""
         s, parts = self.settings, self.parts
+        keras.utils.set_random_seed(s.seed)
         num_tasks = getattr(self.pretrain, "num_tasks", None)
         if num_tasks is not None and num_tasks < 1:
             raise ValueError(

@@ -1,0 +1,105 @@
+"""The training job's named steps, called one by one, are `train`; history.csv survives crashes."""
+
+import dataclasses
+import inspect
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import tfmeta
+from tfmeta.cli import history, job
+from tfmeta.models import mlp
+from tfmeta.tasks import digits_tasks
+
+# K = 4 inner steps in chunks of S = 1: a meta-update every 4 train steps.
+# Op determinism is what `train` switches on around its steps; off here, the steps and
+# the call run the same kernels.
+SETTINGS = dict(inner_steps=4, meta_updates=6, tasks_per_batch=4, batch_size=5, epochs=2, verbose=0,
+                deterministic=False)
+
+
+def _parts():
+    keras.utils.set_random_seed(0)
+    return job.Parts(
+        tasks=digits_tasks(num_pretrain=8, num_heldout=2, train_shots=5, test_shots=2),
+        model=mlp(5, input_shape=(8, 8, 1), units=(16,)),
+        learner=tfmeta.Leap(),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        meta_optimizer=keras.optimizers.SGD(0.1),
+        inner_optimizer=keras.optimizers.SGD(0.1),
+    )
+
+
+def _defaults():
+    """`train`'s default settings (its parameters with defaults that are not parts)."""
+    parts = {f.name for f in dataclasses.fields(job.Parts)}
+    return {
+        name: p.default for name, p in inspect.signature(job.train).parameters.items()
+        if p.default is not inspect.Parameter.empty and name not in parts
+    }
+
+
+def _phi(run):
+    return keras.saving.load_model(run / "initialization" / "model.keras").get_weights()
+
+
+def test_the_steps_one_by_one_are_the_train_call(tmp_path):
+    whole = job.train(tmp_path / "whole", **vars(_parts()), **SETTINGS)
+
+    parts = _parts()
+    settings = job.configure(parts, **{**_defaults(), **SETTINGS})
+    steps = job.TrainingJob(tmp_path / "steps", settings, parts)
+    steps.folder.check(overwrite=False, resume=False)
+    steps.build()
+    assert (steps.total, steps.per_epoch) == (6 * 4, 6 * 4 // 2)
+    start = steps.resume()
+    assert start == 0  # not --resume
+    with steps.folder.claimed(replace=False):
+        logged, _ = steps.fit(start)
+    steps.export()
+    results = steps.evaluate(logged, 0.0, start)
+
+    assert results["meta_updates"] == whole["meta_updates"] == 6
+    assert results["history"] == whole["history"]
+    for a, b in zip(_phi(tmp_path / "steps"), _phi(tmp_path / "whole")):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((tmp_path / "steps" / "results.json").read_text())["train_steps"] == 24
+
+
+def test_configure_names_the_binding_to_fix():
+    with pytest.raises(ValueError, match=r"train\.keep_checkpoints=0 must be an integer >= 1"):
+        job.configure(_parts(), **{**_defaults(), **SETTINGS, "keep_checkpoints": 0})
+    with pytest.raises(ValueError, match=r"train\.checkpoint_seconds=-1 must be a number of seconds > 0"):
+        job.configure(_parts(), **{**_defaults(), **SETTINGS, "checkpoint_seconds": -1})
+
+
+def test_only_how_a_run_logs_and_checkpoints_may_change_on_resume():
+    saved = {"train.meta_updates": "300", "meta/SGD.learning_rate": "0.1", "train.verbose": "1",
+             "heldout_finetuning.steps": "50"}
+    job.check_same_bindings(
+        job.fixed_bindings(saved), job.fixed_bindings({**saved, "train.verbose": "0", "heldout_finetuning.steps": "9"}),
+        "ckpt",
+    )
+    with pytest.raises(tfmeta.checkpoint.IncompatibleCheckpointError, match=r"meta/SGD\.learning_rate = 0\.1, this run leaves it unbound"):
+        job.check_same_bindings(job.fixed_bindings(saved), {"train.meta_updates": "300"}, "ckpt")
+    with pytest.raises(tfmeta.checkpoint.IncompatibleCheckpointError, match=r"written with mlp\.units unbound.*drop that binding"):
+        job.check_same_bindings({}, {"mlp.units": "(8,)"}, "ckpt")
+
+
+HEADER = "epoch,loss,meta_updates"
+
+
+def test_history_cut_keeps_whole_rows_of_earlier_epochs(tmp_path):
+    path = tmp_path / "history.csv"
+    # Rows as Keras' CSVLogger writes them; the last one cut short by a crash.
+    path.write_bytes(f"{HEADER}\r\n0,0.5,100.0\r\n1,0.3,200.0\r\n2,0.2".encode())
+    history.keep_epochs_before(path, 2)
+    assert path.read_bytes() == f"{HEADER}\r\n0,0.5,100.0\r\n1,0.3,200.0\r\n".encode()
+    assert history.read_history(path) == {"loss": [0.5, 0.3], "meta_updates": [100.0, 200.0]}
+    history.keep_epochs_before(path, 1)
+    assert history.read_history(path) == {"loss": [0.5], "meta_updates": [100.0]}
+    assert not list(tmp_path.glob(".history.csv.*"))  # no temporary file left
+    history.keep_epochs_before(path, 0)  # a fresh run
+    assert not path.exists() and history.read_history(path) == {}
