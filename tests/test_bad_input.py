@@ -580,6 +580,13 @@ def test_resume_of_a_finished_run_says_so_and_redoes_nothing(tmp_path, capsys):
     assert _tree(tmp_path) == before  # no re-export, no rewritten results
 
 
+def test_strategy_object_from_gin_is_accepted(tmp_path):
+    # The docs allow a tf.distribute.Strategy for train.strategy: gin builds it.
+    results = cli(tmp_path, "train.strategy = @MirroredStrategy()")
+    assert results["meta_updates"] == 3
+    assert "train.strategy = @MirroredStrategy()" in (tmp_path / "run" / "operative_config.gin").read_text()
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="running as root: a read-only folder (chmod) does not stop root from writing")
 @pytest.mark.parametrize("where", ["parent", "output_dir"])

@@ -5,8 +5,9 @@
 
     python tools/train.py --gin_file gin/digits.gin --output_dir runs/digits --resume
 
-Everything is configured with gin (`gin/*.gin`); `tfmeta.cli.job.train`
-(gin name `train`) lists what a config binds and runs the job's steps.
+Everything is configured with gin (`gin/*.gin`): `tfmeta.cli.settings`
+(`Parts` and `Settings`) lists what a config binds as `train.<name>`, and
+`tfmeta.cli.job.train` (gin name `train`) runs the job's steps.
 Outputs in `--output_dir`: `logs/` (TensorBoard), `history.csv`,
 `checkpoints/` (the newest complete checkpoints, see `tfmeta.checkpoint`),
 `initialization/` (the export: `.keras` + SavedModel), `operative_config.gin`
