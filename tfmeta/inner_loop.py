@@ -21,7 +21,9 @@ Example (what `MetaModel` does)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 
 import keras
 import tensorflow as tf
@@ -57,6 +59,19 @@ class _BatchMean(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         return self.fn(y_true, y_pred)
+
+
+@contextlib.contextmanager
+def _quiet_pfor():
+    """TensorFlow's logger silenced: pfor logs every op it cannot batch (dozens of
+    lines of NodeDefs) before raising; the error it raises says it in one line."""
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclasses.dataclass(eq=False)
@@ -115,7 +130,8 @@ class InnerLoop:
 
         if self.vectorize:
             try:
-                return tf.vectorized_map(step, (tasks, x, y), fallback_to_while_loop=False)
+                with _quiet_pfor():
+                    return tf.vectorized_map(step, (tasks, x, y), fallback_to_while_loop=False)
             except ValueError as error:
                 # Only what the step does without vectorization too is the
                 # step's own error; the rest is tf.vectorized_map's (pfor).

@@ -68,9 +68,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
     def __init__(self, model, name="meta_model", **kwargs):
         super().__init__(name=name, **kwargs)
         if not isinstance(model, keras.Model):
-            raise TypeError(
-                f"MetaModel wraps a keras.Model, got {type(model).__name__}."
-            )
+            raise TypeError(f"MetaModel wraps a keras.Model, got {type(model).__name__}.")
         if not model.built:
             raise ConfigError(
                 "MetaModel needs a built model so that its weights (phi) exist: "
@@ -162,9 +160,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 f"tfmeta.Leap() or tfmeta.Reptile(); got {learner!r}."
             )
         if inner_steps is None or int(inner_steps) < 1:
-            raise ConfigError(
-                f"inner_steps (K) must be an integer >= 1, got {inner_steps!r}."
-            )
+            raise ConfigError(f"inner_steps (K) must be an integer >= 1, got {inner_steps!r}.")
         if int(inner_unroll) < 1:
             raise ConfigError(f"inner_unroll must be >= 1, got {inner_unroll!r}.")
         learner.schedule.check_inner_steps(int(inner_steps))
@@ -310,7 +306,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         tasks, loss = self.inner_loop.run(tasks, x, y, tf.convert_to_tensor(self.position.value))
         position = self.position.value + self.chunk_steps
         length = tf.convert_to_tensor(self.trajectory_length.value)
-        due = self.schedule.due(position, self.trajectory_length.value)
+        due = self.schedule.due(position, length)
         # Synchronization points (all-reduce, optimizer) cannot sit inside a
         # tf.cond of a replica context: the cond is in the cross-replica merge.
         contribution = self.outer_step.contribution(tasks, phi, first)
