@@ -116,14 +116,11 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 meta-update and of the logged loss (`tfmeta.divergence`).
                 `None` leaves only NaN and inf out.
             **kwargs: passed to `keras.Model.compile` (`steps_per_execution`,
-                `run_eagerly`, ...). `jit_compile` follows Keras: `"auto"`
-                (default) compiles with XLA on a GPU and not on CPU-only
-                machines (where XLA measured 2-10x slower) nor under a
-                multi-replica strategy; `True`/`False` force it. `True` with
-                more than one replica raises (see `tfmeta.distribute`).
-                Mixed precision policies work without loss scaling, so
-                `auto_scale_loss=True` is refused (docs/design.md, "Inner
-                optimizers").
+                `run_eagerly`, ...). `jit_compile="auto"` (Keras' default) uses
+                XLA on a GPU only (on CPU it measured 2-10x slower), never
+                under several replicas, where `True` raises. Mixed precision
+                works without loss scaling: `auto_scale_loss=True` is refused
+                (docs/design.md, "Inner optimizers").
         """
         self._check_compile_arguments(loss, learner, inner_steps, inner_unroll, kwargs)
         optimizer, self.inner_optimizer = self._optimizers(optimizer, inner_optimizer)

@@ -7,11 +7,6 @@ from tfmeta.learners.leap import Leap
 from tfmeta.learners.reptile import Reptile
 
 __all__ = [
-    "ContinualTrajectoryShifting",
-    "FOMAML",
-    "InnerStep",
-    "Leap",
-    "MetaLearner",
-    "Reptile",
+    "ContinualTrajectoryShifting", "FOMAML", "InnerStep", "Leap", "MetaLearner", "Reptile",
     "Schedule",
 ]
