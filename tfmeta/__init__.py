@@ -20,27 +20,34 @@ error AUC over the steps).
 
 __version__ = "0.1.0"
 
-from tfmeta.learners import (  # noqa: E402
-    FOMAML,
-    ContinualTrajectoryShifting,
-    InnerStep,
-    Leap,
-    MetaLearner,
-    Reptile,
-    Schedule,
-)
-from tfmeta.meta_model import MetaModel  # noqa: E402
-from tfmeta.export import export_initialization, load_initialization  # noqa: E402
+# Public names are imported on first use (PEP 562), so that `import tfmeta`
+# and the command-line tools' `--help` do not pay TensorFlow's import.
+_EXPORTS = {
+    "ContinualTrajectoryShifting": "tfmeta.learners",
+    "FOMAML": "tfmeta.learners",
+    "InnerStep": "tfmeta.learners",
+    "Leap": "tfmeta.learners",
+    "MetaLearner": "tfmeta.learners",
+    "Reptile": "tfmeta.learners",
+    "Schedule": "tfmeta.learners",
+    "AfterUpdate": "tfmeta.schedule",
+    "MetaModel": "tfmeta.meta_model",
+    "export_initialization": "tfmeta.export",
+    "load_initialization": "tfmeta.export",
+}
 
-__all__ = [
-    "ContinualTrajectoryShifting",
-    "FOMAML",
-    "InnerStep",
-    "Leap",
-    "MetaLearner",
-    "MetaModel",
-    "Reptile",
-    "Schedule",
-    "export_initialization",
-    "load_initialization",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tfmeta' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

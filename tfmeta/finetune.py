@@ -41,6 +41,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tfmeta import atomic
+from tfmeta.input_options import without_autotuning
 
 __all__ = [
     "FinetuneResult",
@@ -194,7 +195,7 @@ def finetune(
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     recorder = _StepRecorder()
     model.fit(
-        _training_dataset(train_data, batch_size, seed),
+        without_autotuning(_training_dataset(train_data, batch_size, seed)),
         epochs=1,
         steps_per_epoch=steps,
         shuffle=False,
@@ -203,13 +204,10 @@ def finetune(
     )
     test_loss = test_error = None
     if test_data is not None:
-        if isinstance(test_data, tf.data.Dataset):
-            scores = model.evaluate(test_data, return_dict=True, verbose=verbose)
-        else:
-            x_test, y_test = test_data
-            scores = model.evaluate(
-                x_test, y_test, batch_size=batch_size, return_dict=True, verbose=verbose
-            )
+        if not isinstance(test_data, tf.data.Dataset):
+            # Keras would build an autotuned stream from the arrays (see tfmeta.input_options).
+            test_data = tf.data.Dataset.from_tensor_slices(tuple(test_data)).batch(batch_size)
+        scores = model.evaluate(without_autotuning(test_data), return_dict=True, verbose=verbose)
         test_loss = float(scores["loss"])
         test_error = 1.0 - float(scores["accuracy"])
     return FinetuneResult(

@@ -32,6 +32,7 @@ from tfmeta.distribute import check_jit_compile, check_steps_per_execution
 from tfmeta.divergence import DEFAULT_MAX_TASK_LOSS, DivergenceGuard
 from tfmeta.inner_loop import InnerLoop, mean_loss
 from tfmeta.inner_optimizer import make_stateless
+from tfmeta.input_options import without_autotuning
 from tfmeta.learners.base import MetaLearner
 from tfmeta.outer_step import OuterStep
 from tfmeta.task_state import TaskState
@@ -383,7 +384,9 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 callbacks.append(DivergenceGuard())
             kwargs["callbacks"] = callbacks
         validation.check_task_batches(self.model, getattr(self, "task_loss", None), x, y)
-        return super().fit(x, y, *args, shuffle=False, **kwargs)
+        if "validation_data" in kwargs:
+            kwargs["validation_data"] = without_autotuning(kwargs["validation_data"])
+        return super().fit(without_autotuning(x), y, *args, shuffle=False, **kwargs)
 
     def steps_for(self, meta_updates, steps_per_chunk=None):
         """How many task-batch chunks (train steps) `meta_updates` meta-updates take.

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tfmeta.input_options import without_autotuning
+
 
 def _split(element):
     if isinstance(element, dict):
@@ -59,7 +61,7 @@ def iterate_batches(data, batch_size=None, num_samples=None):
     if isinstance(data, tf.data.Dataset):
         if batch_size is not None:
             data = data.unbatch().batch(int(batch_size))
-        for element in data:
+        for element in without_autotuning(data):
             x, y = _split(element)
             n = int(tf.shape(x)[0])
             if remaining is not None and n > remaining:

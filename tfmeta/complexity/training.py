@@ -20,6 +20,8 @@ import keras
 import tensorflow as tf
 
 from tfmeta.complexity import _data
+from tfmeta.heads import find_head, with_new_head
+from tfmeta.input_options import without_autotuning
 
 __all__ = [
     "NOT_CONVERGED",
@@ -161,34 +163,10 @@ def replace_head(model, num_classes: int, seed: Optional[int] = 0):
     """
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    head = model.layers[-1] if model.layers else None
-    if not isinstance(head, keras.layers.Dense):
-        raise TypeError(
-            "replace_head needs a model whose last layer is a Dense head (got "
-            f"{type(head).__name__}); build the target model yourself and copy the "
-            "body's weights, or end the model_fn's model with keras.layers.Dense"
-        )
+    find_head(model)  # refuse a model without a replaceable head before copying it
     if seed is not None:
         keras.utils.set_random_seed(int(seed))
-    body = copy_model(model)
-    new_head = keras.layers.Dense.from_config(
-        {**head.get_config(), "units": int(num_classes)}
-    )
-    if isinstance(body, keras.Sequential):
-        inputs = body.inputs[0]
-        return keras.Sequential(
-            [keras.Input(batch_shape=inputs.shape, dtype=inputs.dtype),
-             *body.layers[:-1], new_head],
-            name=body.name,
-        )
-    outputs = getattr(body, "outputs", None)
-    if not outputs or len(outputs) != 1 or outputs[0] is not body.layers[-1].output:
-        raise TypeError(
-            "replace_head works on Sequential models and single-output functional "
-            "models whose output is their last (Dense) layer; for a subclassed model "
-            "construct it with the new num_classes and copy the body's weights"
-        )
-    return keras.Model(body.inputs, new_head(body.layers[-1].input), name=body.name)
+    return with_new_head(copy_model(model), int(num_classes))
 
 
 def fit_to_threshold(model, data, recipe: TrainingRecipe) -> TrainResult:
@@ -229,7 +207,7 @@ def fit_to_threshold(model, data, recipe: TrainingRecipe) -> TrainResult:
         jit_compile=recipe.jit_compile,
     )
     stopper = _ThresholdStop(evaluate, recipe, curve)
-    model.fit(ds, epochs=1, steps_per_epoch=int(recipe.steps), verbose=0,
+    model.fit(without_autotuning(ds), epochs=1, steps_per_epoch=int(recipe.steps), verbose=0,
               shuffle=False, callbacks=[stopper])
     final = curve[-1][1] if curve[-1][0] == stopper.steps else evaluate()
     converged = stopper.converged or (

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from tfmeta.export.format import InvalidExportError, read_export_info
-from tfmeta.export.heads import with_new_head
+from tfmeta.heads import with_new_head
 
 __all__ = ["HEAD_MODES", "load_initialization", "load_savedmodel_layer"]
 

@@ -31,7 +31,7 @@ from tfmeta.export.format import (
     TRAINING_ENDPOINT,
     checksums,
 )
-from tfmeta.export.heads import features_model
+from tfmeta.heads import features_model
 from tfmeta.failpoints import failpoint
 
 __all__ = ["export_initialization"]

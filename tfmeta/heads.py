@@ -1,4 +1,4 @@
-"""The head of an exported model: find it, cut the model at its input, or replace it.
+"""The head of a model: find it, cut the model at its input, or replace it.
 
 The head is the model's last layer when it is a Dense layer producing the
 model's only output (Sequential and functional models); subclassed models
@@ -6,7 +6,7 @@ have no layer graph to cut.
 
 Example::
 
-    from tfmeta.export.heads import features_model
+    from tfmeta.heads import features_model
 
     trunk = features_model(model)   # model input -> head input, same layers
 """
@@ -28,21 +28,22 @@ def find_head(model):
     old_head = model.layers[-1] if model.layers else None
     if not isinstance(old_head, keras.layers.Dense):
         raise TypeError(
-            "load_initialization replaces the head only when the model's last "
-            f"layer is a Dense layer (got {type(old_head).__name__}); load with "
-            "num_classes=None and add your own head"
+            "the head can be replaced only when the model's last layer is a "
+            f"Dense head (got {type(old_head).__name__}): end the model with "
+            "keras.layers.Dense, or keep its head (load_initialization with "
+            "num_classes=None) and add your own"
         )
     outputs = getattr(model, "outputs", None)
     if not outputs:
         raise TypeError(
-            f"{type(model).__name__} is a subclassed model: load_initialization "
-            "cannot rewire its head. Load with num_classes=None (or head='keep') "
+            f"{type(model).__name__} is a subclassed model: its head cannot be "
+            "rewired. Load with num_classes=None (or head='keep') "
             "and build the new head in the model class, e.g. by constructing it "
             "with num_classes and copying the other layers' weights."
         )
     if len(outputs) != 1 or outputs[0] is not old_head.output:
         raise TypeError(
-            "load_initialization replaces the head only of single-output models "
+            "the head can be replaced only in single-output models "
             "whose output is produced by their last Dense layer"
         )
     return old_head, old_head.input
