@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import io
 import pathlib
 import random
 
@@ -134,10 +133,9 @@ def plot_curves(results, path, *, title=None):
     if title:
         figure.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Rendered in memory, then written atomically: a crash keeps the old PNG.
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=100)
-    return atomic.write_bytes(path, png.getvalue())
+    with atomic.open_atomic(path) as handle:  # a crash keeps the old PNG
+        figure.savefig(handle, format="png", dpi=100)
+    return path
 
 
 def finetune(

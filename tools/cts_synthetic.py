@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None):
+    from tfmeta import atomic
     from tfmeta.experiments import cts_synthetic
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -40,7 +41,7 @@ def main(argv=None):
     out = pathlib.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cts_synthetic.plot(results, out / "landscape.png", config)
-    (out / "results.json").write_text(cts_synthetic.to_json(results))
+    atomic.write_text(out / "results.json", cts_synthetic.to_json(results))
     print(f"\nWrote {out / 'landscape.png'} and {out / 'results.json'}")
     return 0
 

@@ -35,6 +35,7 @@ def run(args):
     import numpy as np
 
     import tfmeta.configurables  # noqa: F401
+    from tfmeta import atomic
     from tfmeta.baselines import multihead_pretraining
     from tfmeta.cli.train import train
     from tfmeta.evaluation import heldout_finetuning
@@ -95,7 +96,7 @@ def run(args):
     if args.append and results.exists():
         kept = [r for r in json.loads(results.read_text()) if r["method"] not in args.methods]
         records = kept + records
-    results.write_text(json.dumps(records, indent=2))
+    atomic.write_text(results, json.dumps(records, indent=2))
     print()
     print(table(records, np))
 

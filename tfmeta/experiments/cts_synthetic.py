@@ -15,6 +15,7 @@ import time
 import keras
 import numpy as np
 
+from tfmeta import atomic
 from tfmeta.learners import ContinualTrajectoryShifting, Reptile
 from tfmeta.meta_model import MetaModel
 from tfmeta.tasks.himmelblau import RotatedHimmelblau
@@ -172,7 +173,8 @@ def plot(results, path, config=Config(), grid=80):
         ax.set_ylim(-5.5, 15.5)
         ax.set_aspect("equal")
     fig.colorbar(contour, ax=axes[0].tolist(), label=f"task-average loss after {config.eval_steps} steps")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic.open_atomic(path) as handle:  # a crash keeps the old PNG
+        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
