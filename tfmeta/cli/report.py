@@ -62,7 +62,7 @@ def training_summary(results):
     lines = [
         _training_line(results),
         f"Initialization exported to {results['export']} (model.keras + saved_model/; "
-        "load it with tfmeta.export.load_initialization).",
+        "load it with tfmeta.load_initialization).",
         *comparison_lines(results.get("evaluation", {})),
     ]
     return "\n".join(lines)
