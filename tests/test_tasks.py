@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from tfmeta.prepare import DatasetNotPreparedError
 from tfmeta.tasks.base import TaskDistribution
-from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks, random_affine
+from tfmeta.tasks import random_affine
+from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks
 from tfmeta.tasks.datasets import datasets_as_tasks
 from tfmeta.tasks.digits import digits_tasks
 from tfmeta.tasks.omniglot import omniglot_alphabets, omniglot_arrays

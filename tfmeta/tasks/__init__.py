@@ -8,13 +8,9 @@
 | `RotatedHimmelblau` | the CTS paper's synthetic 2-D family | none |
 """
 
+from tfmeta.tasks.augment import RandomAffine, random_affine
 from tfmeta.tasks.base import TaskDistribution
-from tfmeta.tasks.classification import (
-    ClassificationTask,
-    ClassificationTasks,
-    RandomAffine,
-    random_affine,
-)
+from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks
 from tfmeta.tasks.datasets import datasets_as_tasks
 from tfmeta.tasks.digits import digits_tasks
 from tfmeta.tasks.himmelblau import HimmelblauLoss, RotatedHimmelblau, TaskFrame, point_model

@@ -17,7 +17,8 @@ the stream `MetaModel.fit` consumes (see `tfmeta.tasks.base`):
   chunk of images at a time, not a trajectory's K x T x B.
 
 Images stay uint8 in memory (4x smaller than float32) and are converted per
-chunk. `random_affine` is the seeded augmentation of Leap's Omniglot setup.
+chunk. `tfmeta.tasks.augment.random_affine` is the seeded augmentation of
+Leap's Omniglot setup.
 
 Example::
 
@@ -34,7 +35,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from tfmeta.tasks.base import TaskDistribution
 
-__all__ = ["ClassificationTask", "ClassificationTasks", "RandomAffine", "random_affine"]
+__all__ = ["ClassificationTask", "ClassificationTasks"]
 
 # Philox explicitly: "auto_select" may pick a different generator on another
 # device, and a seed must mean the same stream everywhere.
@@ -162,106 +162,6 @@ class ClassificationTask:
     @property
     def input_shape(self):
         return tuple(int(d) for d in self.x_train.shape[1:])
-
-
-class RandomAffine:
-    """Seeded random affine augmentation of a batch of images (see `random_affine`)."""
-
-    def __init__(self, rotation=180.0, translation=0.2, scale=(0.8, 1.2), fill_value=0.0,
-                 interpolation="bilinear"):
-        if isinstance(rotation, (int, float)):
-            rotation = (-float(rotation), float(rotation))
-        if isinstance(translation, (int, float)):
-            translation = (float(translation), float(translation))
-        if isinstance(scale, (int, float)):
-            scale = (float(scale), float(scale))
-        self.rotation = tuple(float(r) for r in rotation)
-        self.translation = tuple(float(t) for t in translation)
-        self.scale = tuple(float(s) for s in scale)
-        if min(self.scale) <= 0:
-            raise ValueError(f"scale factors must be positive, got {self.scale}.")
-        self.fill_value = float(fill_value)
-        if interpolation.lower() not in ("bilinear", "nearest"):
-            raise ValueError(f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}.")
-        self.interpolation = interpolation.upper()
-
-    def __repr__(self):
-        return (
-            f"random_affine(rotation={self.rotation}, translation={self.translation}, "
-            f"scale={self.scale}, fill_value={self.fill_value})"
-        )
-
-    def __call__(self, images, seed):
-        """Transform `images` (float `[N, H, W, C]`) with parameters drawn from `seed` ([2] ints)."""
-        images = tf.convert_to_tensor(images)
-        height, width = int(images.shape[1]), int(images.shape[2])
-        n = tf.shape(images)[0]
-        u = tf.random.stateless_uniform(
-            tf.stack([n, 4]), tf.cast(seed, tf.int64), dtype=tf.float32, alg=_ALG
-        )
-
-        def between(column, low, high):
-            return low + u[:, column] * (high - low)
-
-        angle = between(0, *self.rotation) * (math.pi / 180.0)
-        factor = between(1, *self.scale)
-        tx = between(2, -self.translation[0], self.translation[0]) * width
-        ty = between(3, -self.translation[1], self.translation[1]) * height
-        # The op maps each *output* pixel to the input point it samples, so it
-        # takes the inverse of "scale and rotate about the centre, then shift":
-        # input = R(-angle) (output - centre - shift) / factor + centre.
-        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-        cos, sin = tf.cos(angle) / factor, tf.sin(angle) / factor
-        x0, y0 = cx + tx, cy + ty
-        zeros = tf.zeros_like(cos)
-        transforms = tf.stack(
-            [cos, sin, cx - cos * x0 - sin * y0, -sin, cos, cy + sin * x0 - cos * y0, zeros, zeros],
-            axis=1,
-        )
-        out = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images,
-            transforms=transforms,
-            output_shape=tf.constant([height, width], tf.int32),
-            fill_value=tf.constant(self.fill_value, images.dtype),
-            interpolation=self.interpolation,
-            fill_mode="CONSTANT",
-        )
-        return tf.ensure_shape(out, images.shape)
-
-
-def random_affine(rotation=180.0, translation=0.2, scale=(0.8, 1.2), fill_value=0.0,
-                  interpolation="bilinear") -> RandomAffine:
-    """Leap's Omniglot augmentation: a random rotation, shift and zoom per image.
-
-    Leap's code uses torchvision's `RandomAffine((0, 360), (0.2, 0.2), (0.8, 1.2))`:
-    an angle uniform in [0, 360) degrees (the same distribution as
-    `rotation=180.0`, i.e. uniform in [-180, 180]), shifts uniform in
-    +-20% of the width and height, and a zoom factor uniform in [0.8, 1.2].
-    Here every parameter is drawn with stateless random ops from the seed
-    handed to the callable, so augmentation is reproducible.
-
-    Args:
-        rotation: degrees; a number r means uniform in [-r, r], a pair
-            (low, high) uniform in it.
-        translation: largest shift as a fraction of the image size (one
-            number, or (x, y)).
-        scale: (low, high) zoom factor range (> 1 enlarges).
-        fill_value: value of pixels that come from outside the image. 0 is
-            the background of Omniglot as tfmeta stores it (strokes bright);
-            torchvision also fills with 0, which in Leap's white-background
-            images draws black corners.
-        interpolation: "bilinear" or "nearest".
-
-    Returns:
-        A callable `augment(images, seed) -> images` for float `[N, H, W, C]`
-        images and a `[2]` integer seed.
-
-    Example::
-
-        augment = random_affine(rotation=180.0)
-        out = augment(tf.zeros([8, 28, 28, 1]), seed=tf.constant([0, 1]))
-    """
-    return RandomAffine(rotation, translation, scale, fill_value, interpolation)
 
 
 def _as_task(task, index, name):
