@@ -29,7 +29,7 @@ plain SGD (the paper's U_k of section 3.1), the meta-gradient Reptile's.
 
 The paper's setup is in its supplementary file, which we do not have; the
 network (an MLP on MNIST and Fashion-MNIST, one task each) and the grid are
-ours. Run it with `python tools/cts_approximation.py` (see `--help`).
+ours. Results and how they compare with figure 3: docs/results.md. Run it with `python tools/cts_approximation.py` (see `--help`).
 
 Example::
 
@@ -339,6 +339,7 @@ def plot(results, path, grid=Grid()):
         ks = np.arange(1, grid.max_k + 1)
         axes[2].plot(ks, mean, marker="o", label=activation)
         axes[2].fill_between(ks, mean - half, mean + half, alpha=0.25)
+    # Log-log for the learning rates: alpha spans two decades of error.
     labels = [
         (f"inner learning rate alpha (beta={grid.beta0:g}, k={grid.max_k})", "log"),
         (f"meta learning rate beta (alpha={grid.alpha0:g}, k={grid.max_k})", "log"),
@@ -347,6 +348,7 @@ def plot(results, path, grid=Grid()):
     for ax, (label, scale) in zip(axes, labels):
         ax.set_xlabel(label)
         ax.set_xscale(scale)
+        ax.set_yscale(scale)
         ax.set_ylabel("||eps||  (mean, 95% interval)")
         ax.legend()
     fig.suptitle("CTS approximation error, MLP on MNIST + Fashion-MNIST tasks")
