@@ -103,3 +103,14 @@ def test_history_cut_keeps_whole_rows_of_earlier_epochs(tmp_path):
     assert not list(tmp_path.glob(".history.csv.*"))  # no temporary file left
     history.keep_epochs_before(path, 0)  # a fresh run
     assert not path.exists() and history.read_history(path) == {}
+
+
+@pytest.mark.parametrize("limit", [None, 123.0])
+def test_max_task_loss_binding_reaches_the_meta_model(tmp_path, limit):
+    """`train.max_task_loss`, which the DivergenceError advises, is what the loop checks."""
+    parts = _parts()
+    settings = job.configure(parts, **{**_defaults(), **SETTINGS, "max_task_loss": limit})
+    steps = job.TrainingJob(tmp_path / "run", settings, parts)
+    steps.folder.check(overwrite=False, resume=False)
+    steps.build()
+    assert steps.meta.max_task_loss == limit

@@ -1,4 +1,10 @@
-"""What gin can configure: tfmeta's learners, tasks, models and Keras pieces.
+"""Every gin registration of tfmeta, in one place.
+
+Learners, tasks, models, Keras optimizers and losses, `MirroredStrategy`,
+complexity measurement, the experiments, the evaluations and the
+command-line jobs (`tfmeta.train`, `tfmeta.finetune`). Library modules never
+import gin; bindings reach what gin hands out (`@name` in a gin file, or
+`gin.get_configurable`).
 
 Import this module (the `tools/` scripts do) before parsing gin files. Keras
 classes are registered with `gin.external_configurable`: decorating a Keras 3

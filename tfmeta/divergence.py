@@ -83,7 +83,10 @@ def divergence_message(meta):
     update = int(np.asarray(meta.meta_updates.numpy())) + 1
     limit = getattr(meta, "max_task_loss", None)
     cause = "NaN/inf loss or gradients" + (f", or a loss above max_task_loss={limit:g}" if limit else "")
-    expected = f" (or raise max_task_loss if losses above {limit:g} are expected)" if limit else ""
+    expected = (
+        f" (or, if losses above {limit:g} are expected, raise max_task_loss: "
+        "MetaModel.compile(max_task_loss=...), train.max_task_loss in gin)"
+    ) if limit else ""
     return (
         f"every task's inner loop diverged ({cause}) at meta-update "
         f"{update}, so it was skipped and phi kept its last finite value: the inner "

@@ -32,7 +32,7 @@ def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks
     if start > total_steps:
         raise IncompatibleCheckpointError(
             f"the checkpoint has {start} train steps done but the run has only "
-            f"{total_steps}: raise train.meta_updates, or start a new run."
+            f"{total_steps}: fit at least {start} train steps, or start a new run."
         )
     epoch, done = divmod(start, per_epoch)
     merged: dict = {}

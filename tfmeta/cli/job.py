@@ -44,6 +44,7 @@ from tfmeta.cli.history import keep_epochs_before, read_history
 from tfmeta.cli.interrupt import StopOnInterrupt, stopping_on_interrupt
 from tfmeta.cli.rundir import RunDir
 from tfmeta.cli.settings import Parts, Settings, check_same_bindings, configure, fixed_bindings
+from tfmeta.divergence import DEFAULT_MAX_TASK_LOSS
 from tfmeta.export import export_initialization
 from tfmeta.meta_model import MetaModel
 
@@ -53,7 +54,8 @@ __all__ = ["Parts", "Settings", "TrainingJob", "configure", "train"]
 def train(
     output_dir, tasks, model, learner, loss, inner_steps, meta_updates, tasks_per_batch=None,
     batch_size=1, steps_per_chunk=1, meta_optimizer=None, inner_optimizer=None, epochs=1,
-    steps_per_execution=1, vectorize_tasks=False, jit_compile="auto", evaluation=None,
+    steps_per_execution=1, vectorize_tasks=False, jit_compile="auto", max_task_loss=DEFAULT_MAX_TASK_LOSS,
+    evaluation=None,
     overwrite=False, seed=0, verbose=1, checkpoint_every=None, checkpoint_seconds=300.0,
     keep_checkpoints=2, deterministic=True, resume=False, strategy="default", bindings=None,
     operative_config=None,
@@ -136,7 +138,7 @@ class TrainingJob:
                 inner_optimizer=parts.inner_optimizer or keras.optimizers.SGD(0.1),
                 loss=parts.loss, learner=parts.learner, inner_steps=s.inner_steps,
                 steps_per_execution=s.steps_per_execution, vectorize_tasks=s.vectorize_tasks,
-                jit_compile=s.jit_compile,
+                jit_compile=s.jit_compile, max_task_loss=s.max_task_loss,
             )
         x_spec = self._check_stream()
         self._plan_epochs()

@@ -72,7 +72,9 @@ class Settings:
             batches (T None: all tasks).
         epochs: the meta-updates are split into this many Keras epochs (one
             progress bar, history row and TensorBoard point each).
-        steps_per_execution, vectorize_tasks, jit_compile: see `MetaModel.compile`.
+        steps_per_execution, vectorize_tasks, jit_compile, max_task_loss: see
+            `MetaModel.compile` (a task whose inner loss exceeds `max_task_loss`
+            counts as diverged; None turns the check off).
             `steps_per_execution` is lowered to a divisor of the steps per
             epoch if needed (Keras would otherwise run extra steps).
         overwrite: start afresh in an output folder that holds an earlier
@@ -111,6 +113,7 @@ class Settings:
     steps_per_execution: int
     vectorize_tasks: bool
     jit_compile: Any
+    max_task_loss: float | None
     overwrite: bool
     seed: int
     verbose: int

@@ -2,8 +2,8 @@
 
 Parts: `tfmeta.export.format` (names, errors, validation), `.writer`
 (`export_initialization`), `.loader` (`load_initialization`,
-`load_savedmodel_layer`), `.heads` (finding, cutting at and replacing the
-head); everything is importable from `tfmeta.export`.
+`load_savedmodel_layer`); everything is importable from `tfmeta.export`.
+Finding, cutting at and replacing the head is `tfmeta.heads`.
 
 An export is a folder that plain Keras can use without tfmeta::
 

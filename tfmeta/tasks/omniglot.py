@@ -34,7 +34,7 @@ by default, so only the first call pays the decode and resize (~15 s on 2 CPUs).
 
 Example::
 
-    from tfmeta.tasks.classification import random_affine
+    from tfmeta.tasks import random_affine
     pretrain, heldout = omniglot_alphabets(num_pretrain=25, augment=random_affine())
     stream = pretrain.as_dataset(tasks_per_batch=20, inner_steps=100, batch_size=20,
                                  steps_per_chunk=10)
@@ -96,7 +96,7 @@ def omniglot_alphabets(num_pretrain: int | None = 25, num_heldout: int = 10, way
         seed: seed of the alphabet split, character choice and test drawings.
         data_dir: TFDS data_dir (default `tfmeta.prepare.default_data_dir()`).
         augment: default augmentation of both families (Leap:
-            `tfmeta.tasks.classification.random_affine()`), or None.
+            `tfmeta.tasks.random_affine()`), or None.
 
     Returns:
         `(pretrain, heldout)`, two `ClassificationTasks` of `ways`-way tasks
