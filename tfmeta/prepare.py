@@ -51,6 +51,7 @@ __all__ = [
     "load",
     "main",
     "prepare_datasets",
+    "resolve_data_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path("~/.cache/tfmeta/tensorflow_datasets").expanduser()
 
 
-def _resolve_data_dir(data_dir) -> pathlib.Path:
+def resolve_data_dir(data_dir=None) -> pathlib.Path:
+    """`data_dir` as an absolute path, or `default_data_dir()` when None."""
     return (
         pathlib.Path(data_dir).expanduser().resolve()
         if data_dir is not None
@@ -244,7 +246,7 @@ def prepare_datasets(
     """
     if isinstance(names, str):
         names = [names]
-    data_dir = _resolve_data_dir(data_dir)
+    data_dir = resolve_data_dir(data_dir)
     todo = []
     for name in names:
         builder = _builder(name, data_dir)
@@ -337,7 +339,7 @@ def load(name: str, split=None, data_dir=None, **kwargs):
     """
     import tensorflow_datasets as tfds
 
-    data_dir = _resolve_data_dir(data_dir)
+    data_dir = resolve_data_dir(data_dir)
     if not _is_prepared(_builder(name, data_dir)):
         raise DatasetNotPreparedError(
             f"TFDS dataset {name!r} is not prepared in {data_dir}; prepare it "

@@ -46,19 +46,13 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta import atomic
-from tfmeta.prepare import default_data_dir, load
+from tfmeta.prepare import load, resolve_data_dir
 from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks
 
 __all__ = ["array_cache_dir", "cached_arrays", "datasets_as_tasks", "image_arrays"]
 
 # Bump when the conversion below changes, so stale caches are not reused.
 CACHE_FORMAT = 1
-
-
-def _data_dir(data_dir) -> pathlib.Path:
-    if data_dir is None:
-        return default_data_dir()
-    return pathlib.Path(data_dir).expanduser().resolve()
 
 
 def array_cache_dir(data_dir=None) -> pathlib.Path:
@@ -70,7 +64,7 @@ def array_cache_dir(data_dir=None) -> pathlib.Path:
 
         array_cache_dir()  # PosixPath('/home/me/.cache/tfmeta/arrays')
     """
-    return _data_dir(data_dir).parent / "arrays"
+    return resolve_data_dir(data_dir).parent / "arrays"
 
 
 def cached_arrays(path, build: Callable[[], dict]) -> dict:
@@ -160,7 +154,7 @@ def image_arrays(name: str, split: str, *, image_size: int, channels: int, data_
     """
     import tensorflow_datasets as tfds
 
-    data_dir = _data_dir(data_dir)
+    data_dir = resolve_data_dir(data_dir)
     supervised = features is None
 
     def build():
@@ -259,6 +253,6 @@ def _num_classes(name, data_dir):
     """The dataset's label count from its TFDS metadata (not the labels seen)."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=os.fspath(_data_dir(data_dir)))
+    builder = tfds.builder(name, data_dir=os.fspath(resolve_data_dir(data_dir)))
     label_key = (builder.info.supervised_keys or (None, "label"))[1]
     return int(builder.info.features[label_key].num_classes)

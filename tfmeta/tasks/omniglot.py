@@ -48,7 +48,8 @@ import os
 import numpy as np
 
 from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks
-from tfmeta.tasks.datasets import _data_dir, image_arrays
+from tfmeta.prepare import resolve_data_dir
+from tfmeta.tasks.datasets import image_arrays
 
 __all__ = ["omniglot_alphabets", "omniglot_arrays"]
 
@@ -74,7 +75,7 @@ def omniglot_arrays(image_size: int = 28, data_dir=None) -> dict:
         "omniglot", "train+test", image_size=image_size, channels=1, data_dir=data_dir,
         features=("label", "alphabet", "alphabet_char_id"), method="lanczos3", invert=True,
     )
-    info = tfds.builder("omniglot", data_dir=os.fspath(_data_dir(data_dir))).info
+    info = tfds.builder("omniglot", data_dir=os.fspath(resolve_data_dir(data_dir))).info
     arrays["alphabet_names"] = np.array(info.features["alphabet"].names)
     return arrays
 
