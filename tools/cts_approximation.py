@@ -45,11 +45,15 @@ def _parser():
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.draws < 2:
-        _parser().error(f"--draws {args.draws}: a 95%% interval needs at least 2 draws")
+        parser.error(f"--draws {args.draws}: a 95% interval needs at least 2 draws")
     if args.max_k < 2:
-        _parser().error(f"--max_k {args.max_k}: the error is 0 at k = 1; give k >= 2")
+        parser.error(f"--max_k {args.max_k}: the error is 0 at k = 1; give k >= 2")
+    rates = [*args.inner_lrs, *args.meta_lrs, args.alpha0, args.beta0]
+    if min(rates) <= 0:
+        parser.error(f"learning rates must be > 0, got {min(rates):g}")
 
     from tfmeta import atomic
     from tfmeta.experiments import cts_approximation as cts
