@@ -587,20 +587,31 @@ def test_strategy_object_from_gin_is_accepted(tmp_path):
     assert "train.strategy = @MirroredStrategy()" in (tmp_path / "run" / "operative_config.gin").read_text()
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root: a read-only folder (chmod) does not stop root from writing")
 @pytest.mark.parametrize("where", ["parent", "output_dir"])
 def test_read_only_folder_is_refused_before_training(where, tmp_path):
+    # A child process, so that as root (CI) it can run without the permission
+    # override that would let root write into a read-only folder anyway.
+    from test_atomic import without_dac_override
+
     folder = tmp_path / "locked"
     folder.mkdir()
     output_dir = folder / "run" if where == "parent" else folder
+    argv = argv_for(output_dir)
     folder.chmod(0o500)
     try:
-        with pytest.raises(PermissionError, match=r"not writable: choose another --output_dir"):
-            cli(tmp_path, output_dir=output_dir)
+        before = _tree(tmp_path)
+        proc = subprocess.run(
+            [*without_dac_override(), sys.executable, "tools/train.py", *argv],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        )
+        after = _tree(tmp_path)
     finally:
         folder.chmod(0o700)
-    assert CHANGED == []
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and "not writable: choose another --output_dir" in lines[0], lines
+    assert before == after
 
 
 def _damaged_export(tmp_path, damage):
