@@ -116,6 +116,50 @@ def meta_train(strategy, learner, x, y, steps_per_execution=1, jit_compile="auto
     }
 
 
+def digits_meta_train(strategy):
+    """Leap on augmented digit tasks (2 meta-updates): phi, and the tasks augmented per traced chunk."""
+    import collections
+
+    import keras
+
+    import tfmeta
+    from tfmeta.tasks import digits_tasks, random_affine
+
+    affine = random_affine()
+    traced = collections.Counter()  # chunk function graph -> tasks augmented in it
+
+    def augment(images, seed):  # called once per task of a chunk
+        traced[images.graph] += 1
+        return affine(images, seed)
+
+    pretrain, _ = digits_tasks(num_pretrain=8, num_heldout=1)
+    stream = pretrain.as_dataset(tasks_per_batch=T, inner_steps=K, batch_size=5, steps_per_chunk=S,
+                                 seed=3, augment=augment)
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((8, 8, 1)), keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(pretrain.num_classes),
+        ])
+        rng = np.random.default_rng(2)
+        for variable in model.weights:
+            if variable.path.endswith("kernel"):
+                variable.assign(rng.normal(0, 0.5, variable.shape).astype("float32"))
+        meta = tfmeta.MetaModel(model)
+        meta.compile(
+            optimizer=keras.optimizers.Adam(0.05), inner_optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            learner=tfmeta.Leap(), inner_steps=K,
+        )
+    initial = [v.numpy().tolist() for v in model.trainable_variables]
+    meta.fit(stream, steps_per_epoch=2 * K // S, verbose=0)
+    return {
+        "initial": initial,
+        "phi": [v.numpy().tolist() for v in model.trainable_variables],
+        "meta_updates": int(meta.meta_updates.numpy()),
+        "traced_tasks": sorted(traced.values()),
+    }
+
+
 def assert_same(actual, expected, what):
     assert len(actual) == len(expected), what
     for i, (a, e) in enumerate(zip(actual, expected)):
@@ -193,6 +237,14 @@ def _worker_main():
     out = meta_train(strategy, "leap", x, y)
     out.update(chief=distribute.is_chief(strategy), replicas=strategy.num_replicas_in_sync)
     print("RESULT " + json.dumps(out))
+
+
+def _digits_worker_main():
+    """One worker of a cluster meta-training on augmented digit tasks (its own tasks only)."""
+    from tfmeta import distribute
+
+    strategy = distribute.get_strategy("multi_worker")  # before any TF op
+    print("RESULT " + json.dumps(digits_meta_train(strategy)))
 
 
 def _run(args, env=None, timeout=TIMEOUT):
@@ -333,6 +385,23 @@ def test_two_workers_give_the_phi_of_one_worker():
     assert_same(workers[1]["task_params"][2], single["task_params"][2][2:], "worker 1 tasks")
 
 
+def test_two_workers_make_only_their_tasks_and_give_the_phi_of_one_worker():
+    """Each worker builds the stream of its T / 2 tasks (task_shard), not all T:
+    same phi as one worker reading every task, with augmentation."""
+    import tensorflow as tf
+
+    workers = _cluster([__file__, "digits_worker"])
+    single = digits_meta_train(tf.distribute.get_strategy())
+    assert single["traced_tasks"] == [T]
+    for worker in workers:
+        assert worker["meta_updates"] == single["meta_updates"] == 2
+        assert_same(worker["phi"], single["phi"], "phi")
+        # the whole stream (built by fit's caller) and the worker's shard of T / 2 tasks
+        assert worker["traced_tasks"] == [T // 2, T]
+    moved = [np.max(np.abs(np.subtract(p, s))) for p, s in zip(single["phi"], single["initial"])]
+    assert max(moved) > 1e-3  # the comparison is not vacuous
+
+
 TRAIN_PARAMS = [
     "train.inner_steps=10",
     "train.meta_updates=10",
@@ -461,4 +530,4 @@ def test_task_batches_must_split_evenly():
 
 
 if __name__ == "__main__":
-    {"replicas": _replicas_main, "worker": _worker_main}[sys.argv[1]]()
+    {"replicas": _replicas_main, "worker": _worker_main, "digits_worker": _digits_worker_main}[sys.argv[1]]()

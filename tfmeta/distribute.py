@@ -30,6 +30,8 @@ import socket
 
 import tensorflow as tf
 
+from tfmeta.input_options import without_autotuning
+
 __all__ = [
     "STRATEGIES",
     "check_jit_compile",
@@ -39,10 +41,12 @@ __all__ = [
     "in_scope",
     "is_chief",
     "local_tf_configs",
+    "task_sharded",
     "use_logical_cpus",
     "uses_collectives",
     "worker_count",
     "worker_index",
+    "worker_task_batches",
 ]
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -221,27 +225,49 @@ def in_scope(model, strategy):
     return clone
 
 
+# The attribute of a stream that holds its shard maker (see `task_sharded`).
+_SHARD_MAKER = "_tfmeta_task_shard"
+
+
+def task_sharded(dataset, make_shard):
+    """`dataset`, marked as able to make one worker's share of its tasks.
+
+    `make_shard((index, count))` must return the stream of tasks
+    `[index * T / count, (index + 1) * T / count)` of every element of
+    `dataset`, equal to those tasks' values (task distributions'
+    `as_dataset(..., task_shard=...)`). On several workers
+    `distribute_task_batches` then gives each worker its shard, so a worker
+    reads and augments T / workers tasks, not T. Any transformation of the
+    returned dataset drops the mark (it is then split as a whole stream).
+
+    Example::
+
+        stream = task_sharded(full, lambda shard: tasks.as_dataset(..., task_shard=shard))
+    """
+    # Autotuning off now, as MetaModel.fit would do (tfmeta.input_options):
+    # fit then keeps this very object, and with it the shard maker.
+    dataset = without_autotuning(dataset)
+    setattr(dataset, _SHARD_MAKER, make_shard)
+    return dataset
+
+
 def distribute_task_batches(dataset, strategy):
     """Split every task batch of `dataset` along its task axis over the replicas.
 
     Replica r (global index, across workers) gets tasks
     `[r * T / R, (r + 1) * T / R)` of every element, whatever the number of
-    workers: every worker reads the same stream (no sharding of the stream
-    itself, which would break trajectories into chunks on different workers)
-    and keeps its replicas' tasks. `MetaModel.fit` calls this for you.
+    workers (see `worker_task_batches`). `MetaModel.fit` calls this for you.
 
     Raises:
         ValueError: when T is unknown or not a multiple of R.
     """
     replicas = strategy.num_replicas_in_sync
-    spec = dataset.element_spec
-    x_spec = spec[0] if isinstance(spec, (tuple, list)) else spec
-    tasks = x_spec.shape[0] if x_spec.shape.rank else None
+    tasks = _tasks(dataset)
     if tasks is None:
         raise ValueError(
             "The number of tasks per task batch must be static to split it over "
-            f"{replicas} replicas: got x of shape {x_spec.shape}. Batch the tasks with "
-            "drop_remainder=True."
+            f"{replicas} replicas: got x of shape {_x_spec(dataset).shape}. Batch the tasks "
+            "with drop_remainder=True."
         )
     if tasks % replicas:
         raise ValueError(
@@ -249,25 +275,61 @@ def distribute_task_batches(dataset, strategy):
             f"replicas: choose tasks_per_batch a multiple of {replicas} (e.g. "
             f"{-(-tasks // replicas) * replicas}). tfmeta does not pad task batches."
         )
-    per_replica = tasks // replicas
+    return strategy.distribute_datasets_from_function(
+        lambda context: worker_task_batches(dataset, context)
+    )
 
-    def dataset_fn(context):
-        local = replicas // context.num_input_pipelines
+
+def _x_spec(dataset):
+    spec = dataset.element_spec
+    return spec[0] if isinstance(spec, (tuple, list)) else spec
+
+
+def _tasks(dataset):
+    """T, the static number of tasks of the stream's task batches (None if unknown)."""
+    shape = _x_spec(dataset).shape
+    return shape[0] if shape.rank else None
+
+
+def worker_task_batches(dataset, context):
+    """The task batches of one worker's replicas: each element split over them in turn.
+
+    `context` is the worker's `tf.distribute.InputContext`. With `local`
+    replicas per worker, worker w's replica j (global replica
+    r = w * local + j) gets tasks `[r * T / R, (r + 1) * T / R)`. A stream
+    marked by `task_sharded` makes only this worker's tasks when there are
+    several workers (its input work is T / workers); any other stream is
+    read whole by every worker, which keeps its replicas' tasks (no
+    sharding of the elements themselves, which would break trajectories
+    into chunks on different workers).
+
+    Example::
+
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
+                                             num_replicas_in_sync=2)
+        worker_task_batches(stream, context)    # tasks T/2..T-1 of every element
+    """
+    replicas, workers = context.num_replicas_in_sync, context.num_input_pipelines
+    local = replicas // workers
+    per_replica = _tasks(dataset) // replicas
+    make_shard = getattr(dataset, _SHARD_MAKER, None)
+    if make_shard is not None and workers > 1:
+        dataset, first = make_shard((context.input_pipeline_id, workers)), 0
+    else:
         first = context.input_pipeline_id * local
+    groups = _tasks(dataset) // per_replica  # replicas whose tasks `dataset` holds
 
-        def part(t):  # [T, ...] -> [local, T / R, ...]: this worker's replicas
-            shape = tf.concat([[replicas, per_replica], tf.shape(t)[1:]], 0)
-            return tf.reshape(t, shape)[first:first + local]
+    def part(t):  # [groups * T / R, ...] -> [local, T / R, ...]: this worker's replicas
+        shape = tf.concat([[groups, per_replica], tf.shape(t)[1:]], 0)
+        return tf.reshape(t, shape)[first:first + local]
 
-        def split(*element):
-            element = element[0] if len(element) == 1 else element
-            return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(part, element))
+    def split(*element):
+        element = element[0] if len(element) == 1 else element
+        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(part, element))
 
-        # Each element becomes `local` consecutive elements, one per local
-        # replica, in replica order (local replicas take elements in turn).
-        return dataset.flat_map(split)
-
-    return strategy.distribute_datasets_from_function(dataset_fn)
+    # Each element becomes `local` consecutive elements, one per local
+    # replica, in replica order (local replicas take elements in turn).
+    return dataset.flat_map(split)
 
 
 def use_logical_cpus(count):

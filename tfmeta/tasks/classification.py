@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tfmeta.distribute import task_sharded
 from tfmeta.tasks.base import TaskDistribution
 
 __all__ = ["ClassificationTask", "ClassificationTasks"]
@@ -313,7 +314,7 @@ class ClassificationTasks(TaskDistribution):
             )
 
     def as_dataset(self, *, tasks_per_batch, inner_steps, batch_size, steps_per_chunk=1, seed=0,
-                   augment=None, start=0):
+                   augment=None, start=0, task_shard=None):
         """The infinite stream of task-batch chunks for `MetaModel.fit`.
 
         Args:
@@ -329,10 +330,17 @@ class ClassificationTasks(TaskDistribution):
                 costs nothing to skip (meta-batch `start // (K / S)` is keyed
                 directly; within it only index tensors are skipped). A
                 resumed run passes the number of train steps done.
+            task_shard: None for all T tasks, or `(index, count)`: only the
+                tasks `[index * T / count, (index + 1) * T / count)` of every
+                meta-batch, the same values as those tasks of the whole
+                stream, and only their images are gathered and augmented
+                (one worker's share, see `tfmeta.distribute`).
 
         Returns:
             A `tf.data.Dataset` of `(x, y)`: x float32 `[T, S, B, H, W, C]` in
-            [0, 1], y int32 `[T, S, B]`.
+            [0, 1], y int32 `[T, S, B]` (T / count tasks with a `task_shard`).
+            It makes its own shards for `MetaModel.fit` on several workers
+            (`tfmeta.distribute.task_sharded`).
 
         Example::
 
@@ -345,25 +353,29 @@ class ClassificationTasks(TaskDistribution):
             raise ValueError(f"inner_steps and batch_size must be >= 1, got {K} and {B}.")
         self.check_chunking(K, S)
         start = self.check_start(start)
+        first, last = self.check_task_shard(task_shard, T)
         augment = self._resolve_augment(augment, default=True)
         images, labels, sizes, offsets = self._stores()
         chunks = K // S
         base = _key(seed)
         shape = self.input_shape
+        local = last - first  # the tasks this stream holds, global indices first..last-1
 
         def trajectory(m):
-            # Per meta-batch only indices are drawn: [T, K*B] int64.
+            # Per meta-batch only indices are drawn: [local, K*B] int64. All T
+            # task ids are drawn (T integers) so a shard holds the same tasks.
             key = _fold(base, m)
             ids = self._draw_tasks(key, T)
             example_key = _fold(key, _EXAMPLES)
 
-            def slot(t):
+            def slot(t):  # t: the task's global position in the meta-batch
                 task = ids[t]
                 order = _permutations(_fold(example_key, t), sizes[task], K * B)
                 return tf.cast(order, tf.int64) + offsets[task]
 
-            index = tf.map_fn(slot, tf.range(T), fn_output_signature=tf.TensorSpec([K * B], tf.int64))
-            per_chunk = tf.transpose(tf.reshape(index, [T, chunks, S * B]), [1, 0, 2])
+            index = tf.map_fn(slot, tf.range(first, last),
+                              fn_output_signature=tf.TensorSpec([K * B], tf.int64))
+            per_chunk = tf.transpose(tf.reshape(index, [local, chunks, S * B]), [1, 0, 2])
             return tf.data.Dataset.zip((
                 tf.data.Dataset.from_tensors(m).repeat(chunks),
                 tf.data.Dataset.range(chunks),
@@ -373,10 +385,14 @@ class ClassificationTasks(TaskDistribution):
         def chunk(m, c, index):
             x = tf.gather(images, tf.reshape(index, [-1]))
             x = tf.cast(x, tf.float32) / 255.0
+            x = tf.reshape(x, [local, S * B, *shape])
             if augment is not None:
-                x = augment(x, _fold(_fold(_fold(base, m), _AUGMENT), c))
-            x = tf.reshape(x, [T, S, B, *shape])
-            y = tf.reshape(tf.gather(labels, index), [T, S, B])
+                # One augmentation seed per task, from its global position: a
+                # shard augments its tasks exactly as the whole stream does.
+                key = _fold(_fold(_fold(base, m), _AUGMENT), c)
+                x = tf.stack([augment(x[t], _fold(key, first + t)) for t in range(local)])
+            x = tf.reshape(x, [local, S, B, *shape])
+            y = tf.reshape(tf.gather(labels, index), [local, S, B])
             return x, y
 
         # The stream is a function of (seed, meta-batch m, chunk c): starting
@@ -384,13 +400,19 @@ class ClassificationTasks(TaskDistribution):
         # skipping the first start % chunks chunks' indices (before any image
         # is gathered).
         first_batch, skip = divmod(start, chunks)
-        return (
+        stream = (
             tf.data.Dataset.counter(start=first_batch)
             .flat_map(trajectory)
             .skip(skip)
             .map(chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
         )
+        if task_shard is not None:
+            return stream
+        return task_sharded(stream, lambda shard: self.as_dataset(
+            tasks_per_batch=T, inner_steps=K, batch_size=B, steps_per_chunk=S, seed=seed,
+            augment=False if augment is None else augment, start=start, task_shard=shard,
+        ))
 
     # ------------------------------------------------------------ fine-tuning
     def finetune_data(self, i: int, split: str = "train", batch_size: int = 20, seed: int = 0,

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmeta.distribute import task_sharded
 from tfmeta.tasks.base import TaskDistribution
 
 
@@ -141,7 +142,8 @@ class RotatedHimmelblau(TaskDistribution):
         return HimmelblauLoss(self.a, self.c)
 
     def as_dataset(self, *, tasks_per_batch=None, inner_steps=100, batch_size=1, steps_per_chunk=1, seed=0,
-                   start=0):
+                   start=0, task_shard=None):
+        """Every chunk: all tasks' descriptors (tasks `[first, last)` of `task_shard`)."""
         del seed  # every meta-batch holds every task: nothing is sampled
         self.check_start(start)  # every chunk is the same: any start is the same stream
         tasks_per_batch = self.num_tasks if tasks_per_batch is None else tasks_per_batch
@@ -151,12 +153,19 @@ class RotatedHimmelblau(TaskDistribution):
                 f"(as in the CTS paper); got tasks_per_batch={tasks_per_batch}."
             )
         self.check_chunking(inner_steps, steps_per_chunk)
+        first, last = self.check_task_shard(task_shard, self.num_tasks)
         x = np.broadcast_to(
-            self.descriptors[:, None, None, :],
-            (self.num_tasks, steps_per_chunk, batch_size, 4),
+            self.descriptors[first:last, None, None, :],
+            (last - first, steps_per_chunk, batch_size, 4),
         ).copy()
-        y = np.zeros((self.num_tasks, steps_per_chunk, batch_size), "float32")
-        return tf.data.Dataset.from_tensors((x, y)).repeat()
+        y = np.zeros((last - first, steps_per_chunk, batch_size), "float32")
+        stream = tf.data.Dataset.from_tensors((x, y)).repeat()
+        if task_shard is not None:
+            return stream
+        return task_sharded(stream, lambda shard: self.as_dataset(
+            inner_steps=inner_steps, batch_size=batch_size, steps_per_chunk=steps_per_chunk,
+            task_shard=shard,
+        ))
 
     def task_losses(self, points):
         """Each task's loss at its own point: `points` is `[num_tasks, 2]`."""
