@@ -8,6 +8,9 @@ replica (R = `strategy.num_replicas_in_sync`); each replica runs its tasks'
 inner loops on its own, and a meta-update all-reduces the mean meta-gradient
 and BatchNorm statistics. One meta-step therefore gives the same phi with
 R replicas as with one (tests/test_distribute.py checks it to 1e-5).
+On several workers, a task distribution's stream makes on each worker only
+that worker's tasks (`task_sharded`, `worker_task_batches`): input work per
+worker is T / workers.
 
     strategy = tfmeta.distribute.get_strategy("mirrored")
     with strategy.scope():

@@ -177,7 +177,9 @@ class SplitTaskBatches:
     A `tf.data.Dataset` of task batches becomes a distributed one whose
     replica r gets tasks `[r * T / R, (r + 1) * T / R)` of every element
     (T must be a multiple of R), and the model is built on that per-replica
-    shape. Without a strategy nothing changes.
+    shape. On several workers, a task distribution's stream is made on each
+    worker for that worker's tasks only (`tfmeta.distribute.task_sharded`).
+    Without a strategy nothing changes.
     """
 
     def fit(self, x=None, *args, **kwargs):

@@ -14,7 +14,11 @@ the stream `MetaModel.fit` consumes (see `tfmeta.tasks.base`):
   example is seen once before any is seen twice;
 * only example *indices* are drawn per trajectory (T*K*B int32); images are
   gathered, converted to float and augmented per chunk, so memory holds one
-  chunk of images at a time, not a trajectory's K x T x B.
+  chunk of images at a time, not a trajectory's K x T x B;
+* a task's example order and augmentation are keyed by its position t in
+  the meta-batch, so `as_dataset(..., task_shard=(i, n))` (one worker's
+  share) yields exactly tasks `[i T/n, (i+1) T/n)` of the whole stream and
+  gathers and augments only their images.
 
 Images stay uint8 in memory (4x smaller than float32) and are converted per
 chunk. `tfmeta.tasks.augment.random_affine` is the seeded augmentation of
