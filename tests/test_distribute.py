@@ -117,7 +117,7 @@ def meta_train(strategy, learner, x, y, steps_per_execution=1, jit_compile="auto
 
 
 def digits_meta_train(strategy):
-    """Leap on augmented digit tasks (2 meta-updates): phi, and the tasks augmented per traced chunk."""
+    """Leap on augmented digit tasks (2 meta-updates): phi, and the tasks augmented per traced chunk function."""
     import collections
 
     import keras
@@ -128,9 +128,9 @@ def digits_meta_train(strategy):
     affine = random_affine()
     traced = collections.Counter()  # chunk function graph -> tasks augmented in it
 
-    def augment(images, seed):  # called once per task of a chunk
-        traced[images.graph] += 1
-        return affine(images, seed)
+    def augment(images, seed, rows=None):  # called once per chunk, on its tasks' images
+        traced[images.graph] += int(images.shape[0]) // (S * 5)
+        return affine(images, seed, rows=rows)
 
     pretrain, _ = digits_tasks(num_pretrain=8, num_heldout=1)
     stream = pretrain.as_dataset(tasks_per_batch=T, inner_steps=K, batch_size=5, steps_per_chunk=S,

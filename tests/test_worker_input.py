@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfmeta import distribute
 from tfmeta.distribute import task_sharded, worker_task_batches
 from tfmeta.input_options import without_autotuning
 from tfmeta.tasks import ClassificationTasks, RotatedHimmelblau, random_affine
@@ -106,8 +107,8 @@ class RecordingAugment:
     def __init__(self):
         self.batches = []
 
-    def __call__(self, images, seed):
-        self.batches.append(tuple(images.shape))
+    def __call__(self, images, seed, rows=None):
+        self.batches.append((tuple(images.shape), rows))
         return images + 0.0 * tf.cast(seed[0], images.dtype)
 
 
@@ -117,9 +118,22 @@ def test_a_shard_gathers_and_augments_only_its_tasks(count):
     stream = family().as_dataset(**stream_kwargs(augment=augment), task_shard=(count - 1, count))
     x_spec, y_spec = stream.element_spec
     assert x_spec.shape == (T // count, S, B, 8, 8, 1) and y_spec.shape == (T // count, S, B)
-    # The chunk function is traced once: one augmentation call per task of
-    # the shard, on that task's S * B gathered images.
-    assert augment.batches == [(S * B, 8, 8, 1)] * (T // count)
+    # The chunk function is traced once: one augmentation call on the shard's
+    # gathered images, told which rows of the whole chunk they are.
+    local = T // count
+    assert augment.batches == [((local * S * B, 8, 8, 1), ((count - 1) * local * S * B, T * S * B))]
+
+
+def test_an_augmentation_without_rows_keeps_the_whole_stream():
+    """A callable that cannot augment a share alone is refused for a shard, and not sharded."""
+
+    def plain(images, seed):
+        return images
+
+    with pytest.raises(TypeError, match="rows=\\(offset, total\\)"):
+        family().as_dataset(**stream_kwargs(augment=plain), task_shard=(0, 2))
+    stream = family().as_dataset(**stream_kwargs(augment=plain))
+    assert not hasattr(stream, distribute._SHARD_MAKER)
 
 
 # ---------------------------------------------------------------- the worker's stream

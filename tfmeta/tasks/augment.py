@@ -49,13 +49,22 @@ class RandomAffine:
             f"scale={self.scale}, fill_value={self.fill_value})"
         )
 
-    def __call__(self, images, seed):
-        """Transform `images` (float `[N, H, W, C]`) with parameters drawn from `seed` ([2] ints)."""
+    def __call__(self, images, seed, rows=None):
+        """Transform `images` (float `[N, H, W, C]`) with parameters drawn from `seed` ([2] ints).
+
+        `rows=(offset, total)` says that `images` are rows `offset..offset+N-1`
+        of a batch of `total` images: they get exactly the transforms those
+        rows get in `self(batch, seed)`. A worker's share of a task batch is
+        augmented that way (`ClassificationTasks.as_dataset(task_shard=...)`).
+        """
         images = tf.convert_to_tensor(images)
         height, width = int(images.shape[1]), int(images.shape[2])
         n = tf.shape(images)[0]
+        offset, total = (0, n) if rows is None else rows
+        # The transforms of all `total` rows are computed, then sliced: the
+        # same element-wise math on a shorter vector can round differently.
         u = tf.random.stateless_uniform(
-            tf.stack([n, 4]), tf.cast(seed, tf.int64), dtype=tf.float32, alg=_ALG
+            tf.stack([total, 4]), tf.cast(seed, tf.int64), dtype=tf.float32, alg=_ALG
         )
 
         def between(column, low, high):
@@ -75,7 +84,7 @@ class RandomAffine:
         transforms = tf.stack(
             [cos, sin, cx - cos * x0 - sin * y0, -sin, cos, cy + sin * x0 - cos * y0, zeros, zeros],
             axis=1,
-        )
+        )[offset:offset + n]
         out = tf.raw_ops.ImageProjectiveTransformV3(
             images=images,
             transforms=transforms,

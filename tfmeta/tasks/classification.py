@@ -15,10 +15,12 @@ the stream `MetaModel.fit` consumes (see `tfmeta.tasks.base`):
 * only example *indices* are drawn per trajectory (T*K*B int32); images are
   gathered, converted to float and augmented per chunk, so memory holds one
   chunk of images at a time, not a trajectory's K x T x B;
-* a task's example order and augmentation are keyed by its position t in
-  the meta-batch, so `as_dataset(..., task_shard=(i, n))` (one worker's
-  share) yields exactly tasks `[i T/n, (i+1) T/n)` of the whole stream and
-  gathers and augments only their images.
+* a task's example order is keyed by its position t in the meta-batch, and
+  a chunk's augmentation by one seed over its T*S*B images (task-major), so
+  `as_dataset(..., task_shard=(i, n))` (one worker's share) yields exactly
+  tasks `[i T/n, (i+1) T/n)` of the whole stream and gathers and augments
+  only their images (an augment callable that takes `rows=(offset, total)`,
+  as `random_affine` does, transforms just those rows).
 
 Images stay uint8 in memory (4x smaller than float32) and are converted per
 chunk. `tfmeta.tasks.augment.random_affine` is the seeded augmentation of
@@ -39,6 +41,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable, Sequence
 
 import numpy as np
@@ -167,6 +170,21 @@ class ClassificationTask:
     @property
     def input_shape(self):
         return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+def _augments_rows(augment):
+    """Whether a worker's share of the tasks can be augmented alone (see `RandomAffine`).
+
+    An augmentation keyed per chunk can be split across workers only if it
+    takes `rows=(offset, total)`; other callables keep the whole-stream path,
+    where every worker augments all T tasks and keeps its own.
+    """
+    if augment is None:
+        return True
+    try:
+        return "rows" in inspect.signature(augment).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_task(task, index, name):
@@ -359,6 +377,12 @@ class ClassificationTasks(TaskDistribution):
         start = self.check_start(start)
         first, last = self.check_task_shard(task_shard, T)
         augment = self._resolve_augment(augment, default=True)
+        if task_shard is not None and not _augments_rows(augment):
+            raise TypeError(
+                f"augment {augment!r} cannot augment a shard of the tasks: give its "
+                "__call__ a rows=(offset, total) argument (see tfmeta.tasks.augment."
+                "RandomAffine), or read the whole stream (task_shard=None)."
+            )
         images, labels, sizes, offsets = self._stores()
         chunks = K // S
         base = _key(seed)
@@ -389,12 +413,14 @@ class ClassificationTasks(TaskDistribution):
         def chunk(m, c, index):
             x = tf.gather(images, tf.reshape(index, [-1]))
             x = tf.cast(x, tf.float32) / 255.0
-            x = tf.reshape(x, [local, S * B, *shape])
             if augment is not None:
-                # One augmentation seed per task, from its global position: a
-                # shard augments its tasks exactly as the whole stream does.
+                # One seed for the chunk's T * S * B images, task-major; a shard
+                # augments its rows of them exactly as the whole stream does.
                 key = _fold(_fold(_fold(base, m), _AUGMENT), c)
-                x = tf.stack([augment(x[t], _fold(key, first + t)) for t in range(local)])
+                if task_shard is None:
+                    x = augment(x, key)
+                else:
+                    x = augment(x, key, rows=(first * S * B, T * S * B))
             x = tf.reshape(x, [local, S, B, *shape])
             y = tf.reshape(tf.gather(labels, index), [local, S, B])
             return x, y
@@ -411,7 +437,7 @@ class ClassificationTasks(TaskDistribution):
             .map(chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
         )
-        if task_shard is not None:
+        if task_shard is not None or not _augments_rows(augment):
             return stream
         return task_sharded(stream, lambda shard: self.as_dataset(
             tasks_per_batch=T, inner_steps=K, batch_size=B, steps_per_chunk=S, seed=seed,
