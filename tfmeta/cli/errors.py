@@ -184,9 +184,3 @@ def explain_gin_error(error):
         )
         return ConfigError(f"gin: no configurable named {name!r}; {hint}")
     return None
-
-
-def configurable_names():
-    """Every registered configurable's short name (for "did you mean @X()?")."""
-    registry = _registry()
-    return {selector.split(".")[-1] for selector, _ in registry.items()} if registry else set()
