@@ -44,6 +44,8 @@ gin.external_configurable(himmelblau.HimmelblauLoss, module="tfmeta.tasks")
 gin.external_configurable(himmelblau.point_model, module="tfmeta.tasks")
 for _family in (tasks.digits_tasks, tasks.omniglot_alphabets, tasks.datasets_as_tasks, tasks.random_affine):
     gin.external_configurable(_family, module="tfmeta.tasks")
+# Named dataset-level tasks (tfmeta.tasks.domains): `train.tasks = @task_family()`.
+gin.external_configurable(tasks.task_family, module="tfmeta.tasks")
 
 # Task complexity and its experiments (`tools/complexity.py`), all under the gin
 # module "tfmeta.complexity", the names gin/complexity_*.gin use. Bindings reach

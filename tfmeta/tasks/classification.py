@@ -336,7 +336,7 @@ class ClassificationTasks(TaskDistribution):
             )
 
     def as_dataset(self, *, tasks_per_batch, inner_steps, batch_size, steps_per_chunk=1, seed=0,
-                   augment=None, start=0, task_shard=None):
+                   augment=None, start=0, task_shard=None, with_task_ids=False):
         """The infinite stream of task-batch chunks for `MetaModel.fit`.
 
         Args:
@@ -357,10 +357,20 @@ class ClassificationTasks(TaskDistribution):
                 meta-batch, the same values as those tasks of the whole
                 stream, and only their images are gathered and augmented
                 (one worker's share, see `tfmeta.distribute`).
+            with_task_ids: also yield each slot's task index (for per-task
+                heads): elements become `(x, y, task_ids)`.
 
         Returns:
             A `tf.data.Dataset` of `(x, y)`: x float32 `[T, S, B, H, W, C]` in
-            [0, 1], y int32 `[T, S, B]` (T / count tasks with a `task_shard`).
+            [0, 1], y int32 `[T, S, B]` (T / count tasks with a `task_shard`);
+            with `with_task_ids`, `(x, y, task_ids)` with task_ids int32 `[T]`,
+            `task_ids[t]` the index (in this family) of the task in slot t,
+            the same for every chunk of a trajectory (`task_ids(m, T, seed)`
+            of meta-batch m). The ids ride third, where Keras puts sample
+            weights, so x stays the task batch's first element (what
+            `tfmeta.distribute` reads its task count from), the per-replica
+            split cuts them with x and y along the task axis, and a learner
+            that does not use them ignores them.
             It makes its own shards for `MetaModel.fit` on several workers
             (`tfmeta.distribute.task_sharded`).
 
@@ -408,9 +418,10 @@ class ClassificationTasks(TaskDistribution):
                 tf.data.Dataset.from_tensors(m).repeat(chunks),
                 tf.data.Dataset.range(chunks),
                 tf.data.Dataset.from_tensor_slices(per_chunk),
+                tf.data.Dataset.from_tensors(tf.cast(ids[first:last], tf.int32)).repeat(chunks),
             ))
 
-        def chunk(m, c, index):
+        def chunk(m, c, index, task_ids):
             x = tf.gather(images, tf.reshape(index, [-1]))
             x = tf.cast(x, tf.float32) / 255.0
             if augment is not None:
@@ -423,7 +434,7 @@ class ClassificationTasks(TaskDistribution):
                     x = augment(x, key, rows=(first * S * B, T * S * B))
             x = tf.reshape(x, [local, S, B, *shape])
             y = tf.reshape(tf.gather(labels, index), [local, S, B])
-            return x, y
+            return (x, y, task_ids) if with_task_ids else (x, y)
 
         # The stream is a function of (seed, meta-batch m, chunk c): starting
         # at chunk `start` = starting at meta-batch start // chunks and
@@ -442,6 +453,7 @@ class ClassificationTasks(TaskDistribution):
         return task_sharded(stream, lambda shard: self.as_dataset(
             tasks_per_batch=T, inner_steps=K, batch_size=B, steps_per_chunk=S, seed=seed,
             augment=False if augment is None else augment, start=start, task_shard=shard,
+            with_task_ids=with_task_ids,
         ))
 
     # ------------------------------------------------------------ fine-tuning
