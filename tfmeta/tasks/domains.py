@@ -24,8 +24,8 @@ tasks in the style of TFDS (`load_task("mnist/rot90")` like
 `NAMES` lists every task. All images are 28x28x1, uint8 in memory and float32
 in [0, 1] in every stream, with int32 labels `0..num_classes - 1`. Transforms
 are exact integer arithmetic on the uint8 images, applied once when a task is
-loaded (a fraction of a second for MNIST), so a task's bytes are the same on
-every machine and CPU. The sources' decoded arrays come from
+loaded (a fraction of a second for MNIST), so they add no float rounding
+that could differ between CPUs. The sources' decoded arrays come from
 `tfmeta.tasks.datasets.image_arrays` and `tfmeta.tasks.omniglot.omniglot_arrays`
 (cached as `.npz` beside the TFDS data_dir, outside the repository); prepare
 the TFDS datasets once with `python tools/prepare_data.py --from ../shared/data`.
