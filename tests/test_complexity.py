@@ -469,3 +469,28 @@ def test_gin_configures_recipe_and_functions():
         assert model(x[:2]).shape == (2, 3)
     finally:
         gin.clear_config()
+
+
+def test_fine_check_stops_at_the_first_step_under_the_threshold():
+    # Reference: checking after every step from the start (eval_every=1) finds
+    # the first step whose loss is <= the threshold. With coarse checks
+    # (every 10) and fine_check_factor the run must stop at that same step
+    # with the same weights (the checks do not change the training); without
+    # it, at the next multiple of 10.
+    data = _blobs([0, 1], 200, seed=51)
+    keras.utils.set_random_seed(3)
+    init = _mlp()
+    ref = cx.train(data, _recipe(steps=300, loss_threshold=0.2, eval_every=1), init=init)
+    fine = cx.train(data, _recipe(steps=300, loss_threshold=0.2, eval_every=10,
+                                  fine_check_factor=3.0), init=init)
+    coarse = cx.train(data, _recipe(steps=300, loss_threshold=0.2, eval_every=10), init=init)
+    assert ref.converged and fine.converged and coarse.converged
+    first = next(step for step, loss in ref.curve if loss <= 0.2)
+    assert ref.steps == first and fine.steps == first, (ref.steps, fine.steps)
+    assert fine.resolution == 1 and coarse.resolution == 10
+    assert coarse.steps == -(-first // 10) * 10
+    for a, b in zip(ref.model.get_weights(), fine.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert fine.final_loss <= 0.2 < [loss for step, loss in fine.curve if step == first - 1][0]
+    with pytest.raises(ValueError, match="fine_check_factor must be None or >= 1"):
+        _recipe(fine_check_factor=0.5)

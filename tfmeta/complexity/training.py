@@ -8,7 +8,11 @@ training loss below a threshold. Both use :func:`fit_to_threshold`.
 on (the first ``eval_examples`` of) the training set, evaluated every
 ``eval_every`` steps; Keras' running-average batch loss is not used because it
 lags behind the weights. Step counts therefore have a resolution of
-``eval_every``.
+``eval_every``, unless ``fine_check_factor`` is set: once a check finds the
+loss at or below ``fine_check_factor * loss_threshold`` the loss is checked
+after every step, so the run stops at the first step whose loss is under the
+threshold and the trained model (whose ``C_beta`` is then measured) is taken
+at that defined point rather than wherever the run was between two checks.
 """
 
 from __future__ import annotations
@@ -65,6 +69,11 @@ class TrainingRecipe:
       from_logits: whether the models output logits.
       jit_compile: passed to ``model.compile`` (False by default: it avoids an
         XLA compilation per trained model, which dominates on small tasks).
+      fine_check_factor: None (default: check every ``eval_every`` steps
+        only), or a factor ``>= 1``: once a check's loss is at or below
+        ``fine_check_factor * loss_threshold``, check after every step, so
+        that a converged run stops at the first step under the threshold
+        (step resolution 1 near the end; :attr:`TrainResult.resolution`).
     """
 
     optimizer: Callable[[], keras.optimizers.Optimizer] = sgd
@@ -76,6 +85,15 @@ class TrainingRecipe:
     seed: int = 0
     from_logits: bool = True
     jit_compile: Union[bool, str] = False
+    fine_check_factor: Optional[float] = None
+
+    def __post_init__(self):
+        factor = self.fine_check_factor
+        if factor is not None and not factor >= 1.0:
+            raise ValueError(
+                f"fine_check_factor must be None or >= 1 (a multiple of loss_threshold), "
+                f"got {factor!r}; e.g. fine_check_factor=2.0 checks every step once the loss "
+                "is within 2x of the threshold")
 
 
 @dataclasses.dataclass
@@ -90,6 +108,10 @@ class TrainResult:
         has no threshold).
       initial_loss, final_loss: training loss before and after.
       curve: ``[(step, loss), ...]`` at every check.
+      resolution: the spacing of the checks when the run stopped (1 when
+        ``recipe.fine_check_factor`` had switched to checking every step,
+        else ``recipe.eval_every``): a converged run's loss first went under
+        the threshold within the last ``resolution`` steps.
     """
 
     model: keras.Model
@@ -98,6 +120,7 @@ class TrainResult:
     initial_loss: float
     final_loss: float
     curve: List[Tuple[int, float]]
+    resolution: int = 1
 
 
 class _ThresholdStop(keras.callbacks.Callback):
@@ -108,13 +131,23 @@ class _ThresholdStop(keras.callbacks.Callback):
         self._curve = curve
         self.steps = 0
         self.converged = False
+        self.every = int(recipe.eval_every)
+        self.observe(curve[-1][1])
+
+    def observe(self, loss):
+        """Switch to checking every step once ``loss`` is near the threshold."""
+        r = self._recipe
+        if (r.fine_check_factor is not None and r.loss_threshold is not None
+                and loss <= r.fine_check_factor * r.loss_threshold):
+            self.every = 1
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
         r = self._recipe
-        if self.steps % r.eval_every == 0 or self.steps >= r.steps:
+        if self.steps % self.every == 0 or self.steps >= r.steps:
             loss = self._evaluate()
             self._curve.append((self.steps, loss))
+            self.observe(loss)
             if r.loss_threshold is not None and loss <= r.loss_threshold:
                 self.converged = True
                 self.model.stop_training = True
@@ -189,9 +222,10 @@ def fit_to_threshold(model, data, recipe: TrainingRecipe) -> TrainResult:
     initial = evaluate()
     curve.append((0, initial))
     if recipe.loss_threshold is not None and initial <= recipe.loss_threshold:
-        return TrainResult(model, 0, True, initial, initial, curve)
+        return TrainResult(model, 0, True, initial, initial, curve, 1)
     if recipe.steps <= 0:
-        return TrainResult(model, 0, recipe.loss_threshold is None, initial, initial, curve)
+        return TrainResult(model, 0, recipe.loss_threshold is None, initial, initial, curve,
+                           int(recipe.eval_every))
 
     keras.utils.set_random_seed(recipe.seed)
     ds = (
@@ -213,7 +247,8 @@ def fit_to_threshold(model, data, recipe: TrainingRecipe) -> TrainResult:
     converged = stopper.converged or (
         recipe.loss_threshold is None or final <= recipe.loss_threshold
     )
-    return TrainResult(model, stopper.steps, bool(converged), initial, final, curve)
+    return TrainResult(model, stopper.steps, bool(converged), initial, final, curve,
+                       stopper.every)
 
 
 def train(data, recipe: TrainingRecipe, model_fn=None, init=None) -> TrainResult:
