@@ -14,7 +14,10 @@ What is shown:
 - two workers on localhost give the phi of a single worker on the same tasks,
   through MetaModel directly and through tools/train.py (gin
   `train.strategy = "multi_worker"`), where only the chief writes the outputs;
-- `jit_compile=True` on CPU gives the same phi as without;
+- `jit_compile=True` on CPU gives the same phi as without (XLA per replica:
+  tests/test_xla_replicas.py);
+- `get_strategy("mirrored")` picks the all-reduce that fits its devices
+  (NCCL over GPUs, `ReductionToOneDevice` on CPUs);
 - the unsupported combinations fail with an error naming the fix.
 """
 
@@ -112,7 +115,7 @@ def meta_train(strategy, learner, x, y, steps_per_execution=1, jit_compile="auto
         "state": [v.numpy().tolist() for v in model.non_trainable_variables],
         "task_params": [tasks(v) for v in meta.task_params],
         "meta_updates": int(meta.meta_updates.numpy()),
-        "jit_compile": bool(meta.jit_compile),
+        "jit_compile": bool(meta.inner_jit_compile),
     }
 
 
@@ -183,7 +186,10 @@ def _replicas_main():
     one = tf.distribute.get_strategy()
     two = distribute.get_strategy("mirrored", devices)
     x, y = task_data()
-    out = {"replicas": two.num_replicas_in_sync}
+    out = {
+        "replicas": two.num_replicas_in_sync,
+        "cross_device_ops": type(two.extended._cross_device_ops).__name__,
+    }
     for learner in ("leap", "reptile", "cts"):  # CTS: K / S meta-updates, others one
         out[learner] = {
             "one": meta_train(one, learner, x, y),
@@ -208,7 +214,6 @@ def _replicas_main():
         return None
 
     errors["uneven"] = error_of(lambda: meta_train(two, "reptile", x[:3], y[:3]))
-    errors["jit"] = error_of(lambda: meta_train(two, "reptile", x, y, jit_compile=True))
     collective = tf.distribute.MirroredStrategy(devices)  # TF's default: collective ops
     errors["collective_steps_per_execution"] = error_of(
         lambda: meta_train(collective, "reptile", x, y, steps_per_execution=2)
@@ -331,6 +336,28 @@ def test_inner_losses_are_not_divided_by_the_replicas(replicas):
     assert_same(replicas["scalar_loss"]["one"]["phi"], replicas["reptile"]["one"]["phi"], "phi")
 
 
+def test_mirrored_on_cpus_reduces_to_one_device(replicas):
+    # the runs above (steps_per_execution=2) used it: no collective all-reduce
+    assert replicas["cross_device_ops"] == "ReductionToOneDevice"
+
+
+def test_all_reduce_fits_the_devices():
+    """NCCL over several whole GPUs; one device's sum on CPUs, mixed or single devices."""
+    from tfmeta.distribute import cross_device_ops
+
+    def chosen(devices, nccl):
+        return type(cross_device_ops(devices, nccl=nccl)).__name__
+
+    assert chosen(["/gpu:0", "/gpu:1"], nccl=True) == "NcclAllReduce"
+    assert chosen(["/device:GPU:0", "/device:GPU:1", "/device:GPU:2"], nccl=True) == "NcclAllReduce"
+    assert chosen(["/gpu:0", "/gpu:1"], nccl=False) == "ReductionToOneDevice"  # no NCCL kernel
+    assert chosen(["/gpu:0"], nccl=True) == "ReductionToOneDevice"  # nothing to reduce over
+    assert chosen(["/cpu:0", "/cpu:1"], nccl=True) == "ReductionToOneDevice"
+    assert chosen(["/gpu:0", "/cpu:0"], nccl=True) == "ReductionToOneDevice"
+    # on this machine (no GPU in the tests' CPU runs) the default looks for NCCL only on GPUs
+    assert chosen(["/cpu:0", "/cpu:1"], nccl=None) == "ReductionToOneDevice"
+
+
 def test_collective_mirrored_strategy_matches_with_one_step_per_execution(replicas):
     # TensorFlow's default MirroredStrategy (collective all-reduce) works too,
     # with steps_per_execution=1.
@@ -342,8 +369,6 @@ def test_unsupported_combinations_name_the_fix(replicas):
     errors = replicas["errors"]
     assert "does not split evenly over 2 replicas" in errors["uneven"]
     assert "tasks_per_batch a multiple of 2" in errors["uneven"]
-    assert "jit_compile=True does not work with 2 replicas" in errors["jit"]
-    assert "jit_compile='auto'" in errors["jit"]
     assert "steps_per_execution=2 fails under MirroredStrategy" in errors["collective_steps_per_execution"]
     assert "use steps_per_execution=1" in errors["collective_steps_per_execution"]
     assert "created outside its scope" in errors["outside_scope"]
@@ -523,10 +548,9 @@ def test_task_batches_must_split_evenly():
     x = np.zeros((2, 3, S, 5, 3), "float32")
     with pytest.raises(ValueError, match=r"3 tasks does not split evenly over 2 replicas.*\(e\.g\. 4\)"):
         distribute_task_batches(tf.data.Dataset.from_tensor_slices((x, x)), Two())
-    with pytest.raises(ValueError, match="jit_compile=True does not work with 2 replicas"):
-        check_jit_compile(True, Two())
-    check_jit_compile("auto", Two())
-    check_jit_compile(True, tf.distribute.get_strategy())
+    # XLA is compiled per replica: every setting works with any number of replicas
+    for setting in (True, False, "auto"):
+        check_jit_compile(setting, Two())
 
 
 if __name__ == "__main__":

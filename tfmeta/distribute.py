@@ -39,11 +39,14 @@ __all__ = [
     "STRATEGIES",
     "check_jit_compile",
     "check_steps_per_execution",
+    "cross_device_ops",
     "distribute_task_batches",
     "get_strategy",
     "in_scope",
+    "inner_loop_xla",
     "is_chief",
     "local_tf_configs",
+    "replica_devices",
     "task_sharded",
     "use_logical_cpus",
     "uses_collectives",
@@ -68,7 +71,8 @@ def get_strategy(strategy="default", devices=None):
             all local GPUs, else the CPU), `"multi_worker"`
             (`MultiWorkerMirroredStrategy`, cluster from `TF_CONFIG`), or a
             `tf.distribute.Strategy`, returned as is.
-        devices: devices of the mirrored strategy.
+        devices: devices of the mirrored strategy. Its all-reduce fits them
+            (`cross_device_ops`): NCCL over GPUs, `ReductionToOneDevice` on CPUs.
 
     The same name gives the same object within a process. Create a
     `"multi_worker"` strategy before anything else runs TensorFlow ops
@@ -89,9 +93,9 @@ def get_strategy(strategy="default", devices=None):
     if strategy == "mirrored":
         # Not TensorFlow's default collective all-reduce: inside Keras'
         # steps_per_execution loop its deferred instance keys are never fed
-        # (see `uses_collectives`). One all-reduce per meta-update is small.
+        # (see `uses_collectives`). NCCL on GPUs, one device's sum elsewhere.
         created = tf.distribute.MirroredStrategy(
-            devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+            devices, cross_device_ops=cross_device_ops(list(devices or _local_devices()))
         )
     else:
         if not os.environ.get("TF_CONFIG"):
@@ -159,23 +163,97 @@ def is_chief(strategy=None):
 
 
 def check_jit_compile(jit_compile, strategy=None):
-    """Refuse `jit_compile=True` with more than one replica (one line: why and what to do).
+    """Refuse a `jit_compile` other than `True`, `False` or `"auto"` (one line: what to pass).
 
-    Keras compiles its whole train function, `strategy.run` included, with XLA;
-    XLA then reads every replica's variables from one device, which TensorFlow
-    rejects ("Trying to access resource ... located in device CPU:1 from device
-    CPU:0", https://www.tensorflow.org/xla/known_issues). Keras' `"auto"`
-    already turns XLA off under a strategy, so only an explicit `True` fails,
-    and it fails here, at compile, rather than in the first step.
+    Any number of replicas works: `MetaModel` compiles each replica's inner
+    loop on the replica's device (`inner_loop_xla`). `strategy` is accepted
+    for callers that check a run's settings before compiling.
+    """
+    del strategy  # every strategy takes every setting
+    if isinstance(jit_compile, str) and jit_compile == "auto":
+        return
+    if not isinstance(jit_compile, bool):
+        raise ValueError(
+            f"jit_compile={jit_compile!r} is not a jit_compile setting: pass True (XLA on the "
+            "inner loop of every replica), False (no XLA) or 'auto' (XLA on GPU replicas only)."
+        )
+
+
+def replica_devices(strategy=None):
+    """The devices of `strategy`'s replicas on this worker (the current strategy's by default).
+
+    Without a strategy: the device TensorFlow places ops on, the first GPU if
+    there is one, else the CPU.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    if jit_compile is True and strategy.num_replicas_in_sync > 1:
-        raise ValueError(
-            f"jit_compile=True does not work with {strategy.num_replicas_in_sync} replicas "
-            f"({type(strategy).__name__}): XLA would read every replica's variables "
-            "from one device. Use jit_compile='auto' (no XLA under a strategy) or False, "
-            "or train on one device to use XLA."
-        )
+    try:
+        return list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has no device list
+        return _local_devices()[:1]
+
+
+def _local_devices():
+    """What `MirroredStrategy()` mirrors over by default: every local GPU, else the CPU."""
+    return [d.name for d in tf.config.list_logical_devices("GPU")] or ["/cpu:0"]
+
+
+def _is_gpu(device):
+    return tf.DeviceSpec.from_string(device).device_type == "GPU"
+
+
+def inner_loop_xla(jit_compile, devices, run_eagerly=False):
+    """Whether `MetaModel` compiles each replica's inner loop with XLA.
+
+    Args:
+        jit_compile: `True` (XLA on any device, CPUs included), `False`, or
+            `"auto"`: XLA when every replica is on a GPU; off on CPU, where
+            XLA measured 12-20x slower on Leap's convnet (docs/performance.md).
+        devices: the replicas' devices (`replica_devices(strategy)`).
+        run_eagerly: Keras' `run_eagerly`; it turns XLA off, as in Keras.
+
+    Example:
+        >>> inner_loop_xla("auto", ["/gpu:0", "/gpu:1"]), inner_loop_xla("auto", ["/cpu:0"])
+        (True, False)
+    """
+    check_jit_compile(jit_compile)
+    if run_eagerly or jit_compile is False:
+        return False
+    if jit_compile is True:
+        return True
+    return bool(devices) and all(_is_gpu(d) for d in devices)  # "auto"
+
+
+def cross_device_ops(devices, nccl=None):
+    """The all-reduce `get_strategy("mirrored")` uses over `devices`.
+
+    `NcclAllReduce` when there are several devices, all GPUs, and NCCL is
+    usable (`nccl`; default: this TensorFlow build registers its kernel and
+    the GPUs are not split into logical ones, which NCCL does not support);
+    `ReductionToOneDevice` otherwise (CPUs, mixed devices, one device).
+    Neither is TensorFlow's default collective all-reduce, which breaks
+    Keras' `steps_per_execution > 1` loop (see `uses_collectives`); NCCL's
+    all-reduce does not use collective instance keys.
+
+    Example:
+        >>> type(cross_device_ops(["/gpu:0", "/gpu:1"], nccl=True)).__name__
+        'NcclAllReduce'
+        >>> type(cross_device_ops(["/cpu:0", "/cpu:1"])).__name__
+        'ReductionToOneDevice'
+    """
+    if len(devices) > 1 and all(_is_gpu(d) for d in devices):
+        if nccl is None:
+            nccl = _nccl_usable()
+        if nccl:
+            return tf.distribute.NcclAllReduce()
+    return tf.distribute.ReductionToOneDevice()
+
+
+def _nccl_usable():
+    """Whether this TensorFlow build has NCCL's kernel and the GPUs are whole (not logical)."""
+    from tensorflow.python.framework import kernels  # no public API lists kernels
+
+    whole = len(tf.config.list_logical_devices("GPU")) == len(tf.config.list_physical_devices("GPU"))
+    return whole and bool(kernels.get_registered_kernels_for_op("NcclAllReduce").kernel)
 
 
 def uses_collectives(strategy):
@@ -186,7 +264,8 @@ def uses_collectives(strategy):
     `tf.function` that calls another one, as Keras' `steps_per_execution > 1`
     loop does, their call-time instance keys are never fed: "You must feed a
     value for placeholder tensor 'while/cond/Placeholder'", with any Keras
-    model. `get_strategy("mirrored")` uses `ReductionToOneDevice` instead.
+    model. `get_strategy("mirrored")` uses NCCL or `ReductionToOneDevice`
+    instead (`cross_device_ops`).
     """
     if strategy.num_replicas_in_sync < 2:
         return False

@@ -87,6 +87,9 @@ class InnerLoop:
         vectorize: run the tasks' steps as one `tf.vectorized_map`.
         max_task_loss: a finite loss above this (in absolute value) counts as
             diverged, like NaN or inf; `None`: only NaN and inf do.
+        jit_compile: compile `run` with XLA (`tf.function(jit_compile=True)`),
+            on the device of its caller: under a strategy each replica's chunk
+            is one XLA computation, traced for that replica.
     """
 
     model: keras.Model
@@ -96,6 +99,13 @@ class InnerLoop:
     unroll: int = 1
     vectorize: bool = False
     max_task_loss: float | None = None
+    jit_compile: bool = False
+
+    def __post_init__(self):
+        # Only the chunk on tensors: variables, the all-reduce and the outer
+        # update stay outside XLA, in the caller (tfmeta.meta_model).
+        if self.jit_compile:
+            self.run = tf.function(self.run, jit_compile=True)
 
     def task_step(self, state, x, y, index):
         """One inner step of one task. `state` = (params, non_trainable, opt, learner)."""

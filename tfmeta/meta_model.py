@@ -28,7 +28,12 @@ import keras
 import tensorflow as tf
 
 from tfmeta import replicas, validation
-from tfmeta.distribute import check_jit_compile, check_steps_per_execution
+from tfmeta.distribute import (
+    check_jit_compile,
+    check_steps_per_execution,
+    inner_loop_xla,
+    replica_devices,
+)
 from tfmeta.divergence import DEFAULT_MAX_TASK_LOSS, DivergenceGuard
 from tfmeta.inner_loop import InnerLoop, mean_loss
 from tfmeta.inner_optimizer import make_stateless
@@ -117,13 +122,23 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 meta-update and of the logged loss (`tfmeta.divergence`).
                 `None` leaves only NaN and inf out.
             **kwargs: passed to `keras.Model.compile` (`steps_per_execution`,
-                `run_eagerly`, ...). `jit_compile="auto"` (Keras' default) uses
-                XLA on a GPU only (on CPU it measured 2-10x slower), never
-                under several replicas, where `True` raises. Mixed precision
-                works without loss scaling: `auto_scale_loss=True` is refused
-                (docs/design.md, "Inner optimizers").
+                `run_eagerly`, ...), except `jit_compile`: XLA compiles each
+                replica's chunk of inner steps on the replica's device (the
+                all-reduce, the outer update and the variables stay outside),
+                with any number of replicas. `"auto"` (default): XLA when every
+                replica is a GPU, none on CPU (measured 12-20x slower there);
+                `True`: XLA on any device, CPUs included; `False`: none.
+                `inner_jit_compile` tells which was chosen (Keras' own
+                `jit_compile` stays False). Mixed precision works without loss
+                scaling: `auto_scale_loss=True` is refused (docs/design.md,
+                "Inner optimizers").
         """
         self._check_compile_arguments(loss, learner, inner_steps, inner_unroll, kwargs)
+        jit_compile = kwargs.pop("jit_compile", "auto")
+        check_jit_compile(jit_compile)
+        self.inner_jit_compile = inner_loop_xla(
+            jit_compile, replica_devices(self.distribute_strategy), kwargs.get("run_eagerly", False)
+        )
         optimizer, self.inner_optimizer = self._optimizers(optimizer, inner_optimizer)
         self.task_loss = mean_loss(validation.resolve_loss(loss))
         validation.check_loss_dtype(self.task_loss, self.model)
@@ -135,11 +150,13 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         self.inner_loop = InnerLoop(
             self.model, self.task_loss, learner, self.inner_optimizer,
             unroll=self.inner_unroll, vectorize=self.vectorize_tasks,
-            max_task_loss=self.max_task_loss,
+            max_task_loss=self.max_task_loss, jit_compile=self.inner_jit_compile,
         )
-        check_jit_compile(kwargs.get("jit_compile", "auto"), self.distribute_strategy)
         check_steps_per_execution(kwargs.get("steps_per_execution", 1), self.distribute_strategy)
-        super().compile(optimizer=optimizer, auto_scale_loss=False, **kwargs)
+        # Keras' own XLA would compile the whole train function, strategy.run,
+        # all-reduce and variables of every replica included: the inner loop
+        # is compiled per replica instead (`inner_jit_compile`).
+        super().compile(optimizer=optimizer, auto_scale_loss=False, jit_compile=False, **kwargs)
 
     @property
     def schedule(self):
