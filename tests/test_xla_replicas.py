@@ -21,6 +21,9 @@ seed state):
   XLA: the test checks that it does, which XLA silently off could not pass;
 - the inner loop is a `tf.function` traced once per replica, and its XLA
   HLO can be read (`experimental_get_compiler_ir`);
+- a task that diverges (NaN inputs, in Leap's runs) is left out of the
+  meta-update under XLA per replica as without XLA (same phi, one skipped
+  task);
 - a run checkpointed and resumed under 2 replicas with XLA ends where the
   uninterrupted one does;
 - `jit_compile="auto"` gives no XLA on CPU, and bad settings fail naming
@@ -58,8 +61,8 @@ def make_model(dropout, conv=True):
     """Conv2D (or Dense), BatchNorm, ReLU, [Dropout], Dense; fixed weights."""
     import keras
 
-    # No bias before BatchNorm: its gradient is zero up to rounding, which
-    # Adam would scale up to full steps (an ill-conditioned comparison).
+    # No bias before BatchNorm, which cancels it: its gradient would be
+    # rounding noise only, and the comparison would measure that noise.
     layers = [keras.Input((8, 8, 1))]
     if conv:
         layers += [keras.layers.Conv2D(4, 3, padding="same", use_bias=False), keras.layers.Flatten()]
@@ -119,15 +122,23 @@ def results(meta, strategy):
         "state": [v.numpy().tolist() for v in model.non_trainable_variables],
         "task_params": [tasks(v) for v in meta.task_params],
         "meta_updates": int(meta.meta_updates.numpy()),
+        "skipped_tasks": int(meta.skipped_tasks.numpy()),
         "xla": bool(meta.inner_jit_compile),
     }
 
 
-def meta_train(strategy, learner, jit_compile, chunks=(0, CHUNKS), meta=None, **options):
-    """Meta-train from the fixed phi on chunks [first, last) of the digit tasks."""
+def meta_train(strategy, learner, jit_compile, chunks=(0, CHUNKS), meta=None, nan_task=None,
+               **options):
+    """Meta-train from the fixed phi on chunks [first, last) of the digit tasks.
+
+    `nan_task`: that task's inputs are NaN in the first chunk (it diverges).
+    """
     import tensorflow as tf
 
     x, y = task_chunks()
+    if nan_task is not None:
+        x = x.copy()
+        x[0, nan_task] = np.nan
     meta = meta or compile_meta(strategy, learner, jit_compile, **options)
     first, last = chunks
     meta.fit(tf.data.Dataset.from_tensor_slices((x[first:last], y[first:last])), verbose=0)
@@ -154,9 +165,11 @@ def _main():
     two = distribute.get_strategy("mirrored", devices)
     out = {"replicas": two.num_replicas_in_sync}
     for learner in LEARNERS:
+        # Leap's runs: a task of replica 1 diverges in the first trajectory
+        nan = {"nan_task": T - 1} if learner == "leap" else {}
         out[learner] = {
-            "reference": meta_train(one, learner, False),
-            "two_xla": meta_train(two, learner, True, **TWO_XLA),
+            "reference": meta_train(one, learner, False, **nan),
+            "two_xla": meta_train(two, learner, True, **TWO_XLA, **nan),
         }
     # vectorize_tasks needs a model tf.vectorized_map batches: no conv, no dropout
     out["vectorized"] = {
@@ -235,6 +248,7 @@ def test_two_replicas_with_xla_give_the_phi_of_one_without(runs, learner):
     assert runs["replicas"] == 2
     reference, two = runs[learner]["reference"], runs[learner]["two_xla"]
     assert reference["xla"] is False and two["xla"] is True
+    assert two["skipped_tasks"] == reference["skipped_tasks"]
     assert reference["meta_updates"] == (CHUNKS if learner == "cts" else CHUNKS * S // K)
     assert_same_run(two, reference)
     assert _moved(reference) > 1e-3  # phi did move: the comparison is not vacuous
@@ -261,6 +275,12 @@ def test_dropout_under_xla_matches_across_replicas_and_xla_is_really_on(runs):
         np.max(np.abs(np.subtract(a, b))) for a, b in zip(run["one_xla"]["phi"], run["one"]["phi"])
     )
     assert difference > 1e-3  # other dropout masks: XLA ran
+
+
+def test_a_diverged_task_is_left_out_under_xla_per_replica(runs):
+    run = runs["leap"]  # same phi as without XLA: test_two_replicas_with_xla_...[leap]
+    assert run["reference"]["skipped_tasks"] == run["two_xla"]["skipped_tasks"] == 1
+    assert np.all(np.isfinite(np.concatenate([np.ravel(p) for p in run["two_xla"]["phi"]])))
 
 
 def test_resume_under_xla_per_replica_ends_where_the_straight_run_does(runs):

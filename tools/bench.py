@@ -6,6 +6,7 @@
     python tools/bench.py fisher  (see tools/bench_fisher.py)
     python tools/bench.py replicas [--learner leap] [--tasks 4] [--steps 100] [--no_jit]
     python tools/bench.py jit      [--learner leap] [--tasks 4] [--steps 100]
+    python tools/bench.py gpu      [--smoke] [--tasks 4 16 64] [--steps 100] [--filters 64]
 
 `inner`: inner steps per second of each meta-learner with T tasks on Leap's
 Omniglot convnet (4 x [Conv 3x3, MaxPool, BatchNorm, ReLU] -> Dense 20,
@@ -21,6 +22,14 @@ length K = long vs K = short (same chunk size), each in a fresh process.
 replica vs split over two (two GPUs if present, else two logical CPU devices,
 which share the same cores: expect a ratio below 1 there), and with
 `jit_compile=True` on one replica. `jit`: XLA on vs off on one device.
+
+`gpu`: the table for a GPU machine: inner steps per second of each
+meta-learner for T in {4, 16, 64} tasks, XLA (per replica) on vs off, one
+device vs all GPUs (`get_strategy("mirrored")`), next to plain Keras `fit`
+of the same model on the same batch size, as ratios. Without GPUs it runs on
+two logical CPU devices, as a smoke test (`--smoke`: T in {4, 8}, few steps,
+one block of 8 filters: 32 MetaModels to build, about 4 minutes on
+2 shared cores).
 
 The machines are shared and noisy: every number is a median over repeats,
 and the ratios compare runs made in the same process, interleaved.
@@ -68,7 +77,19 @@ def _median_rate(run, steps, repeats):
     return statistics.median(rates)
 
 
-def bench_fit(steps, filters):
+def _medians(runs, steps, repeats):
+    """Median steps/s of every run over interleaved repeats (`steps[name]` per call).
+
+    Interleaving lets load changes hit every candidate alike.
+    """
+    rates = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            rates[name].append(_median_rate(run, steps[name], 1))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def bench_fit(steps, filters, jit_compile="auto", blocks=4):
     """Plain Keras: `model.fit` with one step per call of the train function."""
     import keras
     import tensorflow as tf
@@ -76,8 +97,8 @@ def bench_fit(steps, filters):
     from tfmeta.input_options import without_autotuning
     from tfmeta.models import convnet
 
-    model = convnet(CLASSES, filters=filters)
-    model.compile(keras.optimizers.SGD(0.1), _loss())
+    model = convnet(CLASSES, filters=filters, blocks=blocks)
+    model.compile(keras.optimizers.SGD(0.1), _loss(), jit_compile=jit_compile)
     x, y = _data(BATCH * 64)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH, drop_remainder=True).repeat()
     # As tfmeta's own fit does: no autotuning, so no stall at the end of each call.
@@ -122,17 +143,12 @@ def inner(args):
         "fit": bench_fit(args.steps, args.filters),
         "fused": bench_fused(args.steps, args.filters),
     }
-    for name in ("leap", "reptile", "fomaml", "cts"):
+    for name in LEARNERS:
         runs[name] = bench_meta(
             tf.distribute.get_strategy(), _learner(name), args.steps, args.filters, args.tasks
         )
-    # Interleave repeats so that load changes hit every candidate alike.
-    rates = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            steps = args.steps * (1 if name in ("fit", "fused") else args.tasks)
-            rates[name].append(_median_rate(run, steps, 1))
-    median = {name: statistics.median(r) for name, r in rates.items()}
+    steps = {name: args.steps * (1 if name in ("fit", "fused") else args.tasks) for name in runs}
+    median = _medians(runs, steps, args.repeats)
     print(
         f"Inner steps per second, Leap Omniglot convnet ({args.filters} filters, batch {BATCH}), "
         f"T = {args.tasks} tasks, {args.steps} steps per task per call, median of {args.repeats}:"
@@ -207,7 +223,8 @@ def graph(args):
     return results
 
 
-def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=100, jit_compile="auto"):
+def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=100, jit_compile="auto",
+               blocks=4):
     """MetaModel.fit under `strategy`: one call runs `steps` inner steps of every task."""
     import keras
     import tensorflow as tf
@@ -217,7 +234,7 @@ def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=1
 
     calls = max(1, steps // chunk)
     with strategy.scope():
-        model = convnet(CLASSES, filters=filters)
+        model = convnet(CLASSES, filters=filters, blocks=blocks)
         meta = tfmeta.MetaModel(model)
         meta.compile(
             optimizer=keras.optimizers.SGD(0.1),
@@ -240,6 +257,9 @@ def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=1
     return run
 
 
+LEARNERS = ("leap", "reptile", "fomaml", "cts")
+
+
 def _learner(name):
     import tfmeta
 
@@ -253,11 +273,7 @@ def _learner(name):
 
 def _compare(runs, args, baseline):
     """Interleaved repeats of every run; median inner steps/s and ratio to `baseline`."""
-    rates = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            rates[name].append(_median_rate(run, args.steps * args.tasks, 1))
-    median = {name: statistics.median(r) for name, r in rates.items()}
+    median = _medians(runs, dict.fromkeys(runs, args.steps * args.tasks), args.repeats)
     print("| run | inner steps/s | ratio | first call (trace + compile), s |")
     print("|---|---|---|---|")
     for name, rate in median.items():
@@ -313,6 +329,80 @@ def jit(args):
     return _compare(runs, args, "jit_compile=False")
 
 
+# `gpu --smoke`: the table on two logical CPU devices in about a minute or two.
+SMOKE = dict(tasks=(4, 8), steps=20, repeats=2, filters=8, blocks=1)
+
+
+def _devices():
+    """All GPUs, or two logical CPU devices where there are none (set up by `main`)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in gpus] if gpus else ["/cpu:0", "/cpu:1"]
+
+
+def gpu(args):
+    """Per learner and T: XLA on vs off, 1 vs all devices, and Keras fit, as one table."""
+    import tensorflow as tf
+
+    from tfmeta import distribute
+
+    devices = _devices()
+    strategies = {1: tf.distribute.get_strategy()}
+    if len(devices) > 1:
+        strategies[len(devices)] = distribute.get_strategy("mirrored", devices)
+    every = max(strategies)
+    # The baselines stay built: each group below measures them again, interleaved with it.
+    fits = {
+        xla: bench_fit(args.steps, args.filters, jit_compile=xla, blocks=args.blocks)
+        for xla in (False, True)
+    }
+    rows, fit_rates = [], {xla: [] for xla in fits}
+    for name in LEARNERS:
+        for tasks in args.tasks:
+            runs = {("fit", xla): fits[xla] for xla in fits}
+            for count, strategy in strategies.items():
+                if tasks % count == 0:
+                    for xla in (False, True):
+                        runs[count, xla] = bench_meta(
+                            strategy, _learner(name), args.steps, args.filters, tasks, args.chunk,
+                            jit_compile=xla, blocks=args.blocks,
+                        )
+            steps = {key: args.steps * (1 if key[0] == "fit" else tasks) for key in runs}
+            rates = _medians(runs, steps, args.repeats)
+            for (count, xla), rate in rates.items():
+                if count == "fit":
+                    fit_rates[xla].append(rate)
+                else:
+                    rows.append((name, tasks, count, xla, rate, rates[count, False],
+                                 rates[1, xla] if (1, xla) in rates else None, rates["fit", xla]))
+            del runs  # frees this group's models before the next one is built
+    kind = "GPU" if tf.config.list_logical_devices("GPU") else "logical CPU device"
+    print(
+        f"Inner steps/s, Leap Omniglot convnet (blocks={args.blocks}, filters={args.filters}, "
+        f"batch {BATCH}), "
+        f"{args.steps} inner steps per task per call (steps_per_execution fuses "
+        f"{max(1, args.steps // args.chunk)} chunks of {args.chunk}), median of {args.repeats}, "
+        f"interleaved per learner and T; 1 vs {every} {kind}(s) ({', '.join(devices)}); XLA = "
+        "jit_compile=True (MetaModel: per replica; fit: Keras' train function). / fit: vs "
+        "plain Keras fit of the same model and batch on one device, same XLA setting "
+        "(one fit step = one batch):"
+    )
+    print("| learner | T | devices | XLA | inner steps/s | XLA / no XLA | all / 1 device | / fit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, tasks, count, xla, rate, off, single, fit in rows:
+        speedup = f"{rate / off:.2f}" if xla else "-"
+        scaling = f"{rate / single:.2f}" if count != 1 and single else "-"
+        print(
+            f"| {name} | {tasks} | {count} | {'on' if xla else 'off'} | {rate:.0f} | "
+            f"{speedup} | {scaling} | {rate / fit:.2f} |"
+        )
+    print("Keras fit, steps/s (median over the groups): " + ", ".join(
+        f"XLA {'on' if xla else 'off'} {statistics.median(r):.0f}" for xla, r in fit_rates.items()
+    ))
+    return rows
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_graph_probe":
         _graph_probe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
@@ -336,7 +426,7 @@ def main(argv=None):
         ("jit", "XLA (jit_compile) on vs off on one device"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--learner", default="leap", choices=["leap", "reptile", "fomaml", "cts"])
+        p.add_argument("--learner", default="leap", choices=LEARNERS)
         p.add_argument("--tasks", type=int, default=4)
         p.add_argument("--steps", type=int, default=100)
         p.add_argument("--chunk", type=int, default=10)
@@ -344,20 +434,37 @@ def main(argv=None):
         p.add_argument("--filters", type=int, default=32)
         if name == "replicas":
             p.add_argument("--no_jit", action="store_true", help="skip the XLA run")
+    p = sub.add_parser("gpu", help="per learner and T: XLA on/off, 1 vs all GPUs, vs Keras fit")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"small: T in {SMOKE['tasks']}, {SMOKE['steps']} steps, {SMOKE['blocks']} "
+                        f"block of {SMOKE['filters']} filters, {SMOKE['repeats']} repeats")
+    p.add_argument("--tasks", type=int, nargs="+", help="T values (default 4 16 64)")
+    p.add_argument("--steps", type=int, help="inner steps per task per call (default 100)")
+    p.add_argument("--chunk", type=int, default=10)
+    p.add_argument("--repeats", type=int, help="default 3")
+    p.add_argument("--filters", type=int, help="default 64")
+    p.add_argument("--blocks", type=int, help="convnet blocks (default 4, Leap's)")
     args, rest = parser.parse_known_args(argv)
-    if args.command == "replicas":
+    if args.command == "gpu":
+        sizes = SMOKE if args.smoke else dict(tasks=(4, 16, 64), steps=100, repeats=3, filters=64,
+                                              blocks=4)
+        for key, value in sizes.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if args.command in ("replicas", "gpu"):
         import tensorflow as tf
 
         from tfmeta import distribute
 
-        if len(tf.config.list_physical_devices("GPU")) < 2:
-            distribute.use_logical_cpus(2)  # before TensorFlow initializes its devices
+        # before TensorFlow initializes its devices
+        if len(tf.config.list_physical_devices("GPU")) < (2 if args.command == "replicas" else 1):
+            distribute.use_logical_cpus(2)
     if args.command == "fisher":
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
         import bench_fisher
 
         return bench_fisher.main(rest)
-    {"inner": inner, "graph": graph, "replicas": replicas, "jit": jit}[args.command](args)
+    {"inner": inner, "graph": graph, "replicas": replicas, "jit": jit, "gpu": gpu}[args.command](args)
     return 0
 
 
