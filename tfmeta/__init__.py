@@ -15,7 +15,9 @@ exported with `export_initialization` and reloaded, with a fresh head, by
     model.fit(x_new_task, y_new_task)
 
 `tfmeta.finetune` measures fine-tuning as the Leap paper does (loss and
-error AUC over the steps).
+error AUC over the steps). `TaskHeads` gives every source task its own
+head, trained in the inner loops and left out of meta-learning
+(`MetaModel(net, heads=tfmeta.TaskHeads(num_sources))`).
 """
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 # and the command-line tools' `--help` do not pay TensorFlow's import.
 _EXPORTS = {
     "ContinualTrajectoryShifting": "tfmeta.learners",
+    "ExcludeHeads": "tfmeta.learners",
     "FOMAML": "tfmeta.learners",
     "InnerStep": "tfmeta.learners",
     "Leap": "tfmeta.learners",
@@ -32,6 +35,7 @@ _EXPORTS = {
     "Schedule": "tfmeta.learners",
     "AfterUpdate": "tfmeta.schedule",
     "MetaModel": "tfmeta.meta_model",
+    "TaskHeads": "tfmeta.task_heads",
     "export_initialization": "tfmeta.export",
     "load_initialization": "tfmeta.export",
 }

@@ -2,7 +2,9 @@
 
 The head is the model's last layer when it is a Dense layer producing the
 model's only output (Sequential and functional models); subclassed models
-have no layer graph to cut.
+have no layer graph to cut. A head that meta-learning leaves out (per-task
+heads, `tfmeta.TaskHeads`) is marked so that exports record that its
+weights are not meta-learned (`mark_not_meta_learned`, `head_meta_learned`).
 
 Example::
 
@@ -13,9 +15,17 @@ Example::
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 
-__all__ = ["features_model", "find_head", "with_new_head"]
+__all__ = [
+    "features_model", "find_head", "head_meta_learned", "mark_not_meta_learned", "with_new_head",
+]
+
+# Head layers whose weights meta-learning leaves out: weak, so that a
+# marked layer goes when its model does.
+_NOT_META_LEARNED = weakref.WeakSet()
 
 
 def find_head(model):
@@ -77,3 +87,31 @@ def with_new_head(model, num_classes):
         input_layer = keras.Input(batch_shape=inputs.shape, dtype=inputs.dtype)
         return keras.Sequential([input_layer, *model.layers[:-1], new_head], name=model.name)
     return keras.Model(model.inputs, new_head(features), name=model.name)
+
+
+def mark_not_meta_learned(head):
+    """Record that meta-learning leaves the weights of the layer `head` out (`TaskHeads` does).
+
+    Example::
+
+        mark_not_meta_learned(model.layers[-1])
+        head_meta_learned(model)               # False
+    """
+    _NOT_META_LEARNED.add(head)
+
+
+def head_meta_learned(model):
+    """False when `model`'s head was marked by `mark_not_meta_learned`, else True.
+
+    Models without a head tfmeta can find (`find_head`) count as meta-learned
+    whole.
+
+    Example::
+
+        export_info["head_meta_learned"] = head_meta_learned(model)
+    """
+    try:
+        head, _ = find_head(model)
+    except TypeError:
+        return True
+    return head not in _NOT_META_LEARNED

@@ -15,10 +15,16 @@ Three parts, in the order `MetaModel.train_step` runs them:
 3. `OuterStep.shift` (in each replica, for schedules that shift): every
    task moves by what the update did to phi (`MetaLearner.shift`).
 
+With a learner that leaves the heads out (`tfmeta.learners.ExcludeHeads`,
+what `MetaModel(..., heads=TaskHeads(...))` uses) only the body's variables
+are all-reduced and stepped: phi's head variables never move, not even by
+the outer optimizer's weight decay or momentum. With `TaskHeads`, `update`
+also writes every task's head into the bank, every chunk (`TaskHeads.write`).
+
 Example (what `MetaModel.train_step` does)::
 
-    grads, count, state = outer.contribution(tasks, phi, first)
-    seed = replica_context.merge_call(outer.update, args=(due, grads, count, state))
+    grads, count, state, rows = outer.contribution(tasks, phi, first, task_ids)
+    seed = replica_context.merge_call(outer.update, args=(due, grads, count, state, rows))
     params = outer.shift(params, phi, seed, first)
 """
 
@@ -30,7 +36,7 @@ import keras
 import tensorflow as tf
 
 from tfmeta.learners.base import MetaLearner
-
+from tfmeta.learners.exclude import ExcludeHeads
 from tfmeta.replicas import all_reduce_sum, finite_sum
 from tfmeta.task_state import TaskState
 
@@ -49,6 +55,7 @@ class OuterStep:
         global_num_tasks: T, the tasks of a whole meta-batch.
         counters: the owner's `meta_updates`, `skipped_tasks` and
             `diverged_updates` variables and its `shift_seed` generator (a dict).
+        heads: the `TaskHeads` whose bank `update` writes, or None.
     """
 
     model: keras.Model
@@ -57,14 +64,23 @@ class OuterStep:
     task_state: TaskState
     global_num_tasks: int
     counters: dict
+    heads: object = None  # a bound tfmeta.TaskHeads (duck-typed: no import upwards)
 
-    def contribution(self, tasks, phi, first):
+    @property
+    def body(self):
+        """Positions of the meta-learned variables in phi (all but excluded heads)."""
+        excluded = self.learner.head_indices if isinstance(self.learner, ExcludeHeads) else ()
+        return [i for i in range(len(self.model.trainable_variables)) if i not in excluded]
+
+    def contribution(self, tasks, phi, first, task_ids=None):
         """This replica's share of a meta-update, over its FINITE tasks.
 
         A task whose meta-gradient, parameters or float state hold a NaN or
         inf is left out. Returns the sums over this replica's finite tasks of
-        their meta-gradients and of their float non-trainable state, their
-        number, and for integer state (seeds) the value of global task 0.
+        their meta-gradients (of the body's variables) and of their float
+        non-trainable state, their number, for integer state (seeds) the
+        value of global task 0, and with `TaskHeads` this replica's share of
+        the bank write (`TaskHeads.rows`; else an empty list).
         """
         params, non_trainable, _, learner_state = tasks
         floats = [i for i, v in enumerate(non_trainable) if v.dtype.is_floating]
@@ -77,16 +93,18 @@ class OuterStep:
             per_task.append(grads)
             finite.append(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values]))
         finite = tf.stack(finite)
-        grads = [finite_sum(tf.stack(g), finite) for g in zip(*per_task)]
+        body = self.body
+        grads = [finite_sum(tf.stack(g), finite) for i, g in enumerate(zip(*per_task)) if i in body]
         count = tf.reduce_sum(tf.cast(finite, tf.float32))
         state = [
             finite_sum(value, finite) if i in floats
             else self.task_state.first_task_state(i, value, first)
             for i, value in enumerate(non_trainable)
         ]
-        return grads, count, state
+        rows = [] if self.heads is None else self.heads.rows(params, finite, task_ids)
+        return grads, count, state, rows
 
-    def update(self, strategy, due, grads, count, state):
+    def update(self, strategy, due, grads, count, state, rows=()):
         """The meta-update of phi when `due`, in cross-replica context (via `merge_call`).
 
         `due` is identical on every replica. A replica context cannot hold
@@ -96,8 +114,11 @@ class OuterStep:
         iterations). Here the optimizer runs its backend-agnostic rule on the
         averaged gradient; each variable assignment in cross-replica context
         updates every replica's copy. Returns the seed of this meta-update's
-        shifts.
+        shifts. The heads' `rows` (from `contribution`) are written to the
+        bank whether or not an update is due.
         """
+        if rows:
+            self.heads.write(strategy, rows)
         due = strategy.experimental_local_results(due)[0]
         return tf.cond(
             due,
@@ -106,8 +127,9 @@ class OuterStep:
         )
 
     def _apply(self, strategy, grads, count, state):
-        """All-reduce the contributions and step phi with their mean."""
-        phi_vars = self.model.trainable_variables
+        """All-reduce the contributions and step phi's body with their mean."""
+        trainable = self.model.trainable_variables
+        phi_vars = [trainable[i] for i in self.body]
         variables = self.model.non_trainable_variables
         floats = [i for i, v in enumerate(variables) if "float" in v.dtype]
         zero_seed = tf.zeros((2,), "int64")

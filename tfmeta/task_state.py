@@ -7,12 +7,15 @@ statistics, seed-generator states), its inner optimizer's variables
 list element is one variable of shape `[tasks, ...]` (this replica's tasks),
 so `steps_per_execution` can fuse chunks and checkpoints capture an in-flight
 trajectory. `TaskState.read` gives the stacked values, restarted from phi
-where a trajectory begins; `TaskState.write` stores them back.
+where a trajectory begins; `TaskState.write` stores them back. With per-task
+heads (`tfmeta.TaskHeads`) a restart takes each task's head from the bank
+row of its source task instead of phi.
 
 Example (what `MetaModel.train_step` does)::
 
     state = TaskState(owner, model, inner_optimizer, learner, num_tasks=4)
     tasks = state.read(restart=position == 0, first=0)   # 4 tasks, from phi
+    # with TaskHeads: state.read(..., task_ids=ids), heads from bank[ids]
     tasks, loss = run_chunk(tasks, x, y)                  # inner steps
     state.write(tasks)
 """
@@ -47,16 +50,24 @@ class TaskState:
         inner_optimizer: the built, stateless inner optimizer.
         learner: the meta-learner (its `init_state` and `schedule`).
         num_tasks: this replica's tasks.
+        heads: a bound `tfmeta.TaskHeads`, or None. Its bank is created on
+            `owner`; restarts read each task's head from it, and the heads'
+            inner optimizer slots always restart (a task's slot may hold
+            another source next trajectory).
 
     Attributes:
         params, non_trainable, optimizer, learner_state: the variables, one
             per model weight / optimizer variable / learner accumulator.
     """
 
-    def __init__(self, owner, model, inner_optimizer, learner, num_tasks):
+    def __init__(self, owner, model, inner_optimizer, learner, num_tasks, heads=None):
         self.model = model
         self.learner = learner
         self.num_tasks = num_tasks
+        self.heads = heads
+        if heads is not None:
+            heads.build(owner)
+        self._head_slots = [] if heads is None else heads.optimizer_slots(inner_optimizer)
         phi = model.trainable_variables
         self._learner_structure = learner.init_state([v.value for v in phi])
 
@@ -93,15 +104,21 @@ class TaskState:
         """Every variable, in the order of `read`'s flattened structure."""
         return self.params + self.non_trainable + self.optimizer + self.learner_state
 
-    def read(self, restart, first):
+    def read(self, restart, first, task_ids=None):
         """The stacked task states, restarted from phi where `restart` is true.
 
         Every leaf has a leading task axis (this replica's tasks, the first of
         which has the global index `first`). A restart sets the parameters,
         non-trainable state and learner accumulators from the wrapped model,
         and the inner optimizer's state too when the schedule resets it.
+        With `TaskHeads`, `task_ids` (int32 `[num_tasks]`, this replica's
+        tasks' source indices) is required, and a restart sets each task's
+        head from `bank[task_id]`; without, `task_ids` is not used.
         """
         phi = [v.value for v in self.model.trainable_variables]
+        fresh_params = phi
+        if self.heads is not None:
+            fresh_params = self.heads.restart_params(phi, task_ids, self.num_tasks)
         fresh_learner = tf.nest.flatten(self.learner.init_state(phi))
         reset_opt = self.learner.schedule.reset_optimizer
 
@@ -117,11 +134,18 @@ class TaskState:
                 values.append(stored)
             return values
 
-        params = read(self.params, phi)
+        params = read(self.params, fresh_params)
         non_trainable = read(self.non_trainable, self._fresh_non_trainable(first))
-        opt_vars = read(self.optimizer, self._initial_optimizer_state, reset_opt)
+        initial = self._initial_optimizer_state
+        opt_vars = read(self.optimizer, initial, reset_opt)
         if not reset_opt:
             opt_vars = self._reset_diverged(opt_vars, restart)
+            # The heads' slots restart even so: this task slot may hold
+            # another source's head in the new trajectory.
+            slots = self._head_slots
+            restarted = read([self.optimizer[j] for j in slots], [initial[j] for j in slots])
+            for j, value in zip(slots, restarted):
+                opt_vars[j] = value
         learner = read(self.learner_state, fresh_learner)
         learner = tf.nest.pack_sequence_as(self._learner_structure, learner)
         return (params, non_trainable, opt_vars, learner)

@@ -18,6 +18,8 @@ An export is a folder that plain Keras can use without tfmeta::
                       last Dense layer, can be told apart: Sequential and
                       functional ones)
       tfmeta.json     format version, versions, input/output/feature shapes,
+                      whether the head is meta-learned (not after per-task
+                      heads, tfmeta.TaskHeads: load it with a fresh head),
                       endpoint names, user metadata and the sha256 of every
                       file above
 

@@ -28,6 +28,7 @@ __all__ = [
     "SERVE_ENDPOINT",
     "TRAINING_ENDPOINT",
     "checksums",
+    "head_is_meta_learned",
     "read_export_info",
 ]
 
@@ -40,6 +41,20 @@ SERVE_ENDPOINT = "serve"
 TRAINING_ENDPOINT = "serve_training"
 FEATURES_ENDPOINT = "features"
 FEATURES_TRAINING_ENDPOINT = "features_training"
+
+
+def head_is_meta_learned(info):
+    """Whether an export's head weights were meta-learned (`read_export_info`'s dict).
+
+    False for models meta-trained with per-task heads (`tfmeta.TaskHeads`):
+    only their body is an initialization. Exports written before tfmeta
+    recorded it count as meta-learned.
+
+    Example::
+
+        head_is_meta_learned(read_export_info("runs/init"))
+    """
+    return bool(info.get("head_meta_learned", True))
 
 
 class InvalidExportError(ValueError):

@@ -14,7 +14,7 @@ import pathlib
 import keras
 import numpy as np
 
-from tfmeta.export.format import InvalidExportError, read_export_info
+from tfmeta.export.format import InvalidExportError, head_is_meta_learned, read_export_info
 from tfmeta.heads import with_new_head
 
 __all__ = ["HEAD_MODES", "load_initialization", "load_savedmodel_layer"]
@@ -30,11 +30,14 @@ def load_initialization(path, *, num_classes=None, head="replace", custom_object
 
     - ``"replace"`` (default): a new, freshly initialized head with
       ``num_classes`` units when ``num_classes`` differs from the exported
-      output units; otherwise the exported head is kept.
+      output units; otherwise the exported head is kept, unless the export
+      says its head is not meta-learned (meta-training with per-task heads,
+      ``tfmeta.TaskHeads``, learns the body only): then always a fresh head.
     - ``"reset"``: always a fresh head (``num_classes`` units, or the exported
       number when ``None``), for heads whose meta-learned weights are tied to
       the pretraining labels.
     - ``"keep"``: never replace; ``num_classes`` must be ``None`` or equal.
+      Refused for exports whose head is not meta-learned.
 
     A new head is built from the old head's config with ``units`` changed
     (same activation, initializers, regularizers, name) and attached to the
@@ -63,6 +66,14 @@ def load_initialization(path, *, num_classes=None, head="replace", custom_object
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     path = pathlib.Path(path)
     info = read_export_info(path)
+    meta_learned = head_is_meta_learned(info)
+    if head == "keep" and not meta_learned:
+        raise ValueError(
+            f"{path} was meta-trained with per-task heads (tfmeta.TaskHeads): only its body is "
+            "meta-learned and its head's weights never were, so head='keep' would fine-tune "
+            "from an untrained head; load it with head='replace' (default) and num_classes=... "
+            "for a fresh head."
+        )
     model_file = path / info["model_file"]
     try:
         model = keras.saving.load_model(model_file, custom_objects=custom_objects, compile=False)
@@ -84,7 +95,7 @@ def load_initialization(path, *, num_classes=None, head="replace", custom_object
                 f"{num_classes} with head='keep'; use head='replace' for a new head"
             )
         return model
-    if head == "replace" and (num_classes is None or num_classes == units):
+    if head == "replace" and meta_learned and (num_classes is None or num_classes == units):
         return model
     return with_new_head(model, units if num_classes is None else int(num_classes))
 

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import atomic
+from tfmeta import atomic, heads
 from tfmeta.export.format import (
     FEATURES_ENDPOINT,
     FEATURES_TRAINING_ENDPOINT,
@@ -44,7 +44,7 @@ _TF_WRITE_ERRNOS = {
 }
 
 
-def export_initialization(model, path, *, overwrite=False, metadata=None):
+def export_initialization(model, path, *, overwrite=False, metadata=None, head_meta_learned=None):
     """Write ``model`` as a tfmeta export folder at ``path`` and return it.
 
     The model must be built and have one input and one output tensor. The
@@ -53,7 +53,11 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
     endpoint, for Sequential and functional models whose last layer is a
     Dense head also ``features`` and ``features_training`` (the head's
     input, to put a new head on with Keras alone), and ``tfmeta.json``
-    (see the module docstring).
+    (see the module docstring). ``tfmeta.json`` records whether the head's
+    weights were meta-learned: not when the model was meta-trained with
+    per-task heads (``tfmeta.TaskHeads``), whose bank, not the model's own
+    head, was trained; ``load_initialization`` then always makes a fresh
+    head.
 
     The write is atomic (`tfmeta.atomic.staged_directory`): everything goes
     to a hidden temporary sibling folder, fsynced, that is renamed to
@@ -72,6 +76,9 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
         path: folder to create.
         overwrite: replace an existing export at ``path``.
         metadata: JSON-serializable dict stored in ``tfmeta.json``.
+        head_meta_learned: whether the head's weights are meta-learned;
+            None (default) finds out: False for the model of a
+            ``MetaModel(model, heads=TaskHeads(...))``, else True.
 
     Returns:
         ``pathlib.Path`` of the export.
@@ -102,6 +109,8 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
     input_shape, input_dtype = _input_spec(model)
     output_shape = _output_shape(model, input_shape, input_dtype)
     features = features_model(model)
+    if head_meta_learned is None:
+        head_meta_learned = heads.head_meta_learned(model)
 
     with atomic.staged_directory(path) as staging:
         keras.saving.save_model(model, staging / MODEL_FILE)
@@ -119,6 +128,7 @@ def export_initialization(model, path, *, overwrite=False, metadata=None):
             "input_dtype": input_dtype,
             "output_shape": list(output_shape),
             "output_units": output_shape[-1],
+            "head_meta_learned": bool(head_meta_learned),
             "model_file": MODEL_FILE,
             "saved_model_dir": SAVED_MODEL_DIR,
             "endpoints": {"inference": SERVE_ENDPOINT, "training": TRAINING_ENDPOINT},

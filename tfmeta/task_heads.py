@@ -1,0 +1,388 @@
+"""Per-task heads: one head per source task, trained in the inner loops, never meta-learned.
+
+Meta-learning over sources with their own label spaces (MNIST digits,
+Fashion-MNIST garments, Omniglot alphabets as datasets) needs a classifier
+per source: the CTS reference code keeps one per source and leaves these
+parameters ("fc") out of meta-learning, and Leap's Multi-CV experiment and
+multi-headed baselines do the same. With `MetaModel(model,
+heads=TaskHeads(num_heads))`:
+
+- task batches carry the source-task index of each of their T tasks,
+  `((x, task_ids), y)` or `(x, y, task_ids)`, with int32 `task_ids` of
+  shape `[T]` (the same on every chunk of a trajectory);
+- the head (the model's last Dense layer, `tfmeta.heads.find_head`) has a
+  bank of `num_heads` heads, variables `[num_heads, *shape]` of the
+  MetaModel (so checkpoints and resume capture them). At a trajectory
+  restart task t's head starts from `bank[task_ids[t]]` while its body
+  starts from phi; after every chunk the tasks' current heads are written
+  back to their rows;
+- the learner sees the body only (`tfmeta.learners.ExcludeHeads`) and the
+  outer optimizer steps the body's variables only: phi's own head
+  variables never move;
+- an export of the model records that its head is not meta-learned, and
+  `load_initialization` then always makes a fresh head.
+
+Plain `(x, y)` batches without `TaskHeads` keep one shared head that is
+meta-learned like every other weight (Omniglot's 20-way alphabets).
+
+Example::
+
+    heads = tfmeta.TaskHeads(num_heads=12, num_classes=[10] * 10 + [50, 50])
+    meta = tfmeta.MetaModel(net, heads=heads)       # net ends in Dense(50)
+    meta.compile(learner=tfmeta.Leap(), ...)
+    meta.fit(stream_of_x_ids_y, ...)                 # ((x, task_ids), y)
+    kernel, bias = heads.head_weights(3)             # source 3's head
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmeta.heads import find_head, mark_not_meta_learned
+from tfmeta.learners.exclude import ExcludeHeads
+from tfmeta.replicas import all_reduce_sum
+from tfmeta.validation import ConfigError
+
+__all__ = ["TaskHeads", "UNUSED_CLASS_BIAS", "split_task_ids", "unpack_task_batch"]
+
+#: The bias of a head's unused classes: its logits sit ~1e4 below the
+#: others, so its softmax probability is 0 in float32 and float64 and the
+#: class's bias and kernel column get exactly zero gradient.
+UNUSED_CLASS_BIAS = -1e4
+
+
+def _is_dimension(value):
+    return value is None or isinstance(value, (int, np.integer))
+
+
+def split_task_ids(x):
+    """`(x, task_ids)` of a task batch's inputs: `(x, None)` when they carry no ids.
+
+    Accepts tensors (`x` or `(x, task_ids)`) and their shapes (`(T, S, B,
+    ...)` or `((T, S, B, ...), (T,))`, as Keras passes them to `build`).
+
+    Example::
+
+        x, task_ids = split_task_ids(inputs)   # inputs = (x, task_ids) or x
+    """
+    if isinstance(x, (tuple, list)) and len(x) == 2 and not _is_dimension(x[0]):
+        return x[0], x[1]
+    return x, None
+
+
+def unpack_task_batch(data, heads):
+    """`(x, task_ids, y)` of one task batch for a MetaModel with `heads` (a TaskHeads or None).
+
+    Task ids come as `((x, task_ids), y)` or third, `(x, y, task_ids)` (the
+    place of Keras' sample weights, as `ClassificationTasks.as_dataset(...,
+    with_task_ids=True)` yields them). Without heads the ids of the latter
+    are not used (one shared head); the former is refused, since the ids
+    would silently do nothing.
+
+    Example::
+
+        x, task_ids, y = unpack_task_batch(data, meta.heads)
+    """
+    x, y, third = keras.utils.unpack_x_y_sample_weight(data)
+    x, task_ids = split_task_ids(x)
+    if heads is None:
+        if task_ids is not None:
+            raise ConfigError(
+                "These task batches carry task ids ((x, task_ids), y) but the MetaModel has no "
+                "per-task heads: pass MetaModel(model, heads=tfmeta.TaskHeads(num_sources)), "
+                "or give plain (x, y) batches for one shared, meta-learned head."
+            )
+        return x, None, y
+    if task_ids is not None and third is not None:
+        raise ConfigError(
+            "Task batches carry task ids twice, ((x, task_ids), y, task_ids): give them once, "
+            "as ((x, task_ids), y) or as (x, y, task_ids)."
+        )
+    return x, third if task_ids is None else task_ids, y
+
+
+def _seeded(initializer, seed):
+    """`initializer` re-made with `seed` (unchanged when it draws nothing, e.g. Zeros)."""
+    config = initializer.get_config()
+    if "seed" not in config:
+        return initializer
+    return type(initializer).from_config({**config, "seed": seed})
+
+
+class TaskHeads:
+    """A bank of `num_heads` heads for the model's last Dense layer, one per source task.
+
+    Args:
+        num_heads: the number of source tasks (task ids are 0..num_heads-1).
+        num_classes: None (every head uses all the Dense layer's units), or
+            one count per head, each <= the units: sources with different
+            label spaces share one head shape of max-units. A head's unused
+            classes (units >= its count) get the bias `UNUSED_CLASS_BIAS`
+            (-1e4), so their softmax probability is ~0 (0 in float32): they
+            never win, get zero gradients and never move. The bank
+            re-imposes that bias at every write, so inner weight decay
+            cannot drift it; their kernel columns keep their initial values
+            (weight decay shrinks them). Labels of a task must be below its
+            head's count. The head must produce logits (no activation) or
+            probabilities (softmax).
+        seed: head h is initialized with the Dense layer's own initializers
+            re-seeded with `seed + h` (initializers that draw nothing, such
+            as Zeros, as they are).
+
+    How the bank is kept: after every chunk each task's current head is
+    written to `bank[task_id]`. Several tasks of one meta-batch with the same
+    id (on any replica) all start from that row and it becomes the MEAN of
+    their heads. A task that diverged (NaN/inf, `tfmeta.divergence`) writes
+    nothing: its row keeps its last finite value. Under a `tf.distribute`
+    strategy each replica trains its own tasks' heads; the bank is one
+    mirrored copy per replica, written in cross-replica context from
+    all-reduced sums (in the merge call every train step already makes),
+    so it stays identical everywhere: a head trained on replica 0 and
+    sampled later on replica 1 is the same. With schedules that keep the
+    inner optimizer's state across restarts (CTS without `hard_reset`), the
+    heads' optimizer slots restart anyway: next trajectory, a task slot may
+    hold another source's head.
+
+    Example:
+        >>> net = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+        ...                         keras.layers.Dense(64, "relu"), keras.layers.Dense(10)])
+        >>> heads = tfmeta.TaskHeads(3, num_classes=[10, 10, 5])
+        >>> meta = tfmeta.MetaModel(net, heads=heads)
+    """
+
+    def __init__(self, num_heads, num_classes=None, seed=0):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+            raise ConfigError(
+                f"TaskHeads(num_heads={num_heads!r}): give the number of source tasks, an "
+                "integer >= 1 (task ids are 0..num_heads-1)."
+            )
+        if num_classes is not None:
+            num_classes = list(num_classes)
+            if len(num_classes) != num_heads or not all(
+                isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+                for n in num_classes
+            ):
+                raise ConfigError(
+                    f"TaskHeads(num_classes={num_classes!r}) needs one integer >= 1 per head "
+                    f"({num_heads} of them), or None for all units of the head."
+                )
+            num_classes = [int(n) for n in num_classes]
+        self.num_heads = int(num_heads)
+        self.num_classes = num_classes
+        self.seed = int(seed)
+        self.model = None
+        self.head = None
+        self.indices = ()
+        self.bank = []
+        self._bias = None  # the bank entry of the head's bias
+
+    def __repr__(self):
+        return (f"TaskHeads(num_heads={self.num_heads}, num_classes={self.num_classes!r}, "
+                f"seed={self.seed})")
+
+    # ------------------------------------------------------------ setup
+    def bind(self, model):
+        """Attach to `model` (its last Dense layer is the head); return self.
+
+        `MetaModel(model, heads=...)` calls this. Marks the head as not
+        meta-learned (`tfmeta.heads.head_meta_learned`), so exports record it.
+        """
+        if self.model is not None:
+            if self.model is model:
+                return self
+            raise ConfigError(
+                "This TaskHeads is already bound to another model: make one TaskHeads per MetaModel."
+            )
+        try:
+            head, _ = find_head(model)
+        except TypeError as error:
+            raise ConfigError(
+                f"TaskHeads needs a Sequential or functional model whose last layer is its "
+                f"Dense head: {error}."
+            ) from error
+        trainable = model.trainable_variables
+        owned = head.trainable_variables
+        indices = tuple(i for i, v in enumerate(trainable) if any(v is w for w in owned))
+        if not owned or len(indices) != len(owned):
+            raise ConfigError(
+                f"The head {head.name!r} is not trainable: per-task heads are trained in the "
+                "inner loops. Set head.trainable = True."
+            )
+        if len(indices) == len(trainable):
+            raise ConfigError(
+                f"The model {model.name!r} has no trainable weights besides its head, so with "
+                "TaskHeads there is no body to meta-learn: unfreeze the body."
+            )
+        if self.num_classes is not None:
+            self._check_num_classes(head)
+        self.model, self.head, self.indices = model, head, indices
+        mark_not_meta_learned(head)
+        return self
+
+    def _check_num_classes(self, head):
+        too_many = [n for n in self.num_classes if n > head.units]
+        if too_many:
+            raise ConfigError(
+                f"TaskHeads(num_classes=...) asks for {max(too_many)} classes but the head "
+                f"{head.name!r} has {head.units} units: make the head Dense(max(num_classes))."
+            )
+        if not head.use_bias:
+            raise ConfigError(
+                f"TaskHeads(num_classes=...) masks unused classes with the bias, but the head "
+                f"{head.name!r} has use_bias=False: give it a bias."
+            )
+        activation = getattr(head.activation, "__name__", "")
+        if activation not in ("linear", "softmax"):
+            raise ConfigError(
+                f"TaskHeads(num_classes=...) needs a head that outputs logits (no activation) "
+                f"or softmax probabilities; {head.name!r} has activation {activation!r}."
+            )
+
+    def _bound(self):
+        if self.model is None:
+            raise RuntimeError("TaskHeads is not bound to a model: MetaModel(model, heads=...) binds it.")
+
+    def exclude(self, learner):
+        """`learner` transformed to meta-learn the body only (`ExcludeHeads`)."""
+        self._bound()
+        if isinstance(learner, ExcludeHeads) and learner.head_indices == self.indices:
+            return learner
+        return ExcludeHeads(learner, self.indices)
+
+    def build(self, owner):
+        """Create the bank: one variable `[num_heads, *shape]` of `owner` per head weight.
+
+        Head h's rows are the head's initializers re-seeded with `seed + h`;
+        unused classes get `UNUSED_CLASS_BIAS`. Made in the strategy's scope
+        they are mirrored: one identical copy per replica.
+        """
+        self._bound()
+        if self.bank:
+            return self.bank
+        trainable = self.model.trainable_variables
+        for i in self.indices:
+            variable = trainable[i]
+            is_bias = variable is self.head.bias
+            initializer = self.head.bias_initializer if is_bias else self.head.kernel_initializer
+            value = np.stack([
+                np.asarray(_seeded(initializer, self.seed + h)(variable.shape, variable.dtype))
+                for h in range(self.num_heads)
+            ])
+            if is_bias:
+                self._bias = len(self.bank)
+                value = np.where(self.unused_classes(), UNUSED_CLASS_BIAS, value).astype(value.dtype)
+            self.bank.append(owner.add_weight(
+                name=f"task_heads_{variable.name}",
+                shape=value.shape,
+                dtype=variable.dtype,
+                initializer=lambda shape, dtype, value=value: tf.constant(value, dtype),
+                trainable=False,
+            ))
+        return self.bank
+
+    def unused_classes(self):
+        """`[num_heads, units]` bool: True where a head's class is unused (none without num_classes)."""
+        self._bound()
+        units = np.arange(self.head.units)
+        counts = self.num_classes or [self.head.units] * self.num_heads
+        return units[None, :] >= np.asarray(counts)[:, None]
+
+    def head_weights(self, index):
+        """Head `index`'s weights from the bank, as NumPy arrays aligned with the head's weights.
+
+        Example::
+
+            kernel, bias = heads.head_weights(0)
+        """
+        if not self.bank:
+            raise RuntimeError("The bank does not exist yet: it is made when the MetaModel is built.")
+        return [np.asarray(v.numpy()[index]) for v in self.bank]
+
+    def optimizer_slots(self, optimizer):
+        """Positions in `optimizer.variables` of the heads' slots (momentum, moments, ...).
+
+        Keras names a slot after its variable's path
+        (`Optimizer.add_variable_from_reference`); an optimizer that names
+        its slots otherwise has none found here.
+        """
+        self._bound()
+        trainable = self.model.trainable_variables
+        heads = [trainable[i] for i in self.indices]
+        return [
+            j for j, slot in enumerate(optimizer.variables)
+            if any(slot.name.startswith(v.path.replace("/", "_") + "_") and slot.shape == v.shape
+                   for v in heads)
+        ]
+
+    # ------------------------------------------------------------ the loop
+    def check_ids(self, task_ids, num_tasks):
+        """`task_ids` as int32 `[num_tasks]`, checked (a ConfigError names the fix)."""
+        if task_ids is None:
+            raise ConfigError(
+                "This MetaModel has TaskHeads, so task batches must carry each task's source "
+                "index: ((x, task_ids), y) or (x, y, task_ids), int32 task_ids of shape [T] "
+                "(e.g. as_dataset(..., with_task_ids=True))."
+            )
+        task_ids = tf.convert_to_tensor(task_ids)
+        if not task_ids.dtype.is_integer or task_ids.shape.rank != 1 or task_ids.shape[0] not in (
+            None, num_tasks
+        ):
+            raise ConfigError(
+                f"task_ids must be integers of shape [T] = [{num_tasks}] (one source index per "
+                f"task), got {task_ids.dtype.name} of shape {task_ids.shape}."
+            )
+        task_ids = tf.cast(task_ids, tf.int32)
+        in_range = tf.debugging.assert_less(
+            task_ids, self.num_heads,
+            message=f"task_ids must be in 0..{self.num_heads - 1} (TaskHeads(num_heads="
+                    f"{self.num_heads})): give every source task an index below num_heads",
+        )
+        positive = tf.debugging.assert_non_negative(task_ids, message="task_ids must be >= 0")
+        with tf.control_dependencies([in_range, positive]):
+            return tf.identity(task_ids)
+
+    def restart_params(self, phi, task_ids, num_tasks):
+        """Where a trajectory restarts: phi, with each task's head from `bank[task_id]`.
+
+        Returns a list aligned with phi: phi's body entries (unstacked) and,
+        at the head entries, the gathered rows `[num_tasks, *shape]`.
+        """
+        ids = self.check_ids(task_ids, num_tasks)
+        rows = iter([tf.gather(tf.convert_to_tensor(v.value), ids) for v in self.bank])
+        return [next(rows) if i in self.indices else p for i, p in enumerate(phi)]
+
+    def rows(self, params, finite, task_ids):
+        """This replica's share of the bank write: per head weight the sum, per id, of its
+        finite tasks' heads, and the count of those tasks per id (replica context)."""
+        ids = self.check_ids(task_ids, finite.shape[0])
+        sums = [
+            tf.math.unsorted_segment_sum(
+                tf.where(tf.reshape(finite, [-1] + [1] * (params[i].shape.rank - 1)),
+                         params[i], tf.zeros_like(params[i])),
+                ids, self.num_heads,
+            )
+            for i in self.indices
+        ]
+        counts = tf.math.unsorted_segment_sum(tf.cast(finite, tf.float32), ids, self.num_heads)
+        return [*sums, counts]
+
+    def write(self, strategy, rows):
+        """Write the all-reduced `rows` into the bank (cross-replica context, via `merge_call`).
+
+        Every row written is the mean of the finite heads with its id; rows
+        no task had keep their value; unused classes get their bias back.
+        """
+        reduced = all_reduce_sum(
+            strategy, [(r, v.value) for r, v in zip(rows, [*self.bank, self.bank[0]])]
+        )
+        *sums, counts = reduced
+        for j, (variable, total) in enumerate(zip(self.bank, sums)):
+            old = tf.convert_to_tensor(variable.value)
+            count = tf.reshape(counts, [-1] + [1] * (old.shape.rank - 1))
+            new = tf.where(count > 0, total / tf.cast(tf.maximum(count, 1.0), total.dtype), old)
+            if j == self._bias and self.num_classes is not None:
+                new = tf.where(self.unused_classes(), tf.cast(UNUSED_CLASS_BIAS, new.dtype), new)
+            variable.assign(new)
+
