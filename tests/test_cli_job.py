@@ -114,3 +114,17 @@ def test_max_task_loss_binding_reaches_the_meta_model(tmp_path, limit):
     steps.folder.check(overwrite=False, resume=False)
     steps.build()
     assert steps.meta.max_task_loss == limit
+
+
+def test_heads_binding_trains_per_task_heads_and_exports_an_untrained_head(tmp_path):
+    """`train.heads = @TaskHeads()`: the stream carries task ids, the bank trains, phi's head stays."""
+    parts = _parts()
+    parts.heads = tfmeta.TaskHeads(num_heads=parts.tasks[0].num_tasks)  # (pretrain, heldout)
+    head_before = [w.copy() for w in parts.model.layers[-1].get_weights()]
+    results = job.train(tmp_path / "run", **vars(parts), **SETTINGS)
+    assert results["meta_updates"] == 6
+    exported = keras.saving.load_model(tmp_path / "run" / "initialization" / "model.keras")
+    for a, b in zip(exported.layers[-1].get_weights(), head_before):
+        np.testing.assert_array_equal(a, b)  # the head of phi is never meta-learned
+    info = json.loads((tmp_path / "run" / "initialization" / "tfmeta.json").read_text())
+    assert info["head_meta_learned"] is False

@@ -18,12 +18,10 @@ Checked against independent references:
 - checkpoints capture the bank; exports say the head is not meta-learned and
   load with a fresh head.
 
-The module-level tests drive `TaskState`/`OuterStep` directly. The tests
-marked "needs the MetaModel hook" go through `MetaModel(model, heads=...)`
-and fail (not skip) until meta_model.py passes the heads on.
+The module-level tests drive `TaskState`/`OuterStep` directly; the others go
+through `MetaModel(model, heads=...)`.
 """
 
-import inspect
 import json
 import os
 import pathlib
@@ -188,16 +186,10 @@ def reference(phi, bank, x, y, ids, rule, inner=(ALPHA, 0.0, 0.0), outer=(BETA, 
 
 
 # --------------------------------------------------------------------------
-# through MetaModel (needs the hook)
+# through MetaModel
 
 
 def meta_model(net, heads):
-    """`MetaModel(net, heads=heads)`, or a failure saying that the hook is missing."""
-    if "heads" not in inspect.signature(MetaModel.__init__).parameters:
-        pytest.fail(
-            "needs the MetaModel hook: MetaModel(model, heads=TaskHeads(...)) does not exist "
-            "yet (issue 11 §1, the meta_model.py diff in the task-heads report)"
-        )
     return MetaModel(net, heads=heads)
 
 
@@ -228,7 +220,7 @@ def meta_train(rule, inner=(ALPHA, 0.0, 0.0), outer=(BETA, 0.0, 0.0), steps=None
     start = 0 if restore is None else restore(meta)
     xs, ys, ids = chunks(*task_stream(), IDS)
     stop = steps or len(xs)
-    stream = tf.data.Dataset.from_tensor_slices(((xs[start:stop], ids[start:stop]), ys[start:stop]))
+    stream = tf.data.Dataset.from_tensor_slices((xs[start:stop], ys[start:stop], ids[start:stop]))
     meta.fit(stream, epochs=1, verbose=0)
     return net, heads, meta, phi0, bank0
 
@@ -240,7 +232,6 @@ def assert_close(actual, expected, what):
 
 @pytest.mark.parametrize("rule", ["reptile", "leap", "fomaml", "cts"])
 def test_body_meta_gradient_matches_numpy_and_heads_never_move_phi(rule):
-    """Needs the MetaModel hook."""
     net, heads, meta, phi0, bank0 = meta_train(rule)
     x, y = task_stream()
     phi, bank = reference(phi0, bank0, x, y, IDS, rule)
@@ -262,7 +253,7 @@ def test_body_meta_gradient_matches_numpy_and_heads_never_move_phi(rule):
 
 
 def test_momentum_and_weight_decay_never_move_phis_head_and_unused_classes_stay_off():
-    """Needs the MetaModel hook. Inner and outer SGD with momentum 0.9 and weight decay."""
+    """Inner and outer SGD with momentum 0.9 and weight decay."""
     inner, outer = (ALPHA, 0.9, 0.05), (BETA, 0.9, 0.1)
     net, heads, meta, phi0, bank0 = meta_train("reptile", inner=inner, outer=outer)
     x, y = task_stream()
@@ -284,7 +275,7 @@ def test_momentum_and_weight_decay_never_move_phis_head_and_unused_classes_stay_
 
 
 def test_checkpoint_and_resume_capture_the_bank(tmp_path):
-    """Needs the MetaModel hook. Killed after 4 of 9 chunks, resumed: the uninterrupted result."""
+    """Killed after 4 of 9 chunks, resumed: the uninterrupted result."""
     from tfmeta.checkpoint import restore_checkpoint, save_checkpoint
 
     _, heads, meta, phi0, bank0 = meta_train("leap", steps=4)
@@ -299,15 +290,14 @@ def test_checkpoint_and_resume_capture_the_bank(tmp_path):
     assert_close([v.numpy() for v in resumed.bank], bank, "bank")
 
 
-def test_metamodel_refuses_ids_without_heads_and_ids_out_of_range():
-    """Needs the MetaModel hook."""
+def test_metamodel_refuses_batches_without_ids_and_ids_out_of_range():
     meta = meta_model(make_net(), TaskHeads(3))
     xs, ys, ids = chunks(*task_stream(), IDS)
-    plain = MetaModel(make_net())
-    plain.compile(optimizer="sgd", inner_optimizer="sgd", learner=Reptile(), inner_steps=K,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.raises(ConfigError, match="no per-task heads"):
-        plain.fit(tf.data.Dataset.from_tensor_slices(((xs, ids), ys)), epochs=1, verbose=0)
+    meta.compile(optimizer="sgd", inner_optimizer="sgd", learner=Reptile(), inner_steps=K,
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ConfigError, match="must carry each task's source index"):
+        meta.fit(tf.data.Dataset.from_tensor_slices((xs, ys)), epochs=1, verbose=0)
+    meta = meta_model(make_net(), TaskHeads(3))
     meta.compile(optimizer="sgd", inner_optimizer="sgd", learner=Reptile(), inner_steps=K,
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(tf.errors.InvalidArgumentError, match="task_ids must be in 0..2"):
@@ -355,7 +345,6 @@ def _mirrored_main():
 
 
 def test_two_replicas_keep_one_bank_and_give_the_result_of_one():
-    """Needs the MetaModel hook."""
     meta_model(make_net(), TaskHeads(4))  # fails here, clearly, without the hook
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, __file__, "mirrored"], cwd=REPO, env=env,
@@ -455,17 +444,11 @@ def test_bad_configurations_name_the_fix(make, message):
         make()
 
 
-def test_task_batches_carry_ids_in_either_place():
+def test_task_batches_carry_ids_third():
     x, y, ids = tf.zeros((2, 1, 3, 4)), tf.zeros((2, 1, 3)), tf.constant([1, 0])
-    heads = object()
-    for data in (((x, ids), y), (x, y, ids)):
-        got = unpack_task_batch(data, heads)
-        assert got[0] is x and got[1] is ids and got[2] is y
+    got = unpack_task_batch((x, y, ids), object())
+    assert got[0] is x and got[1] is ids and got[2] is y
     assert unpack_task_batch((x, y, ids), None)[1] is None  # one shared head: ids unused
-    with pytest.raises(ConfigError, match="no per-task heads"):
-        unpack_task_batch(((x, ids), y), None)
-    with pytest.raises(ConfigError, match="task ids twice"):
-        unpack_task_batch(((x, ids), y, ids), heads)
 
 
 def _parts(learner, num_tasks=3, outer=None, inner=None):

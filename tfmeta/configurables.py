@@ -46,6 +46,9 @@ for _family in (tasks.digits_tasks, tasks.omniglot_alphabets, tasks.datasets_as_
     gin.external_configurable(_family, module="tfmeta.tasks")
 # Named dataset-level tasks (tfmeta.tasks.domains): `train.tasks = @task_family()`.
 gin.external_configurable(tasks.task_family, module="tfmeta.tasks")
+# One head per source task, left out of meta-learning: `train.heads = @TaskHeads()`.
+from tfmeta import task_heads  # noqa: E402
+gin.external_configurable(task_heads.TaskHeads, module="tfmeta")
 
 # Task complexity and its experiments (`tools/complexity.py`), all under the gin
 # module "tfmeta.complexity", the names gin/complexity_*.gin use. Bindings reach

@@ -40,6 +40,7 @@ from tfmeta.inner_optimizer import make_stateless
 from tfmeta.input_options import without_autotuning
 from tfmeta.learners.base import MetaLearner
 from tfmeta.outer_step import OuterStep
+from tfmeta.task_heads import unpack_task_batch
 from tfmeta.task_state import TaskState
 from tfmeta.validation import ConfigError
 
@@ -53,6 +54,10 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
             learned initialization, and its non-trainable float state (e.g.
             BatchNorm moving statistics) holds the task average at the last
             meta-update.
+        heads: a `tfmeta.TaskHeads` for one head per source task, trained in
+            the inner loops and left out of meta-learning (task batches then
+            carry task ids third: `(x, y, task_ids)`); None
+            (default): the model's head is meta-learned like every weight.
 
     Under a `tf.distribute` strategy, create the model and the MetaModel in
     its scope; each task batch's T tasks are split over the replicas (T must
@@ -71,7 +76,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         >>> net.save("init.keras")     # or tfmeta.export_initialization(...)
     """
 
-    def __init__(self, model, name="meta_model", **kwargs):
+    def __init__(self, model, name="meta_model", heads=None, **kwargs):
         super().__init__(name=name, **kwargs)
         if not isinstance(model, keras.Model):
             raise TypeError(f"MetaModel wraps a keras.Model, got {type(model).__name__}.")
@@ -83,6 +88,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         validation.check_trainable(model)
         replicas.check_created_in_scope(model)
         self.model = model
+        self.heads = None if heads is None else heads.bind(model)
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
     # ------------------------------------------------------------------ setup
@@ -134,6 +140,8 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 "Inner optimizers").
         """
         self._check_compile_arguments(loss, learner, inner_steps, inner_unroll, kwargs)
+        if self.heads is not None:
+            learner = self.heads.exclude(learner)  # the learner sees the body only
         jit_compile = kwargs.pop("jit_compile", "auto")
         check_jit_compile(jit_compile)
         self.inner_jit_compile = inner_loop_xla(
@@ -249,7 +257,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
     def _build_state(self):
         self.inner_optimizer.build(self.model.trainable_variables)
         self.task_state = TaskState(
-            self, self.model, self.inner_optimizer, self.learner, self.num_tasks
+            self, self.model, self.inner_optimizer, self.learner, self.num_tasks, self.heads
         )
         # Position in the current trajectory (steps since phi) and the current
         # trajectory length (grows 1..K for CTS's exact reference): identical
@@ -271,7 +279,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         self.shift_seed = counters["shift_seed"] = keras.random.SeedGenerator(0, name="shift_seed")
         self.outer_step = OuterStep(
             self.model, self.learner, self.optimizer, self.task_state, self.global_num_tasks,
-            counters,
+            counters, self.heads,
         )
 
     # The stacked task variables, by their names before `tfmeta.task_state`.
@@ -314,17 +322,19 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
     # -------------------------------------------------------- the train step
     def train_step(self, data):
         """Read the task states, run the chunk, contribute, update phi, write the states."""
-        x, y = self._task_batch(data)
+        x, task_ids, y = self._task_batch(data)
         first = replicas.first_task(self.num_tasks)  # global index of this replica's task 0
         phi = [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
-        tasks = self.task_state.read(restart=tf.equal(self.position.value, 0), first=first)
+        tasks = self.task_state.read(
+            restart=tf.equal(self.position.value, 0), first=first, task_ids=task_ids
+        )
         tasks, loss = self.inner_loop.run(tasks, x, y, tf.convert_to_tensor(self.position.value))
         position = self.position.value + self.chunk_steps
         length = tf.convert_to_tensor(self.trajectory_length.value)
         due = self.schedule.due(position, length)
         # Synchronization points (all-reduce, optimizer) cannot sit inside a
         # tf.cond of a replica context: the cond is in the cross-replica merge.
-        contribution = self.outer_step.contribution(tasks, phi, first)
+        contribution = self.outer_step.contribution(tasks, phi, first, task_ids)
         seed = tf.distribute.get_replica_context().merge_call(
             self.outer_step.update, args=(due, *contribution)
         )
@@ -345,14 +355,16 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         return replicas.worker_logs(logs, self.distribute_strategy)
 
     def _task_batch(self, data):
-        """`(x, y)` of a task batch, with the static task count (builds on first use)."""
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        """`(x, task_ids, y)` of a task batch, with the static task count (builds on first use)."""
+        x, task_ids, y = unpack_task_batch(data, self.heads)
         if not self.built:
             self.build(x.shape)
         x = self._with_task_count(x)
         if isinstance(y, tf.Tensor):
             y = self._with_task_count(y)
-        return x, y
+        if task_ids is not None:
+            task_ids = self._with_task_count(task_ids)
+        return x, task_ids, y
 
     def _with_task_count(self, x):
         """`x` with its static task count (multi-worker input leaves it unknown)."""

@@ -7,9 +7,11 @@ parameters ("fc") out of meta-learning, and Leap's Multi-CV experiment and
 multi-headed baselines do the same. With `MetaModel(model,
 heads=TaskHeads(num_heads))`:
 
-- task batches carry the source-task index of each of their T tasks,
-  `((x, task_ids), y)` or `(x, y, task_ids)`, with int32 `task_ids` of
-  shape `[T]` (the same on every chunk of a trajectory);
+- task batches carry the source-task index of each of their T tasks third,
+  `(x, y, task_ids)`, with int32 `task_ids` of shape `[T]` (the same on
+  every chunk of a trajectory), as `ClassificationTasks.as_dataset(...,
+  with_task_ids=True)` yields them: the ids ride along the task axis when
+  a strategy splits the tasks over replicas or workers;
 - the head (the model's last Dense layer, `tfmeta.heads.find_head`) has a
   bank of `num_heads` heads, variables `[num_heads, *shape]` of the
   MetaModel (so checkpoints and resume capture them). At a trajectory
@@ -30,7 +32,7 @@ Example::
     heads = tfmeta.TaskHeads(num_heads=12, num_classes=[10] * 10 + [50, 50])
     meta = tfmeta.MetaModel(net, heads=heads)       # net ends in Dense(50)
     meta.compile(learner=tfmeta.Leap(), ...)
-    meta.fit(stream_of_x_ids_y, ...)                 # ((x, task_ids), y)
+    meta.fit(tasks.as_dataset(..., with_task_ids=True))   # (x, y, task_ids)
     kernel, bias = heads.head_weights(3)             # source 3's head
 """
 
@@ -45,7 +47,7 @@ from tfmeta.learners.exclude import ExcludeHeads
 from tfmeta.replicas import all_reduce_sum
 from tfmeta.validation import ConfigError
 
-__all__ = ["TaskHeads", "UNUSED_CLASS_BIAS", "split_task_ids", "unpack_task_batch"]
+__all__ = ["TaskHeads", "UNUSED_CLASS_BIAS", "unpack_task_batch"]
 
 #: The bias of a head's unused classes: its logits sit ~1e4 below the
 #: others, so its softmax probability is 0 in float32 and float64 and the
@@ -53,54 +55,21 @@ __all__ = ["TaskHeads", "UNUSED_CLASS_BIAS", "split_task_ids", "unpack_task_batc
 UNUSED_CLASS_BIAS = -1e4
 
 
-def _is_dimension(value):
-    return value is None or isinstance(value, (int, np.integer))
-
-
-def split_task_ids(x):
-    """`(x, task_ids)` of a task batch's inputs: `(x, None)` when they carry no ids.
-
-    Accepts tensors (`x` or `(x, task_ids)`) and their shapes (`(T, S, B,
-    ...)` or `((T, S, B, ...), (T,))`, as Keras passes them to `build`).
-
-    Example::
-
-        x, task_ids = split_task_ids(inputs)   # inputs = (x, task_ids) or x
-    """
-    if isinstance(x, (tuple, list)) and len(x) == 2 and not _is_dimension(x[0]):
-        return x[0], x[1]
-    return x, None
-
-
 def unpack_task_batch(data, heads):
     """`(x, task_ids, y)` of one task batch for a MetaModel with `heads` (a TaskHeads or None).
 
-    Task ids come as `((x, task_ids), y)` or third, `(x, y, task_ids)` (the
-    place of Keras' sample weights, as `ClassificationTasks.as_dataset(...,
-    with_task_ids=True)` yields them). Without heads the ids of the latter
-    are not used (one shared head); the former is refused, since the ids
-    would silently do nothing.
+    Task ids come third, `(x, y, task_ids)` (the place of Keras' sample
+    weights, which meta-training does not use). Without heads they are not
+    used: the model's one head is meta-learned like every weight.
 
     Example::
 
         x, task_ids, y = unpack_task_batch(data, meta.heads)
     """
-    x, y, third = keras.utils.unpack_x_y_sample_weight(data)
-    x, task_ids = split_task_ids(x)
+    x, y, task_ids = keras.utils.unpack_x_y_sample_weight(data)
     if heads is None:
-        if task_ids is not None:
-            raise ConfigError(
-                "These task batches carry task ids ((x, task_ids), y) but the MetaModel has no "
-                "per-task heads: pass MetaModel(model, heads=tfmeta.TaskHeads(num_sources)), "
-                "or give plain (x, y) batches for one shared, meta-learned head."
-            )
         return x, None, y
-    if task_ids is not None and third is not None:
-        raise ConfigError(
-            "Task batches carry task ids twice, ((x, task_ids), y, task_ids): give them once, "
-            "as ((x, task_ids), y) or as (x, y, task_ids)."
-        )
-    return x, third if task_ids is None else task_ids, y
+    return x, task_ids, y
 
 
 def _seeded(initializer, seed):
@@ -322,7 +291,7 @@ class TaskHeads:
         if task_ids is None:
             raise ConfigError(
                 "This MetaModel has TaskHeads, so task batches must carry each task's source "
-                "index: ((x, task_ids), y) or (x, y, task_ids), int32 task_ids of shape [T] "
+                "index: (x, y, task_ids), int32 task_ids of shape [T] "
                 "(e.g. as_dataset(..., with_task_ids=True))."
             )
         task_ids = tf.convert_to_tensor(task_ids)

@@ -55,7 +55,7 @@ def train(
     output_dir, tasks, model, learner, loss, inner_steps, meta_updates, tasks_per_batch=None,
     batch_size=1, steps_per_chunk=1, meta_optimizer=None, inner_optimizer=None, epochs=1,
     steps_per_execution=1, vectorize_tasks=False, jit_compile="auto", max_task_loss=DEFAULT_MAX_TASK_LOSS,
-    evaluation=None,
+    evaluation=None, heads=None,
     overwrite=False, seed=0, verbose=1, checkpoint_every=None, checkpoint_seconds=300.0,
     keep_checkpoints=2, deterministic=True, resume=False, strategy="default", bindings=None,
     operative_config=None,
@@ -132,7 +132,7 @@ class TrainingJob:
         # phi must live in the strategy (gin built the model before).
         parts.model = distribute.in_scope(parts.model, s.strategy)
         with s.strategy.scope():
-            self.meta = MetaModel(parts.model)
+            self.meta = MetaModel(parts.model, heads=parts.heads)
             self.meta.compile(
                 optimizer=parts.meta_optimizer or keras.optimizers.SGD(0.1),
                 inner_optimizer=parts.inner_optimizer or keras.optimizers.SGD(0.1),
@@ -156,15 +156,16 @@ class TrainingJob:
         return self.pretrain.as_dataset(
             tasks_per_batch=self.tasks_per_batch, inner_steps=s.inner_steps, batch_size=s.batch_size,
             steps_per_chunk=s.steps_per_chunk, seed=s.seed, start=start,
+            **({} if self.parts.heads is None else {"with_task_ids": True}),
         )
 
     def _check_stream(self):
         """The task batches and their labels against the model, before any train step."""
         first = self.dataset(0)
-        x_spec, y_spec = first.element_spec
+        x_spec, y_spec = first.element_spec[:2]
         validation.check_task_batch(self.parts.model, x_spec.shape, y_spec.shape)
         classes = getattr(self.pretrain, "num_classes", None)
-        _, y0 = next(iter(first.take(1)))
+        y0 = next(iter(first.take(1)))[1]
         labels = y0.numpy()
         if classes:
             labels = np.append(labels.ravel(), [0, classes - 1]).astype(labels.dtype)

@@ -50,6 +50,9 @@ class Parts:
         evaluation: `evaluate(learned, baseline, tasks) -> dict` run after
             export (see `tfmeta.evaluation`); the baseline is the model as it
             was before meta-training (its random initialization).
+        heads: a `tfmeta.TaskHeads` for one head per source task, left out
+            of meta-learning (the stream then carries task ids); None: the
+            model's head is meta-learned.
     """
 
     tasks: Any
@@ -59,6 +62,7 @@ class Parts:
     meta_optimizer: Any = None
     inner_optimizer: Any = None
     evaluation: Callable | None = None
+    heads: Any = None
 
 
 @dataclasses.dataclass
