@@ -57,6 +57,8 @@ gin.external_configurable(task_heads.TaskHeads, module="tfmeta")
 from tfmeta import complexity  # noqa: E402
 from tfmeta.experiments import (  # noqa: E402
     complexity_figures,
+    complexity_kramers,
+    complexity_prediction,
     complexity_ranking,
     complexity_reachability,
     complexity_relabel,
@@ -68,14 +70,17 @@ for _configurable in (
     complexity.diagonal_fisher, complexity.complexity, complexity.beta_from_weight_decay,
     complexity.sgd, complexity.TrainingRecipe, complexity.static_distance,
     complexity.reachability_matrix, complexity.rank_initializations,
+    complexity.predict_steps, complexity.PredictorConstants,
     complexity_figures.plot_reachability, complexity_figures.plot_relabel,
-    complexity_figures.plot_ranking, complexity_tasks.mlp_classifier,
+    complexity_figures.plot_ranking, complexity_figures.plot_kramers,
+    complexity_figures.plot_prediction, complexity_tasks.mlp_classifier,
     complexity_tasks.conv_classifier, complexity_tasks.task_arrays,
 ):
     gin.external_configurable(_configurable, module="tfmeta.complexity")
 for _experiment in (
     complexity_relabel.relabel_experiment, complexity_reachability.reachability_experiment,
-    complexity_ranking.ranking_experiment, complexity_run.run,
+    complexity_ranking.ranking_experiment, complexity_kramers.kramers_experiment,
+    complexity_prediction.prediction_experiment, complexity_run.run,
 ):
     gin.external_configurable(_experiment, module="tfmeta.complexity", denylist=["output_dir"])
 

@@ -5,11 +5,15 @@
     python tools/complexity.py --gin_file gin/complexity_reachability.gin
     python tools/complexity.py --gin_file gin/complexity_ranking.gin \\
         --gin_param "ranking_experiment.initializations = {'leap': 'runs/x/initialization'}"
+    python tools/complexity.py --gin_file gin/complexity_kramers.gin --output_dir D [--resume]
+    python tools/complexity.py --gin_file gin/complexity_prediction.gin --output_dir D [--resume]
 
 The gin file selects the experiment (``run.experiment = @relabel_experiment``,
-``@reachability_experiment`` or ``@ranking_experiment``, see
-tfmeta/experiments/complexity_*.py) and binds its settings; ``--gin_param``
-overrides any binding. ``--experiment NAME`` selects an experiment without a
+``@reachability_experiment``, ``@ranking_experiment``, ``@kramers_experiment``
+or ``@prediction_experiment``, see tfmeta/experiments/complexity_*.py) and
+binds its settings; ``--gin_param`` overrides any binding. ``--resume``
+continues an interrupted run of an experiment that checkpoints its finished
+cells in ``results.json`` (relabel, kramers, prediction). ``--experiment NAME`` selects an experiment without a
 gin file (library defaults). Outputs in ``--output_dir`` (default
 ``runs/<gin file name>``): ``results.json``, ``summary.md``, the PNG figure
 and ``operative_config.gin``.
@@ -27,7 +31,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-EXPERIMENTS = ("relabel", "reachability", "ranking")
+EXPERIMENTS = ("relabel", "reachability", "ranking", "kramers", "prediction")
 
 
 def main(argv=None):
@@ -40,6 +44,9 @@ def main(argv=None):
                         help="run this experiment (overrides run.experiment of the gin files)")
     parser.add_argument("--output_dir", default=None,
                         help="default: runs/<first gin file name> or runs/complexity_<experiment>")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --output_dir from the cells its "
+                             "results.json holds (relabel, kramers, prediction)")
     args = parser.parse_args(argv)
     if not args.gin_file and not args.experiment:
         parser.error("pass --gin_file (e.g. gin/complexity_relabel.gin) or --experiment "
@@ -71,7 +78,7 @@ def main(argv=None):
         output_dir = os.path.join("runs", f"complexity_{args.experiment}")
     began = time.perf_counter()
     # The gin-configured `run` (the plain function would see no bindings).
-    gin.get_configurable("tfmeta.complexity.run")(output_dir)
+    gin.get_configurable("tfmeta.complexity.run")(output_dir, resume=args.resume)
     from tfmeta import atomic
 
     atomic.write_text(pathlib.Path(output_dir) / "operative_config.gin", gin.operative_config_str())

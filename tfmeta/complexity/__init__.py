@@ -11,6 +11,9 @@ Reachability of Learning Tasks" (sections 2-4 and 6) for Keras 3 classifiers:
 * :func:`static_distance`: ``d(D1 -> D2) = C(D1 u D2) - C(D1)``;
 * :func:`reachability_matrix`: distances and measured fine-tuning steps
   between tasks;
+* :func:`predict_steps`: predicted fine-tuning steps from a start point to a
+  loss threshold, with an uncertainty, from a short SGD probe with Fisher
+  estimates along it (the effective potential of sections 5-6);
 * :func:`rank_initializations`: predicted vs measured ease of reaching a task
   from candidate initializations, with Spearman correlation.
 
@@ -38,6 +41,12 @@ from tfmeta.complexity.measure import (
     complexity_terms,
 )
 from tfmeta.complexity.per_example import gradient_path
+from tfmeta.complexity.prediction import (
+    PredictorConstants,
+    StepsPrediction,
+    predict_steps,
+    repredict,
+)
 from tfmeta.complexity.ranking import (
     InitializationRanking,
     rank_initializations,
@@ -61,8 +70,10 @@ __all__ = [
     "Complexity",
     "FisherEstimate",
     "InitializationRanking",
+    "PredictorConstants",
     "Reachability",
     "StaticDistance",
+    "StepsPrediction",
     "TrainResult",
     "TrainingRecipe",
     "beta_from_weight_decay",
@@ -73,10 +84,12 @@ __all__ = [
     "fit_to_threshold",
     "gradient_path",
     "joint_union",
+    "predict_steps",
     "rank_initializations",
     "rankdata",
     "reachability_matrix",
     "replace_head",
+    "repredict",
     "sgd",
     "spearman",
     "static_distance",

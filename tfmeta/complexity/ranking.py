@@ -1,10 +1,12 @@
 """Ranks, Spearman correlation, and the ranking of candidate initializations.
 
 :func:`rank_initializations` predicts, for each candidate initialization,
-how easily fine-tuning reaches a target task (the complexity potential at
-the candidate's weights, or the static distance from the candidate's own
-task), measures the fine-tuning steps, and compares the two by Spearman's
-rank correlation (:func:`spearman`, average ranks for ties).
+how easily fine-tuning reaches a target task (by default the fine-tuning
+steps :func:`~tfmeta.complexity.predict_steps` predicts from a short probe;
+or the complexity potential at the candidate's weights, or the static
+distance from the candidate's own task), measures the fine-tuning steps,
+and compares the two by Spearman's rank correlation (:func:`spearman`,
+average ranks for ties).
 
 Example::
 
@@ -16,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Dict, List, Mapping, Optional
 
 import keras
@@ -23,9 +26,13 @@ import numpy as np
 
 from tfmeta.complexity.distance import recipe_complexity, shuffled, static_distance
 from tfmeta.complexity.measure import resolve_beta
+from tfmeta.complexity.prediction import predict_steps
 from tfmeta.complexity.training import NOT_CONVERGED, TrainingRecipe, replace_head, train
 
-__all__ = ["InitializationRanking", "rank_initializations", "rankdata", "spearman"]
+#: The predictors of :func:`rank_initializations`, the default first.
+PREDICTORS = ("steps", "potential", "distance")
+
+__all__ = ["PREDICTORS", "InitializationRanking", "rank_initializations", "rankdata", "spearman"]
 
 
 def rankdata(a) -> np.ndarray:
@@ -73,8 +80,11 @@ class InitializationRanking:
       measured_rank: rank of the measured steps (non-converged runs tie last).
       spearman: rank correlation between predicted cost and measured steps
         (1 = perfect prediction).
-      predictor: ``"potential"`` or ``"distance"``.
-      details: per-candidate ``Complexity`` (potential) or ``StaticDistance``.
+      predictor: ``"steps"``, ``"potential"`` or ``"distance"``.
+      details: per-candidate ``StepsPrediction`` (steps), ``Complexity``
+        (potential) or ``StaticDistance``.
+      predict_seconds, finetune_seconds: wall-clock time of each
+        candidate's prediction and of its measured fine-tuning.
     """
 
     names: List[str]
@@ -86,6 +96,8 @@ class InitializationRanking:
     spearman: float
     predictor: str
     details: Dict[str, object]
+    predict_seconds: Optional[np.ndarray] = None
+    finetune_seconds: Optional[np.ndarray] = None
 
     def order(self) -> List[str]:
         """Candidate names, predicted easiest first."""
@@ -100,19 +112,25 @@ def rank_initializations(
     beta: Optional[float] = None,
     lam: Optional[float] = None,
     weight_decay: Optional[float] = None,
-    predictor: str = "potential",
+    predictor: str = "steps",
     sources: Optional[Mapping[str, object]] = None,
     model_fn=None,
     complexity_kwargs: Optional[dict] = None,
     max_examples: Optional[int] = None,
     num_classes: Optional[int] = None,
+    predict_kwargs: Optional[dict] = None,
 ) -> InitializationRanking:
     """Rank candidate initializations by predicted ease of reaching ``target``
     and measure the actual fine-tuning steps.
 
     Predictors (lower = easier):
 
-    * ``"potential"`` (default, needs nothing but the candidate's weights):
+    * ``"steps"`` (default): the fine-tuning steps to
+      ``recipe.loss_threshold`` that :func:`~tfmeta.complexity.predict_steps`
+      predicts from a short SGD probe with the recipe (``predict_kwargs``
+      are passed on; its ``seed`` is ``recipe.seed``). It needs neither
+      ``beta``/``lam`` nor the candidates' training data.
+    * ``"potential"`` (needs nothing but the candidate's weights):
       ``C_beta(D_target; w_c)``, the target's complexity functional evaluated
       at the candidate's weights. Section 6 of the paper identifies ``C_beta``
       with the effective potential SGD descends, so by Kramers' rate (eq. 16)
@@ -142,9 +160,10 @@ def rank_initializations(
         ranking.order(), ranking.steps, ranking.spearman
     """
     recipe = recipe or TrainingRecipe()
-    beta, lam = resolve_beta(beta, lam, weight_decay)
-    if predictor not in ("potential", "distance"):
-        raise ValueError("predictor must be 'potential' or 'distance'")
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
+    if predictor != "steps":
+        beta, lam = resolve_beta(beta, lam, weight_decay)
     if predictor == "distance":
         missing = sorted(set(candidates) - set(sources or {}))
         if missing:
@@ -162,10 +181,14 @@ def rank_initializations(
                       for k in names}
         model_fn = None
     predicted, details = [], {}
-    steps, converged = [], []
+    steps, converged, predict_seconds, finetune_seconds = [], [], [], []
     for name in names:
         cand = candidates[name]
-        if predictor == "potential":
+        t0 = time.perf_counter()
+        if predictor == "steps":
+            c = predict_steps(cand, arrays, recipe, **(predict_kwargs or {}))
+            predicted.append(c.steps)
+        elif predictor == "potential":
             c = recipe_complexity(cand, arrays, beta, lam, recipe, complexity_kwargs)
             predicted.append(c.total)
         else:
@@ -176,7 +199,10 @@ def rank_initializations(
             )
             predicted.append(c.distance)
         details[name] = c
+        t1 = time.perf_counter()
         run = train(arrays, recipe, model_fn=model_fn, init=cand)
+        predict_seconds.append(t1 - t0)
+        finetune_seconds.append(time.perf_counter() - t1)
         converged.append(bool(run.converged))
         steps.append(run.steps if run.converged else NOT_CONVERGED)
     predicted = np.asarray(predicted)
@@ -193,4 +219,6 @@ def rank_initializations(
         spearman=spearman(predicted, censored),
         predictor=predictor,
         details=details,
+        predict_seconds=np.asarray(predict_seconds),
+        finetune_seconds=np.asarray(finetune_seconds),
     )

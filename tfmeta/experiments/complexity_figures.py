@@ -8,7 +8,11 @@ library ``tfmeta.complexity`` (which does not import matplotlib):
 * :func:`plot_relabel`: complexity and steps vs. the fraction of random
   labels, and log-steps vs. complexity (figure 1, left);
 * :func:`plot_ranking`: predicted vs. measured ease of candidate
-  initializations.
+  initializations;
+* :func:`plot_kramers`: time to converge vs. batch size, measured and
+  predicted by Kramers' rate (figure 1, centre);
+* :func:`plot_prediction`: predicted vs. measured fine-tuning steps of the
+  ``predict_steps`` predictor, one panel per (model, target).
 
 All draw on a ``FigureCanvasAgg`` directly, so the global matplotlib backend
 is left alone, write the PNG atomically and return the path written.
@@ -26,7 +30,8 @@ import numpy as np
 
 from tfmeta import atomic
 
-__all__ = ["plot_ranking", "plot_reachability", "plot_relabel"]
+__all__ = ["plot_kramers", "plot_prediction", "plot_ranking", "plot_reachability",
+           "plot_relabel"]
 
 
 def _save(fig, path, dpi):
@@ -177,5 +182,96 @@ def plot_ranking(result, path, dpi=100):
         ax.set_ylabel("fine-tuning steps to threshold (mean ± std)")
         ax.set_title(f"{pname}: Spearman rho = {pred['spearman']:.2f}")
     fig.suptitle(f"target {result['settings']['target']}")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_kramers(result, path, dpi=100):
+    """Figure 1 (centre) from a
+    :func:`~tfmeta.experiments.complexity_kramers.kramers_experiment` result:
+    SGD steps to the loss threshold against the batch size at a fixed
+    learning rate, measured (mean ± std over seeds, one line per fraction of
+    random labels) and predicted by eq. 16 fitted on the fit runs (dashed),
+    left; predicted vs. measured for every run, fit and held-out, right.
+
+    Example::
+
+        plot_kramers(kramers_experiment(None, seeds=(0, 1), fit_seeds=(0,)), "kramers.png")
+    """
+    from tfmeta.experiments.complexity_kramers import X_OF
+
+    runs = result["runs"]
+    fit = result["fits"]["kramers"]
+    pred = np.exp(fit["a"] + fit["b"] * np.array([X_OF["kramers"](r) for r in runs]))
+    settings = result["settings"]
+    fig = _figure(10, 4)
+    ax = fig.add_subplot(1, 2, 1)
+    for j, f in enumerate(settings["fractions"]):
+        colour = f"C{j}"
+        sizes = settings["batch_sizes"]
+        meas = [[r["steps"] for r in runs if r["fraction"] == f and r["batch_size"] == b]
+                for b in sizes]
+        pr = [np.mean([p for p, r in zip(pred, runs) if r["fraction"] == f and r["batch_size"] == b])
+              for b in sizes]
+        ax.errorbar(sizes, [np.mean(m) for m in meas], yerr=[np.std(m) for m in meas],
+                    marker="o", color=colour, capsize=3, label=f"measured, {f:.0%} random")
+        ax.plot(sizes, pr, "--", color=colour, label=f"eq. 16, {f:.0%} random")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"batch size B (lr {settings['learning_rate']} fixed)")
+    ax.set_ylabel("SGD steps to loss threshold")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{settings['dataset']}, {settings['examples']} examples")
+    bx = fig.add_subplot(1, 2, 2)
+    fitted = set(result["fit_runs"])
+    meas = np.array([r["steps"] for r in runs], np.float64)
+    for is_fit, marker, label in ((True, "s", "fit runs"), (False, "o", "held-out runs")):
+        sel = np.array([(i in fitted) == is_fit for i in range(len(runs))])
+        if sel.any():
+            bx.scatter(meas[sel], pred[sel], marker=marker, s=20, label=label)
+    lo, hi = min(meas.min(), pred.min()), max(meas.max(), pred.max())
+    grid = np.array([lo, hi])
+    bx.plot(grid, grid, "k-", lw=0.8)
+    bx.fill_between(grid, grid / 1.5, grid * 1.5, color="grey", alpha=0.2, label="within 1.5x")
+    bx.set_xscale("log")
+    bx.set_yscale("log")
+    bx.set_xlabel("measured steps")
+    bx.set_ylabel("predicted steps (eq. 16)")
+    bx.set_title(f"held-out within 1.5x: {result['heldout']['within_1.5x']:.0%}")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_prediction(result, path, dpi=100):
+    """Predicted vs. measured fine-tuning steps (means over seeds, log-log,
+    with the diagonal) of every candidate, one panel per target, from a
+    :func:`~tfmeta.experiments.complexity_prediction.prediction_experiment`
+    result. Returns ``path``.
+
+    Example::
+
+        plot_prediction(out, "runs/pred/prediction.png")
+    """
+    targets = result["targets"]
+    fig = _figure(4.5 * len(targets), 4.2)
+    for i, (name, t) in enumerate(targets.items()):
+        ax = fig.add_subplot(1, len(targets), i + 1)
+        meas = np.array([r["steps"] for r in t["candidates"]])
+        pred = np.array([r["predicted"] for r in t["candidates"]])
+        ax.errorbar(meas, pred, xerr=[r["steps_std"] for r in t["candidates"]], fmt="o",
+                    ms=4, capsize=2)
+        for r in t["candidates"]:
+            ax.annotate(r["name"], (r["steps"], r["predicted"]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=7)
+        finite = np.concatenate([meas, pred[np.isfinite(pred)]])
+        grid = np.array([finite.min() * 0.8, finite.max() * 1.25])
+        ax.plot(grid, grid, "k-", lw=0.7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured fine-tuning steps (mean ± std)")
+        ax.set_ylabel("predicted steps (predict_steps)")
+        role = "calibration" if t["calibration"] else "held out"
+        ax.set_title(f"{name} ({role}): rho = {t['spearman']:.2f}", fontsize=9)
     fig.tight_layout()
     return _save(fig, path, dpi)

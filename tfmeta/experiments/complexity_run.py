@@ -26,7 +26,7 @@ import numpy as np
 
 from tfmeta import atomic
 
-__all__ = ["describe_recipe", "print_line", "run", "say", "write_outputs"]
+__all__ = ["CellStore", "describe_recipe", "print_line", "run", "say", "write_outputs"]
 
 
 def print_line(message):
@@ -92,10 +92,59 @@ def write_outputs(out, output_dir, plot_fn, figure_name, markdown, log):
     return out
 
 
-def run(output_dir, experiment: Optional[Callable] = None):
+class CellStore:
+    """The finished cells of a long experiment, checkpointed to
+    ``results.json`` in its output folder so that ``--resume`` continues it.
+
+    Each cell is a JSON-friendly dict under a string key. :meth:`put` rewrites
+    ``results.json`` atomically as ``{"experiment": name, "partial": True,
+    "cells": {...}}`` after every cell; the experiment's final
+    ``results.json`` keeps the ``"cells"`` entry, so resuming a finished run
+    recomputes only its summary. With ``resume=False`` (or no folder) nothing
+    is read and every cell is computed again.
+
+    Example::
+
+        store = CellStore("runs/kramers", "kramers", resume=True)
+        row = store.get("b32_s0") or store.put("b32_s0", measure(32, 0))
+    """
+
+    def __init__(self, output_dir, experiment: str, resume: bool = False):
+        self.path = None if output_dir is None else pathlib.Path(output_dir) / "results.json"
+        self.experiment = experiment
+        self.cells = {}
+        self.resumed = 0
+        if resume and self.path is not None and self.path.is_file():
+            previous = json.loads(self.path.read_text())
+            if previous.get("experiment") != experiment:
+                raise ValueError(
+                    f"--resume: {self.path} holds a {previous.get('experiment')!r} experiment, "
+                    f"not {experiment!r}; use another --output_dir or drop --resume")
+            self.cells = dict(previous.get("cells", {}))
+            self.resumed = len(self.cells)
+
+    def get(self, key: str):
+        """The finished cell ``key``, or None."""
+        return self.cells.get(key)
+
+    def put(self, key: str, cell: dict) -> dict:
+        """Record ``cell`` under ``key``, checkpoint, and return it."""
+        self.cells[key] = cell
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.path, json.dumps(
+                dict(experiment=self.experiment, partial=True, cells=self.cells),
+                indent=1, default=_json_default))
+        return cell
+
+
+def run(output_dir, experiment: Optional[Callable] = None, resume: bool = False):
     """Run ``experiment`` (gin: ``run.experiment = @relabel_experiment``,
-    ``@reachability_experiment`` or ``@ranking_experiment``) into
-    ``output_dir`` and return its results.
+    ``@reachability_experiment``, ``@ranking_experiment``,
+    ``@ranking_study`` or ``@kramers_experiment``) into ``output_dir`` and
+    return its results. ``resume=True`` (``tools/complexity.py --resume``)
+    continues an interrupted run of an experiment that checkpoints its cells
+    (those with a ``resume`` argument); others refuse it.
 
     Example (gin)::
 
@@ -112,4 +161,17 @@ def run(output_dir, experiment: Optional[Callable] = None):
             "'run.experiment = @relabel_experiment' (no parentheses)"
         )
     os.makedirs(output_dir, exist_ok=True)
+    if resume:
+        import inspect
+
+        target = inspect.unwrap(experiment)
+        try:
+            accepts = "resume" in inspect.signature(target).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        if not accepts:
+            raise ValueError(
+                f"--resume: {getattr(target, '__name__', experiment)} does not checkpoint its "
+                "cells; rerun it without --resume")
+        return experiment(output_dir=output_dir, resume=True)
     return experiment(output_dir=output_dir)
