@@ -1,0 +1,274 @@
+"""Tasks as one computation (`tfmeta.task_batched`) against T copies of the step.
+
+The reference is `InnerLoop(..., vectorize=False).step`, the per-copy path
+every other test checks: after several inner steps on real digit images the
+batched step must give the same parameters, non-trainable state (BatchNorm
+statistics, dropout seed states), inner optimizer state, learner state and
+losses to 1e-5, for every learner, SGD momentum/Nesterov, Adam and weight
+decay, both Conv2D lowerings, float32 and float64. TensorFlow runs other
+CPU kernels with and without oneDNN (grouped convolutions exist only with
+it), so the float32 checks run again in fresh processes with
+TF_ENABLE_ONEDNN_OPTS=0 and =1. The traced step must not grow with T, and a
+model the batched step cannot run must be named with the reason.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfmeta
+from tfmeta.inner_loop import InnerLoop, mean_loss
+from tfmeta.inner_optimizer import make_stateless
+from tfmeta.models import convnet
+from tfmeta.task_batched import TaskBatchedStep, _grouped_conv_probe, why_not_batched
+from tfmeta.task_state import TaskState
+from tfmeta.tasks.digits import digits_arrays
+from tfmeta.validation import ConfigError
+
+L = keras.layers
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TASKS, BATCH, STEPS = 3, 6, 3
+
+
+def _convnet(dtype="float32"):
+    """Conv2D, DepthwiseConv2D, BatchNorm, MaxPool, ReLU, Dropout and Dense, on 8x8 digits."""
+    return keras.Sequential([
+        keras.Input((8, 8, 1), dtype=dtype),
+        L.Conv2D(4, 3, padding="same", dtype=dtype),
+        L.MaxPooling2D(2, padding="same", dtype=dtype),
+        L.BatchNormalization(momentum=0.9, dtype=dtype),
+        L.ReLU(dtype=dtype),
+        L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", dtype=dtype),
+        L.MaxPooling2D(2, dtype=dtype),
+        L.BatchNormalization(momentum=0.9, dtype=dtype),
+        L.ReLU(dtype=dtype),
+        L.Flatten(dtype=dtype),
+        L.Dropout(0.25, dtype=dtype),
+        L.Dense(10, dtype=dtype),
+    ])
+
+
+def _functional():
+    """Branches, a nested model, merges, strides, dilation, groups, a regularizer."""
+    inputs = keras.Input((8, 8, 2))
+    a = L.Conv2D(4, 3, strides=2, padding="valid", activation="relu")(inputs)
+    a = L.ZeroPadding2D(1)(a)
+    b = L.Conv2D(4, 3, dilation_rate=2, padding="same", groups=2, use_bias=False)(inputs)
+    b = L.AveragePooling2D(2)(b)
+    b = L.BatchNormalization(axis=1)(b)
+    nested = keras.Sequential([keras.Input((4, 4, 4)), L.DepthwiseConv2D(2, padding="same"),
+                               L.SpatialDropout2D(0.3)])
+    merged = L.Add()([L.Cropping2D(((0, 1), (0, 1)))(a), nested(b)])
+    merged = L.Concatenate()([merged, L.UpSampling2D(1)(b)])
+    x = L.GlobalAveragePooling2D()(merged)
+    x = L.Dense(6, activation="softmax", kernel_regularizer=keras.regularizers.L2(0.01))(x)
+    x = L.GaussianNoise(0.1)(x)
+    outputs = L.Dense(3)(L.Reshape((2, 3))(x))
+    return keras.Model(inputs, L.Flatten()(outputs))
+
+
+def _digits(shape, tasks, steps, classes, dtype):
+    """Real digit images (channels repeated to `shape`) and labels, `[T, S, B, ...]`."""
+    images, labels = digits_arrays(image_size=shape[0])
+    rows = np.random.default_rng(0).choice(len(images), (tasks, steps, BATCH), replace=False)
+    x = np.repeat(images[rows].astype(dtype) / 255.0, shape[-1], axis=-1)
+    return tf.constant(x), tf.constant((labels[rows] % classes).astype("int32"))
+
+
+def _steps_both_ways(model, learner, optimizer, conv, classes=10, dtype="float32", tasks=TASKS):
+    """The task states and losses after STEPS inner steps, per copy and batched."""
+    optimizer = make_stateless(optimizer)
+    optimizer.build(model.trainable_variables)
+    loss = mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype))
+    loop = InnerLoop(model, loss, learner, optimizer, vectorize=False)
+    batched = TaskBatchedStep(loop, conv=conv)
+    state = TaskState(L.Layer(name="owner"), model, optimizer, learner, tasks)
+    start = state.read(tf.constant(True), 0)  # from phi, one seed stream per task
+    x, y = _digits(model.input_shape[1:], tasks, STEPS, classes, dtype)
+
+    @tf.function
+    def run(step):
+        def body(s, states, losses):
+            states, loss = step(states, x[:, s], y[:, s], s)
+            return s + 1, states, losses.write(s, loss)
+
+        losses = tf.TensorArray(loss.dtype, size=STEPS)
+        _, states, losses = tf.while_loop(
+            lambda s, *_: s < STEPS, body, (tf.constant(0), start, losses)
+        )
+        return states, losses.stack()
+
+    return run(loop.step), run(batched.step)
+
+
+def _assert_same(per_copy, batched):
+    (expected_state, expected_loss), (state, loss) = per_copy, batched
+    assert loss.shape == (STEPS, TASKS)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    names = ["params", "non_trainable", "optimizer", "learner"]
+    for name, want, got in zip(names, expected_state, state):
+        want, got = tf.nest.flatten(want), tf.nest.flatten(got)
+        assert len(want) == len(got), name
+        for i, (w, g) in enumerate(zip(want, got)):
+            assert w.dtype == g.dtype and w.shape == g.shape, (name, i)
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"{name}[{i}]")
+
+
+# Adam's epsilon is 1e-3: a conv bias feeding BatchNorm has a zero gradient up
+# to round-off (~1e-9), which Adam's default epsilon (1e-7) would scale up to
+# steps of +-lr whose sign is the round-off's, in either path.
+CASES = {
+    "leap-sgd_momentum-auto": (tfmeta.Leap, lambda: keras.optimizers.SGD(0.1, momentum=0.9), "auto"),
+    "leap-sgd_momentum-map": (tfmeta.Leap, lambda: keras.optimizers.SGD(0.1, momentum=0.9), "map"),
+    "reptile-adam-auto": (tfmeta.Reptile, lambda: keras.optimizers.Adam(0.01, epsilon=1e-3), "auto"),
+    "fomaml_all-nesterov-auto": (
+        lambda: tfmeta.FOMAML(steps="all"),
+        lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), "auto"),
+    "fomaml-adamw-map": (
+        tfmeta.FOMAML, lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1, epsilon=1e-3), "map"),
+    "cts-sgd_weight_decay-auto": (
+        lambda: tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile()),
+        lambda: keras.optimizers.SGD(0.1, momentum=0.5, weight_decay=0.01), "auto"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_batched_step_equals_per_copy_float32(case):
+    learner, optimizer, conv = CASES[case]
+    per_copy, batched = _steps_both_ways(_convnet(), learner(), optimizer(), conv)
+    _assert_same(per_copy, batched)
+    # The dropout seed states advanced, differently per task, as Keras does.
+    seeds = [v for v in batched[0][1] if v.dtype.is_integer]
+    assert seeds and len({tuple(s) for s in seeds[0].numpy()}) == TASKS
+
+
+def test_batched_step_equals_per_copy_float64():
+    keras.utils.set_random_seed(1)
+    per_copy, batched = _steps_both_ways(
+        _convnet("float64"), tfmeta.Leap(), keras.optimizers.SGD(0.1, momentum=0.9), "auto",
+        dtype="float64",
+    )
+    assert batched[0][0][0].dtype == tf.float64
+    _assert_same(per_copy, batched)
+
+
+def test_functional_model_with_branches_and_regularizer_equals_per_copy():
+    per_copy, batched = _steps_both_ways(
+        _functional(), tfmeta.Leap(), keras.optimizers.SGD(0.1, momentum=0.9), "auto", classes=6,
+    )
+    _assert_same(per_copy, batched)
+
+
+def test_grouped_conv_runs_exactly_where_onednn_does():
+    """In the child processes below: with oneDNN the grouped lowering is the
+    one `auto` picks (float32); without it TensorFlow's CPU kernels lack
+    grouped convolutions and `auto` takes the map lowering."""
+    expected = os.environ.get("TFMETA_EXPECT_ONEDNN")
+    if expected is None:
+        pytest.skip("runs in the child processes of the oneDNN test")
+    # 3 groups of 4 -> 4 channels on 8x8, as 3 tasks of a Conv2D(4, 3).
+    config = ((8, 8, 12), (3, 3, 4, 12), (1, 1), "SAME", (1, 1), 3)
+    assert _grouped_conv_probe(config, "float32", "") == (expected == "1")
+    assert not _grouped_conv_probe(config, "float64", "")
+
+
+def test_batched_step_is_right_with_and_without_onednn():
+    selected = ["-k", "leap-sgd_momentum-auto or functional or runs_exactly"]
+    children = {}
+    for flag in ("0", "1"):
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flag, TFMETA_EXPECT_ONEDNN=flag)
+        children[flag] = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+             *selected],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+    for flag, child in children.items():
+        output, _ = child.communicate(timeout=600)
+        assert child.returncode == 0, f"TF_ENABLE_ONEDNN_OPTS={flag}:\n{output[-4000:]}"
+        assert "3 passed" in output, output[-2000:]
+
+
+def _graph_nodes(step, tasks):
+    """Nodes of the traced step, the functions it calls included."""
+    model = convnet(5, input_shape=(8, 8, 1), filters=4, blocks=2)
+    optimizer = make_stateless(keras.optimizers.SGD(0.1, momentum=0.9))
+    optimizer.build(model.trainable_variables)
+    loss = mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loop = InnerLoop(model, loss, tfmeta.Leap(), optimizer, vectorize=False)
+    run = TaskBatchedStep(loop).step if step == "batched" else loop.step
+    start = TaskState(L.Layer(name="owner"), model, optimizer, tfmeta.Leap(), tasks).read(
+        tf.constant(True), 0
+    )
+    x, y = _digits((8, 8, 1), tasks, 1, 5, "float32")
+    graph = tf.function(run).get_concrete_function(start, x[:, 0], y[:, 0], tf.constant(0)).graph
+    definition = graph.as_graph_def()
+    return len(definition.node) + sum(len(f.node_def) for f in definition.library.function)
+
+
+def test_traced_step_is_flat_in_the_number_of_tasks():
+    batched = {tasks: _graph_nodes("batched", tasks) for tasks in (2, 8)}
+    per_copy = {tasks: _graph_nodes("per_copy", tasks) for tasks in (2, 8)}
+    # Flat up to TensorFlow making a small zeros tensor a Const and a larger
+    # one a Fill (2 nodes here), not one node per task.
+    assert abs(batched[8] - batched[2]) <= 0.01 * batched[2], batched
+    assert per_copy[8] > 3 * per_copy[2], per_copy
+    assert batched[8] < per_copy[8] / 2, (batched, per_copy)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+UNSUPPORTED = {
+    "lstm": (lambda: keras.Sequential([keras.Input((5, 3)), L.LSTM(4, name="lstm")]),
+             r"layer 'lstm' \(LSTM\) has no batched form"),
+    "subclassed": (_Subclassed, r"is a _Subclassed: only keras.Sequential and functional"),
+    "activity_regularizer": (
+        lambda: keras.Sequential([keras.Input((4,)), L.Dense(2, name="d", activity_regularizer="l2")]),
+        r"layer 'd' \(Dense\) has an activity_regularizer"),
+    "synchronized_batchnorm": (
+        lambda: keras.Sequential([keras.Input((4,)), L.BatchNormalization(synchronized=True, name="bn")]),
+        r"layer 'bn' \(BatchNormalization\) is synchronized"),
+    "nested_lstm": (
+        lambda: keras.Sequential([keras.Input((5, 3)), keras.Sequential([L.LSTM(4, name="inner")])]),
+        r"layer 'inner' \(LSTM\)"),
+    "mixed_precision": (
+        lambda: keras.Sequential([keras.Input((4,)), L.Dense(2, name="d", dtype="mixed_float16")]),
+        r"layer 'd' \(Dense\) uses dtype policy 'mixed_float16'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_why_not_batched_names_the_layer_and_the_reason(case):
+    make, reason = UNSUPPORTED[case]
+    model = make()
+    message = why_not_batched(model)
+    assert message is not None and "\n" not in message
+    assert re.search(reason, message), message
+    loop = InnerLoop(model, mean_loss("mse"), tfmeta.Reptile(), keras.optimizers.SGD(0.1))
+    with pytest.raises(ConfigError, match="cannot run as one computation: .*vectorize_tasks=False"):
+        TaskBatchedStep(loop)
+
+
+def test_supported_models_have_no_reason():
+    assert why_not_batched(convnet(20, filters=16)) is None
+    assert why_not_batched(_convnet()) is None
+    assert why_not_batched(_functional()) is None
+
+
+def test_unknown_conv_lowering_is_refused():
+    loop = InnerLoop(_convnet(), mean_loss("mse"), tfmeta.Reptile(), keras.optimizers.SGD(0.1))
+    with pytest.raises(ConfigError, match=r"conv='fast' is not a Conv2D lowering: use one of"):
+        TaskBatchedStep(loop, conv="fast")

@@ -1,0 +1,607 @@
+"""Every task's inner step as one computation, for convolutional models too.
+
+`InnerLoop.step` advances T tasks by one inner step. As T copies of the step
+the graph (and its build time) grows with T; `tf.vectorized_map` keeps it
+flat but cannot batch a convolution over per-task filters, nor dropout.
+`TaskBatchedStep.step` (same arguments, same result) runs the T tasks as one
+computation instead:
+
+* the forward pass walks the Keras model (`keras.Sequential`, functional
+  models, nested ones) and runs every layer for the T parameter sets at
+  once on `x` of shape `[T, B, ...]`: Dense as one batched matmul; Conv2D
+  as one convolution with `groups=T` (input `[B, H, W, T*C]`) where the
+  device runs grouped convolutions, else as a `tf.map_fn` of the layer's
+  own call over the tasks; DepthwiseConv2D as one depthwise convolution of
+  the `T*C` channels; BatchNormalization with per-task batch moments and
+  per-task moving statistics, updated as Keras does; dropout-like layers
+  as a `tf.map_fn` of their own call on each task's seed state (the same
+  masks as the per-copy path); weightless per-example layers (pooling,
+  Flatten, activations, merges, ...) with the tasks folded into the batch;
+* one tape over the sum of the T task losses gives every task's gradient
+  (tasks share no parameter);
+* the rest of the step (the inner optimizer, `diverged_as_nan`, the
+  learner's `observe`), element-wise ops and reductions, runs per task in
+  one `tf.vectorized_map`.
+
+No op of the traced step depends on T. `why_not_batched(model)` names the
+first layer this cannot run (an LSTM, a subclassed model, a regularized
+activity, ...), so the caller can fall back to the per-copy step.
+
+Example::
+
+    loop = InnerLoop(model, loss, learner, inner_optimizer)
+    if why_not_batched(model) is None:
+        step = TaskBatchedStep(loop)
+        tasks, losses = step.step(tasks, x, y, index)   # x: [T, B, ...], losses: [T]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.models.functional import Functional
+
+from tfmeta.divergence import diverged_as_nan
+from tfmeta.inner_optimizer import stateless_apply
+from tfmeta.learners.base import InnerStep
+from tfmeta.replicas import task_loss
+from tfmeta.validation import ConfigError
+
+__all__ = ["CONV_LOWERINGS", "TaskBatchedStep", "finish_task_step", "why_not_batched"]
+
+#: How `TaskBatchedStep` runs a Conv2D for T tasks: "grouped" (one grouped
+#: convolution), "map" (`tf.map_fn` over the tasks), "auto" (grouped where
+#: the device computes it, e.g. CPUs with oneDNN and GPUs; map elsewhere).
+CONV_LOWERINGS = ("auto", "grouped", "map")
+
+L = keras.layers
+
+# Weightless layers that act on each example alone, deterministically: the
+# T tasks run through them as one batch of T * B examples.
+_FOLDED = (L.Softmax, L.Flatten, L.Reshape, L.Permute, L.Concatenate)
+# Those of them that act on each channel alone (or element-wise on inputs of
+# one shape) run on tasks in the channels as well, unchanged.
+_PER_CHANNEL = (
+    L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Identity,
+    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+    L.ZeroPadding2D, L.Cropping2D, L.UpSampling2D,
+    L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum,
+)
+# Layers whose only state is a seed generator: run per task on its own
+# seed state, so every task draws the masks the per-copy step draws.
+_RANDOM = (L.Dropout, L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout)
+
+
+# ------------------------------------------------------------ the check
+
+
+def why_not_batched(model):
+    """Why `model` cannot run its T tasks as one computation, in one line; `None` if it can.
+
+    Example:
+        >>> why_not_batched(tfmeta.models.convnet(filters=16)) is None
+        True
+        >>> why_not_batched(keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4)]))
+        "layer 'lstm' (LSTM) has no batched form: ..."
+    """
+    kind = type(model)
+    if kind is keras.Sequential:
+        layers = model.layers
+    elif kind is Functional:
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            return (
+                f"model {model.name!r} has {len(model.inputs)} inputs and "
+                f"{len(model.outputs)} outputs; only single-input, single-output "
+                "models run batched"
+            )
+        layers = [op for op in model.operations if not isinstance(op, L.InputLayer)]
+        for nodes in model._nodes_by_depth.values():
+            for node in nodes:
+                extra = {
+                    k for k, v in node.arguments.kwargs.items() if k != "training" and v is not None
+                }
+                if extra and not node.is_input:
+                    return (
+                        f"layer {node.operation.name!r} is called with {sorted(extra)} in the "
+                        "model's graph; only the layer's input (and training) run batched"
+                    )
+    else:
+        return (
+            f"model {model.name!r} is a {kind.__name__}: only keras.Sequential and "
+            "functional models (keras.Model(inputs, outputs)) of built-in layers run batched"
+        )
+    for layer in layers:
+        reason = _why_not_layer(layer)
+        if reason:
+            return reason
+    return None
+
+
+def _why_not_layer(layer):
+    kind = type(layer)
+    name = f"layer {layer.name!r} ({kind.__name__})"
+    if kind in (keras.Sequential, Functional):
+        return why_not_batched(layer)
+    if kind not in _HANDLERS:
+        return (
+            f"{name} has no batched form: supported are Dense, Conv2D, DepthwiseConv2D, "
+            "BatchNormalization, Dropout-like, pooling, reshaping, activation and merge layers"
+        )
+    policy = layer.dtype_policy
+    if policy.quantization_mode is not None or policy.compute_dtype != policy.variable_dtype:
+        return f"{name} uses dtype policy {policy.name!r}; only unquantized, unmixed policies run batched"
+    if getattr(layer, "activity_regularizer", None) is not None:
+        return f"{name} has an activity_regularizer, which runs only in the per-copy step"
+    if getattr(layer, "lora_enabled", False):
+        return f"{name} has LoRA enabled, which runs only in the per-copy step"
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return f"{name} uses data_format={layer.data_format!r}; only channels_last runs batched"
+    if kind is L.BatchNormalization and (layer.synchronized or layer.renorm):
+        return f"{name} is synchronized or renormalized, which runs only in the per-copy step"
+    return None
+
+
+# ------------------------------------------------------------ the step
+
+
+def finish_task_step(loop, params, opt_vars, learner_state, grads, loss, index):
+    """One task's step after its loss and gradients: optimizer, divergence, learner.
+
+    Args:
+        loop: the `InnerLoop` (its `optimizer`, `learner` and `max_task_loss`).
+        params, opt_vars, learner_state: the task's state before the step.
+        grads: the task's gradients (`None` for a parameter the loss ignores).
+        loss: the task's scalar loss.
+        index: the step's position in the trajectory.
+
+    Returns:
+        `((new_params, new_opt_vars, new_learner_state), loss)`: a diverged
+        step leaves NaN in the loss, the parameters and the optimizer state,
+        which the learner and the meta-update then see.
+    """
+    grads = [tf.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    new_params, new_opt_vars = stateless_apply(loop.optimizer, opt_vars, grads, params)
+    loss, (new_params, new_opt_vars) = diverged_as_nan(
+        loss, (new_params, new_opt_vars), loop.max_task_loss
+    )
+    learner_state = loop.learner.observe(
+        learner_state, InnerStep(list(params), grads, loss, index)
+    )
+    return (list(new_params), list(new_opt_vars), learner_state), loss
+
+
+class TaskBatchedStep:
+    """`InnerLoop.step` with the T tasks as one computation (see the module docstring).
+
+    Args:
+        loop: the `InnerLoop` whose model, loss, learner, inner optimizer and
+            `max_task_loss` the step uses.
+        conv: how Conv2D layers run for T tasks, one of `CONV_LOWERINGS`.
+
+    Raises:
+        ConfigError: `why_not_batched(loop.model)` is not `None` (the message
+            says why), or `conv` is not one of `CONV_LOWERINGS`.
+
+    Example:
+        >>> step = TaskBatchedStep(loop)
+        >>> tasks, losses = step.step(tasks, x, y, index)   # as loop.step(...)
+    """
+
+    def __init__(self, loop, conv="auto"):
+        if conv not in CONV_LOWERINGS:
+            raise ConfigError(f"conv={conv!r} is not a Conv2D lowering: use one of {CONV_LOWERINGS}.")
+        reason = why_not_batched(loop.model)
+        if reason:
+            raise ConfigError(
+                f"The tasks of this model cannot run as one computation: {reason}. "
+                "Run them as copies of the step (vectorize_tasks=False)."
+            )
+        self.loop = loop
+        self.conv = conv
+
+    def step(self, tasks, x, y, index):
+        """One inner step of every task: `(tasks, losses)`, stacked over tasks like `x`."""
+        params, non_trainable, opt_vars, learner_state = tasks
+        model = self.loop.model
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            state = _TaskValues(model, params, non_trainable, self.conv)
+            y_pred = _run_model(model, x, state, training=True)
+            losses = tf.vectorized_map(
+                lambda args: task_loss(self.loop.loss, *args), (y, y_pred),
+                fallback_to_while_loop=True,
+            )
+            penalty = _weight_penalties(model, state)
+            if penalty is not None:
+                losses = losses + tf.cast(penalty, losses.dtype)
+            total = tf.reduce_sum(losses)
+        grads = tape.gradient(total, params, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        def rest(args):
+            return finish_task_step(self.loop, *args, index)
+
+        (new_params, new_opt_vars, learner_state), losses = tf.vectorized_map(
+            rest, (params, opt_vars, learner_state, grads, losses),
+            fallback_to_while_loop=True,
+        )
+        new_non_trainable = [state[v] for v in model.non_trainable_variables]
+        return (list(new_params), new_non_trainable, list(new_opt_vars), learner_state), losses
+
+
+# ------------------------------------------------------------ the forward pass
+
+
+class _TaskValues:
+    """The stacked `[T, ...]` values of the model's variables while the tasks run.
+
+    Indexed by a Keras variable; assignments (BatchNorm's moving statistics,
+    seed states) replace the value, so a layer used twice sees its update.
+    """
+
+    def __init__(self, model, params, non_trainable, conv):
+        variables = list(model.trainable_variables) + list(model.non_trainable_variables)
+        self._values = {id(v): value for v, value in zip(variables, [*params, *non_trainable])}
+        self.conv = conv
+
+    def __getitem__(self, variable):
+        return self._values[id(variable)]
+
+    def __setitem__(self, variable, value):
+        self._values[id(variable)] = value
+
+
+class _Acts:
+    """The T tasks' activations of one layer, in one of two layouts.
+
+    Tasks first, `[T, B, ...]`, or tasks in the channels, `[B, ..., T*C]`
+    (task t's channels at t*C .. (t+1)*C - 1): the layout of a grouped or
+    depthwise convolution, in which per-channel layers (BatchNorm, pooling,
+    element-wise activations) run unchanged, so a convnet's blocks need no
+    transposes between them.
+    """
+
+    def __init__(self, value, tasks, in_channels):
+        self.value, self.tasks, self.in_channels = value, tasks, in_channels
+
+    def first(self):
+        """`[T, B, ...]`."""
+        if not self.in_channels:
+            return self.value
+        *rest, channels = _shape(self.value)
+        value = tf.reshape(self.value, [*rest, self.tasks, channels // self.tasks])
+        rank = len(rest) + 2
+        return tf.transpose(value, [rank - 2, *range(rank - 2), rank - 1])
+
+    def channels(self):
+        """`[B, ..., T*C]`."""
+        if self.in_channels:
+            return self.value
+        tasks, *rest, channels = _shape(self.value)
+        rank = len(rest) + 2
+        value = tf.transpose(self.value, [*range(1, rank - 1), 0, rank - 1])
+        return tf.reshape(value, [*rest, tasks * channels])
+
+
+def _weight_penalties(model, state):
+    """The per-task sum `[T]` of the weight regularizers' losses (`None` without any)."""
+    penalties = [
+        tf.vectorized_map(v.regularizer, state[v])
+        for v in model.trainable_variables if v.regularizer is not None
+    ]
+    return tf.add_n(penalties) if penalties else None
+
+
+def _run_model(model, x, state, training):
+    """The model's output `[T, B, ...]` for the tasks' inputs `x` (`[T, B, ...]`)."""
+    acts = _run_graph(model, _Acts(x, x.shape[0], False), state, training)
+    return acts.first()
+
+
+def _run_graph(model, acts, state, training):
+    if type(model) is keras.Sequential:
+        for layer in model.layers:
+            acts = _run_layer(layer, acts, state, training)
+        return acts
+
+    def call(layer, inputs, **kwargs):
+        # As in Functional.call: the call's training mode overrides the one
+        # the graph recorded; `why_not_batched` made sure the rest are None.
+        mode = kwargs.get("training") if training is None else training
+        return _run_layer(layer, inputs, state, mode)
+
+    return model._run_through_graph(acts, operation_fn=lambda op: op, call_fn=call)
+
+
+def _run_layer(layer, acts, state, training):
+    if type(layer) in (keras.Sequential, Functional):
+        return _run_graph(layer, acts, state, training)
+
+    def convert(a):
+        value = layer.dtype_policy.convert_input(a.value, layer.autocast, layer.input_dtype)
+        return _Acts(value, a.tasks, a.in_channels)
+
+    is_list = isinstance(acts, (list, tuple))
+    acts = [convert(a) for a in acts] if is_list else convert(acts)
+    return _HANDLERS[type(layer)](layer, acts, state, training)
+
+
+def _shape(x):
+    """`x`'s shape, static where known (Keras layers read static shapes)."""
+    static, dynamic = x.shape.as_list(), tf.shape(x)
+    return [d if d is not None else dynamic[i] for i, d in enumerate(static)]
+
+
+def _per_task(value, rank, axis=-1):
+    """`[T, C]` reshaped to broadcast against a `[T, ...]` tensor of `rank` along `axis`."""
+    shape = [1] * rank
+    shape[0], shape[axis] = -1, value.shape[-1]
+    return tf.reshape(value, shape)
+
+
+_ELEMENTWISE = tuple(
+    getattr(keras.activations, name) for name in (
+        "relu", "leaky_relu", "relu6", "elu", "selu", "softplus", "softsign", "silu",
+        "gelu", "celu", "tanh", "sigmoid", "exponential", "hard_sigmoid", "log_sigmoid",
+        "hard_silu", "linear", "mish",
+    )
+)
+
+
+def _finish(layer, acts, state):
+    """`acts` plus the layer's per-task bias (if any), through its activation."""
+    bias = getattr(layer, "bias", None) if getattr(layer, "use_bias", True) else None
+    if bias is not None:
+        bias = state[bias]
+        if acts.in_channels:
+            # BiasAdd, not a broadcast add: its gradient is one fast kernel
+            # (and oneDNN fuses it into the convolution's).
+            acts = _Acts(tf.nn.bias_add(acts.value, tf.reshape(bias, [-1])), acts.tasks, True)
+        else:
+            acts = _Acts(acts.value + _per_task(bias, acts.value.shape.rank), acts.tasks, False)
+    if layer.activation in _ELEMENTWISE:
+        return _Acts(layer.activation(acts.value), acts.tasks, acts.in_channels)
+    # An activation along the channels (softmax, ...) must see one task's.
+    return _Acts(layer.activation(acts.first()), acts.tasks, False)
+
+
+def _dense(layer, acts, state, training):
+    del training
+    x = acts.first()
+    shape = _shape(x)
+    kernel = state[layer.kernel]
+    y = tf.matmul(tf.reshape(x, [shape[0], -1, shape[-1]]), kernel)
+    y = tf.reshape(y, [*shape[:-1], kernel.shape[-1]])
+    return _finish(layer, _Acts(y, acts.tasks, False), state)
+
+
+def _conv2d(layer, acts, state, training):
+    kernel = state[layer.kernel]  # [T, kh, kw, C / groups, F]
+    conv = state.conv
+    if conv == "auto":
+        conv = "grouped" if _grouped_conv_works(layer, acts, kernel) else "map"
+    if conv == "map":
+        return _per_task_calls(layer, acts, state, training)
+    # Task t's filters see its channels t*C .. (t+1)*C - 1 and give its
+    # outputs t*F .. (t+1)*F - 1: groups * T groups in all.
+    folded = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [*kernel.shape[1:4], -1])
+    y = tf.nn.convolution(
+        acts.channels(), folded, strides=layer.strides,
+        padding=layer.padding.upper(), dilations=layer.dilation_rate,
+    )
+    return _finish(layer, _Acts(y, acts.tasks, True), state)
+
+
+def _depthwise_conv2d(layer, acts, state, training):
+    del training
+    kernel = state[layer.kernel]  # [T, kh, kw, C, M]
+    # A depthwise convolution of the T*C channels is each task's own.
+    folded = tf.reshape(
+        tf.transpose(kernel, [1, 2, 0, 3, 4]), [*kernel.shape[1:3], -1, kernel.shape[-1]]
+    )
+    y = keras.ops.depthwise_conv(
+        acts.channels(), folded, strides=layer.strides, padding=layer.padding,
+        data_format="channels_last", dilation_rate=layer.dilation_rate,
+    )
+    return _finish(layer, _Acts(y, acts.tasks, True), state)
+
+
+def _batch_norm(layer, acts, state, training):
+    # As keras.layers.BatchNormalization.call, per task.
+    if acts.in_channels and layer.axis % acts.value.shape.rank != acts.value.shape.rank - 1:
+        acts = _Acts(acts.first(), acts.tasks, False)  # normalizing another axis
+    rank = acts.value.shape.rank
+    x = acts.value
+    x = tf.cast(x, keras.backend.result_type(x.dtype.name, "float32"))
+    if acts.in_channels:
+        # Per-task statistics are the per-channel ones of [B, ..., T*C].
+        axis, axes = rank - 1, list(range(rank - 1))
+
+        def shaped(value):
+            return tf.reshape(value, [-1])
+    else:
+        axis = layer.axis % (rank - 1) + 1
+        axes = [a for a in range(1, rank) if a != axis]
+
+        def shaped(value):
+            return _per_task(value, rank, axis)
+
+    def value(variable):
+        return shaped(tf.cast(state[variable], x.dtype))
+
+    gamma = value(layer.gamma) if layer.scale else None
+    beta = value(layer.beta) if layer.center else None
+    if training and layer.trainable:
+        mean, variance = tf.nn.moments(x, axes)
+        tasks = acts.tasks
+        for variable, batch in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+            moving = tf.cast(state[variable], x.dtype)
+            batch = tf.reshape(batch, [tasks, -1])
+            state[variable] = tf.cast(
+                moving * layer.momentum + batch * (1.0 - layer.momentum), variable.dtype
+            )
+        mean, variance = shaped(tf.reshape(mean, [tasks, -1])), shaped(tf.reshape(variance, [tasks, -1]))
+    else:
+        mean, variance = value(layer.moving_mean), value(layer.moving_variance)
+    y = tf.nn.batch_normalization(x, mean, variance, beta, gamma, layer.epsilon)
+    return _Acts(tf.cast(y, layer.compute_dtype), acts.tasks, acts.in_channels)
+
+
+def _folded(layer, acts, state, training):
+    """A weightless per-example layer on the T * B examples as one batch."""
+    del state, training
+    many = isinstance(acts, (list, tuple))
+    acts = list(acts) if many else [acts]
+    tasks = acts[0].tasks
+    x = [a.first() for a in acts]
+    batch = _shape(x[0])[1]
+    x = [tf.reshape(t, [-1, *_shape(t)[2:]]) for t in x]
+    y = layer.call(x if many else x[0])
+    return _Acts(tf.reshape(y, [tasks, batch, *_shape(y)[1:]]), tasks, False)
+
+
+def _per_channel(layer, acts, state, training):
+    """A weightless layer acting on each channel of each example alone: in either layout."""
+    many = isinstance(acts, (list, tuple))
+    layouts = {a.in_channels for a in acts} if many else {acts.in_channels}
+    shapes = {tuple(a.value.shape) for a in acts} if many else set()
+    elementwise = not isinstance(layer, L.Activation) or layer.activation in _ELEMENTWISE
+    if layouts != {True} or len(shapes) > 1 or not elementwise:
+        return _folded(layer, acts, state, training)
+    tasks = acts[0].tasks if many else acts.tasks
+    if type(layer) is L.MaxPooling2D:
+        return _Acts(_max_pool_2d(layer, acts.value), tasks, True)
+    y = layer.call([a.value for a in acts] if many else acts.value)
+    return _Acts(y, tasks, True)
+
+
+def _max_pool_2d(layer, x):
+    """`layer.call(x)` (channels last), its gradient in a function of its own.
+
+    oneDNN's MaxPoolGrad needs the forward MaxPool's output as its direct
+    input; inside a `tf.while_loop` TensorFlow's oneDNN rewrite often misses
+    that edge and falls back to the stock MaxPoolGrad, several times slower
+    on T*C channels. A function that is not inlined recomputes the pool
+    next to its gradient, where the rewrite always sees the pair. Same
+    values: both kernels route each window's gradient to its first maximum.
+    """
+    pool, strides = list(layer.pool_size), list(layer.strides)
+    padding = layer.padding.upper()
+
+    @tf.function(autograph=False, experimental_attributes={"_noinline": True})
+    def pool_grad(x, dy):
+        y = tf.nn.max_pool2d(x, pool, strides, padding)
+        return tf.raw_ops.MaxPoolGrad(
+            orig_input=x, orig_output=y, grad=dy, ksize=[1, *pool, 1],
+            strides=[1, *strides, 1], padding=padding,
+        )
+
+    @tf.custom_gradient
+    def max_pool(x):
+        return tf.nn.max_pool2d(x, pool, strides, padding), lambda dy: pool_grad(x, dy)
+
+    return max_pool(x)
+
+
+def _per_task_calls(layer, acts, state, training):
+    """The layer's own call once per task (`tf.map_fn`), on that task's weights and state."""
+    x = acts.first()
+    variables = list(layer.trainable_variables) + list(layer.non_trainable_variables)
+    kept = list(layer.non_trainable_variables)
+    kwargs = {"training": training} if layer._call_has_training_arg else {}
+
+    def one(args):
+        x_t, values = args
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
+            y = layer.call(x_t, **kwargs)
+        return y, [scope.get_current_value(v) for v in kept]
+
+    signature = (
+        tf.TensorSpec(layer.compute_output_shape(tuple(x.shape[1:])), layer.compute_dtype),
+        [tf.TensorSpec(v.shape, v.dtype) for v in kept],
+    )
+    y, values = tf.map_fn(
+        one, (x, [state[v] for v in variables]), fn_output_signature=signature,
+        parallel_iterations=acts.tasks,
+    )
+    for variable, value in zip(kept, values):
+        state[variable] = value
+    return _Acts(y, acts.tasks, False)
+
+
+def _conv_and_grads(x, kernel, dy, strides, padding, dilations, groups):
+    """A grouped convolution of `x` and the gradients of `sum(y * dy)`:
+    with one op when `groups` is 1, else as one convolution per group."""
+    with tf.GradientTape() as tape:
+        tape.watch([x, kernel])
+        parts = zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
+        y = tf.concat([
+            tf.nn.convolution(a, k, strides, padding, dilations=dilations) for a, k in parts
+        ], axis=-1) if groups > 1 else tf.nn.convolution(x, kernel, strides, padding, dilations=dilations)
+        total = tf.reduce_sum(y * dy)
+    return [y, *tape.gradient(total, [x, kernel])]
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_conv_probe(config, dtype, device):
+    """Whether `device` computes this grouped convolution and its gradients right.
+
+    TensorFlow's CPU kernels have grouped convolutions only with oneDNN, and
+    oneDNN only in float32/bfloat16; without it the gradient kernels raise
+    or, in a graph, may return garbage. So the probe compares, in a graph, one
+    grouped op with one op per group on the layer's shapes (batch 1).
+    `config` = (input `[H, W, C]`, kernel `[kh, kw, C / G, F]`, strides,
+    padding, dilations, groups G).
+    """
+    shape, kernel_shape, strides, padding, dilations, groups = config
+    rng = np.random.default_rng(0)
+    x, kernel = rng.standard_normal([1, *shape]), rng.standard_normal(kernel_shape)
+    # A graph of its own: the probe runs while the caller is being traced,
+    # with its tape recording (which tf.init_scope would switch off here).
+    with tf.Graph().as_default() as graph, tf.device(device or None):
+        inputs = [tf.compat.v1.placeholder(dtype, v.shape) for v in (x, kernel)]
+        out_shape = _conv_and_grads(*inputs, 1.0, strides, padding, dilations, groups)[0].shape
+        dy = tf.compat.v1.placeholder(dtype, out_shape)
+        expected = _conv_and_grads(*inputs, dy, strides, padding, dilations, groups)
+        got = _conv_and_grads(*inputs, dy, strides, padding, dilations, 1)
+    feed = dict(zip([*inputs, dy], [x, kernel, rng.standard_normal(out_shape)]))
+    with tf.compat.v1.Session(graph=graph) as session:
+        expected = session.run(expected, feed)
+        try:
+            got = session.run(got, feed)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.NotFoundError):
+            return False
+    tolerance = 1e-3 if dtype in ("float16", "bfloat16") else 1e-4
+    return all(
+        g.shape == e.shape and np.allclose(g, e, rtol=tolerance, atol=tolerance * np.abs(e).max())
+        for g, e in zip(got, expected)
+    )
+
+
+def _grouped_conv_works(layer, acts, kernel):
+    """Whether the T tasks' convolution runs as one grouped op here (cached)."""
+    channels = acts.value.shape[-1] if acts.in_channels else acts.tasks * acts.value.shape[-1]
+    height, width = acts.value.shape[-3:-1]
+    tasks, *per_task = kernel.shape
+    config = (
+        (height, width, channels), (*per_task[:3], tasks * per_task[3]), tuple(layer.strides),
+        layer.padding.upper(), tuple(layer.dilation_rate), tasks * layer.groups,
+    )
+    return _grouped_conv_probe(config, acts.value.dtype.name, acts.value.device)
+
+
+_HANDLERS = {
+    L.InputLayer: lambda layer, acts, state, training: acts,
+    L.Dense: _dense,
+    L.Conv2D: _conv2d,
+    L.DepthwiseConv2D: _depthwise_conv2d,
+    L.BatchNormalization: _batch_norm,
+    **{kind: _folded for kind in _FOLDED},
+    **{kind: _per_channel for kind in _PER_CHANNEL},
+    **{kind: _per_task_calls for kind in _RANDOM},
+}

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Tasks as one computation vs T copies of the step, side by side in one run.
+
+    python tools/bench_tasks.py [--tasks 8] [--filters 16 64] [--steps 10] [--rounds 5]
+                                [--conv auto] [--build_tasks 4 32]
+
+`speed`: inner steps per second (one step of one task counts as one) of a
+chunk of `--steps` inner steps of T tasks on Leap's Omniglot convnet (4 x
+[Conv 3x3, MaxPool, BatchNorm, ReLU] -> Dense 20, 28x28x1, batch 20, Leap,
+inner SGD), through `InnerLoop.run` with the per-copy step and with
+`TaskBatchedStep.step` (`tfmeta.task_batched`), alternating rounds; the
+median of each and their ratio.
+
+`build`: graph build + first chunk (seconds) of each path at T = 4 and
+T = 32, and the T=32 / T=4 ratio.
+
+Images are scikit-learn's real digits resized to 28x28 (no download).
+The machine is shared: run it briefly, and compare ratios, not absolutes.
+"""
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfmeta  # noqa: E402
+from tfmeta.inner_loop import InnerLoop, mean_loss  # noqa: E402
+from tfmeta.inner_optimizer import make_stateless  # noqa: E402
+from tfmeta.models import convnet  # noqa: E402
+from tfmeta.task_batched import TaskBatchedStep  # noqa: E402
+from tfmeta.task_state import TaskState  # noqa: E402
+from tfmeta.tasks.digits import digits_arrays  # noqa: E402
+
+BATCH = 20
+CLASSES = 20
+
+
+def _chunk(tasks, steps):
+    """A real chunk `[T, S, B, 28, 28, 1]` of digit images and labels."""
+    images, labels = digits_arrays(image_size=28)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(images), (tasks, steps, BATCH))
+    x = tf.constant(images[rows].astype("float32") / 255.0)
+    y = tf.constant((labels[rows] % CLASSES).astype("int32"))
+    return x, y
+
+
+def _runner(tasks, filters, steps, conv, batched):
+    """A traced-on-first-call function running one chunk, and its arguments."""
+    keras.utils.set_random_seed(0)
+    model = convnet(CLASSES, filters=filters)
+    optimizer = make_stateless(keras.optimizers.SGD(0.1))
+    optimizer.build(model.trainable_variables)
+    learner = tfmeta.Leap()
+    loss = mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loop = InnerLoop(model, loss, learner, optimizer)
+    if batched:
+        # What the wiring in InnerLoop.step does: the batched step in its place.
+        loop = dataclasses.replace(loop)
+        loop.step = TaskBatchedStep(loop, conv=conv).step
+    state = TaskState(keras.layers.Layer(name="owner"), model, optimizer, learner, tasks)
+    start = state.read(tf.constant(True), 0)
+    x, y = _chunk(tasks, steps)
+
+    @tf.function
+    def run(start):
+        _, loss = loop.run(start, x, y, tf.constant(0))
+        return loss
+
+    return lambda: float(run(start))
+
+
+def speed(tasks, filters, steps, rounds, conv):
+    runs = {name: _runner(tasks, filters, steps, conv, name == "batched")
+            for name in ("per-copy", "batched")}
+    for run in runs.values():
+        run()  # build
+    rates = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            began = time.perf_counter()
+            run()
+            rates[name].append(tasks * steps / (time.perf_counter() - began))
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    print(
+        f"speed T={tasks} filters={filters} conv={conv}: per-copy "
+        f"{medians['per-copy']:.0f} steps/s, batched {medians['batched']:.0f} steps/s, "
+        f"batched / per-copy = {medians['batched'] / medians['per-copy']:.2f}",
+        flush=True,
+    )
+
+
+def build(task_counts, filters, steps, conv):
+    times = {}
+    for name in ("per-copy", "batched"):
+        for tasks in task_counts:
+            run = _runner(tasks, filters, steps, conv, name == "batched")
+            began = time.perf_counter()
+            run()
+            times[name, tasks] = time.perf_counter() - began
+        low, high = task_counts
+        print(
+            f"build+first chunk {name} (filters={filters}): T={low} {times[name, low]:.1f} s, "
+            f"T={high} {times[name, high]:.1f} s, ratio {times[name, high] / times[name, low]:.2f}",
+            flush=True,
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--filters", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--conv", default="auto", choices=("auto", "grouped", "map"))
+    parser.add_argument("--build_tasks", type=int, nargs=2, default=[4, 32])
+    parser.add_argument("--skip", choices=("speed", "build"), default=None)
+    args = parser.parse_args()
+    if args.skip != "speed":
+        for filters in args.filters:
+            speed(args.tasks, filters, args.steps, args.rounds, args.conv)
+    if args.skip != "build":
+        build(args.build_tasks, args.filters[0], args.steps, args.conv)
+
+
+if __name__ == "__main__":
+    main()
