@@ -195,6 +195,61 @@ def test_batched_step_is_right_with_and_without_onednn():
         assert "3 passed" in output, output[-2000:]
 
 
+def _layers_1d():
+    inputs = keras.Input((6, 4))
+    a = L.LeakyReLU(0.2)(L.MaxPooling1D(2, padding="same")(inputs))
+    b = L.ELU()(L.AveragePooling1D(2)(inputs))
+    merged = [L.Subtract()([a, b]), L.Multiply()([a, b]), L.Average()([a, b]),
+              L.Maximum()([a, b]), L.Minimum()([a, b])]
+    x = L.Permute((2, 1))(L.Identity()(L.Add()(merged)))
+    x = L.Softmax()(L.GaussianDropout(0.2)(x))
+    return keras.Model(inputs, L.Concatenate()([L.GlobalMaxPooling1D()(x), L.GlobalAveragePooling1D()(x)]))
+
+
+def _layers_2d():
+    """Per-channel layers on tasks in the channels (after convolutions)."""
+    inputs = keras.Input((6, 6, 2))
+    a = L.Conv2D(3, 3, padding="same")(inputs)
+    b = L.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same", use_bias=False)(inputs)
+    b = L.UpSampling2D(2)(L.Conv2D(3, 1, activation="tanh")(b))
+    x = L.Maximum()([a, b])
+    x = L.Activation("sigmoid")(L.Minimum()([L.Subtract()([a, x]), L.Multiply()([x, b])]))
+    x = L.MaxPooling2D(3, strides=2)(L.Activation("softmax")(x))
+    return keras.Model(inputs, L.Concatenate()([L.GlobalMaxPooling2D()(x), L.GlobalAveragePooling2D()(x)]))
+
+
+def _layers_3d():
+    inputs = keras.Input((4, 4, 4, 2))
+    a = L.MaxPooling3D(2)(inputs)
+    b = L.AveragePooling3D(2)(inputs)
+    x = L.Add()([a, b])
+    return keras.Model(inputs, L.Add()([L.GlobalMaxPooling3D()(x), L.GlobalAveragePooling3D()(x)]))
+
+
+@pytest.mark.parametrize("make", [_layers_1d, _layers_2d, _layers_3d], ids=["1d", "2d", "3d"])
+def test_every_supported_layer_matches_its_per_task_call(make):
+    """The forward pass (training) of T parameter sets at once against
+    `stateless_call` per task, on random tensors (a numerical check)."""
+    from tfmeta.task_batched import _run_model, _TaskValues
+
+    model = make()
+    rng = np.random.default_rng(0)
+    # Different weights and seed states per task.
+    params = [tf.constant(v.numpy() + 0.1 * rng.standard_normal((TASKS, *v.shape)), v.dtype)
+              for v in model.trainable_variables]
+    non_trainable = [tf.stack([v.value + t for t in range(TASKS)]) for v in model.non_trainable_variables]
+    x = tf.constant(rng.standard_normal((TASKS, BATCH, *model.input_shape[1:])), "float32")
+    state = _TaskValues(model, params, non_trainable, "auto")
+    got = _run_model(model, x, state, training=True)
+    for t in range(TASKS):
+        want, want_state = model.stateless_call(
+            [p[t] for p in params], [v[t] for v in non_trainable], x[t], training=True
+        )
+        np.testing.assert_allclose(got[t], want, rtol=1e-5, atol=1e-6)
+        for v, w in zip(model.non_trainable_variables, want_state):
+            np.testing.assert_array_equal(state[v][t], w)
+
+
 def _graph_nodes(step, tasks):
     """Nodes of the traced step, the functions it calls included."""
     model = convnet(5, input_shape=(8, 8, 1), filters=4, blocks=2)

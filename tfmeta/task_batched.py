@@ -135,7 +135,10 @@ def _why_not_layer(layer):
         )
     policy = layer.dtype_policy
     if policy.quantization_mode is not None or policy.compute_dtype != policy.variable_dtype:
-        return f"{name} uses dtype policy {policy.name!r}; only unquantized, unmixed policies run batched"
+        return (
+            f"{name} uses dtype policy {policy.name!r}; only unquantized, unmixed "
+            "policies run batched"
+        )
     if getattr(layer, "activity_regularizer", None) is not None:
         return f"{name} has an activity_regularizer, which runs only in the per-copy step"
     if getattr(layer, "lora_enabled", False):
@@ -195,7 +198,9 @@ class TaskBatchedStep:
 
     def __init__(self, loop, conv="auto"):
         if conv not in CONV_LOWERINGS:
-            raise ConfigError(f"conv={conv!r} is not a Conv2D lowering: use one of {CONV_LOWERINGS}.")
+            raise ConfigError(
+                f"conv={conv!r} is not a Conv2D lowering: use one of {CONV_LOWERINGS}."
+            )
         reason = why_not_batched(loop.model)
         if reason:
             raise ConfigError(
@@ -445,7 +450,8 @@ def _batch_norm(layer, acts, state, training):
             state[variable] = tf.cast(
                 moving * layer.momentum + batch * (1.0 - layer.momentum), variable.dtype
             )
-        mean, variance = shaped(tf.reshape(mean, [tasks, -1])), shaped(tf.reshape(variance, [tasks, -1]))
+        mean = shaped(tf.reshape(mean, [tasks, -1]))
+        variance = shaped(tf.reshape(variance, [tasks, -1]))
     else:
         mean, variance = value(layer.moving_mean), value(layer.moving_variance)
     y = tf.nn.batch_normalization(x, mean, variance, beta, gamma, layer.epsilon)
@@ -534,15 +540,20 @@ def _per_task_calls(layer, acts, state, training):
     return _Acts(y, acts.tasks, False)
 
 
+_KERNEL_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.NotFoundError)
+
+
 def _conv_and_grads(x, kernel, dy, strides, padding, dilations, groups):
-    """A grouped convolution of `x` and the gradients of `sum(y * dy)`:
-    with one op when `groups` is 1, else as one convolution per group."""
+    """`[y, dx, dkernel]` of `y = conv(x, kernel)` and `sum(y * dy)`, for
+    `groups` groups as one convolution each (`groups=1`: one grouped op when
+    `kernel` has fewer input channels than `x`)."""
     with tf.GradientTape() as tape:
         tape.watch([x, kernel])
         parts = zip(tf.split(x, groups, axis=-1), tf.split(kernel, groups, axis=-1))
-        y = tf.concat([
-            tf.nn.convolution(a, k, strides, padding, dilations=dilations) for a, k in parts
-        ], axis=-1) if groups > 1 else tf.nn.convolution(x, kernel, strides, padding, dilations=dilations)
+        y = tf.concat(
+            [tf.nn.convolution(a, k, strides, padding, dilations=dilations) for a, k in parts],
+            axis=-1,
+        )
         total = tf.reduce_sum(y * dy)
     return [y, *tape.gradient(total, [x, kernel])]
 
@@ -574,7 +585,7 @@ def _grouped_conv_probe(config, dtype, device):
         expected = session.run(expected, feed)
         try:
             got = session.run(got, feed)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.NotFoundError):
+        except _KERNEL_ERRORS:
             return False
     tolerance = 1e-3 if dtype in ("float16", "bfloat16") else 1e-4
     return all(
