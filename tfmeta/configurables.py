@@ -100,3 +100,10 @@ gin.external_configurable(finetune_cli.finetune, name="finetune", module="tfmeta
 gin.external_configurable(evaluation.heldout_finetuning, module="tfmeta.evaluation")
 gin.external_configurable(evaluation.himmelblau_adaptation, module="tfmeta.evaluation")
 gin.external_configurable(tf.distribute.MirroredStrategy, module="tf.distribute")
+
+# The many-shot benchmark (`tools/many_shot.py`, gin/many_shot_*.gin): its
+# shared setting and one method per gin file.
+from tfmeta.experiments import many_shot  # noqa: E402
+
+gin.external_configurable(many_shot.Benchmark, module="tfmeta.many_shot")
+gin.external_configurable(many_shot.Method, module="tfmeta.many_shot")

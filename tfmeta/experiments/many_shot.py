@@ -1,0 +1,561 @@
+"""Many-shot meta-learning across heterogeneous datasets (issue 11; the CTS paper's large-scale experiment).
+
+Meta-train an initialization on whole-dataset source tasks
+(`tfmeta.tasks.domains`), each trajectory K = 1000 inner steps long, then
+meta-test it on target datasets, two of them from a dataset none of whose
+tasks is a source, by fine-tuning the whole network with a fresh head
+(SGD with Nesterov momentum, step-decayed learning rate) and reporting the
+training-loss AUC and final test accuracy per target. Every method spends
+the same budget of inner steps (task-steps: T tasks x inner steps each):
+
+- meta-learners (`kind="meta"`): a `MetaModel` with one head per source
+  (`TaskHeads`, left out of meta-learning) and the method's learner and
+  outer optimizer; CTS, CTS without shifting, Reptile, Leap, FOMAML;
+- `kind="multitask"`: `tfmeta.multitask.MultiTaskModel`, T tasks per step
+  with the inner optimizer, as many steps as a meta-learner's task slots
+  take inner steps;
+- `kind="none"`: no pretraining (the seed's random initialization, which
+  every other method of that seed starts from).
+
+Each method x seed is evaluated at `checkpoints` evenly spaced points of its
+budget (the meta-convergence curve); a finished cell (method x seed x
+checkpoint) goes to `results.json` at once (atomically), and `resume=True`
+skips finished cells: a method x seed whose cells are all there is not
+trained again, one with some missing is meta-trained again from its seed
+(deterministic streams) and evaluated only where cells are missing.
+
+Run it with `python tools/many_shot.py` (gin/many_shot_*.gin, one per method).
+
+Example::
+
+    bench = Benchmark(inner_steps=20, budget=40, checkpoints=2, finetune_steps=20)
+    methods = [Method("reptile", learner=Reptile, meta_optimizer=lambda: SGD(1.0)),
+               Method("no pretraining", kind="none")]
+    results = run(bench, methods, seeds=[0], output_dir="runs/many_shot_tiny")
+    print(table(results))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Callable, Optional, Sequence
+
+import keras
+import numpy as np
+
+from tfmeta import atomic
+from tfmeta.finetune import finetune, random_initialization
+from tfmeta.heads import with_new_head
+from tfmeta.meta_model import MetaModel
+from tfmeta.models import convnet
+from tfmeta.multitask import MultiTaskModel
+from tfmeta.task_heads import TaskHeads
+from tfmeta.tasks.domains import load_task, task_family
+from tfmeta.validation import ConfigError
+
+__all__ = [
+    "Benchmark",
+    "HELD_OUT_DATASETS",
+    "KINDS",
+    "Method",
+    "SOURCES",
+    "TARGETS",
+    "VALIDATION_SOURCES",
+    "VALIDATION_TARGETS",
+    "cell_key",
+    "claims",
+    "convergence",
+    "plot_convergence",
+    "run",
+    "split_datasets",
+    "table",
+]
+
+#: Meta-training sources: MNIST and three transforms of it, four Omniglot
+#: background groups (387 characters of 12 alphabets).
+SOURCES = (
+    "mnist", "mnist/inverted", "mnist/rot90", "mnist/blur",
+    "omniglot/background_a", "omniglot/background_b", "omniglot/background_c",
+    "omniglot/background_d",
+)
+#: Meta-test targets: Fashion-MNIST and scikit-learn's digits are datasets
+#: none of whose tasks is a source; Omniglot's evaluation alphabets are new
+#: alphabets; mnist/contrast a new transform of a source dataset.
+TARGETS = (
+    "fashion_mnist", "fashion_mnist/rot90", "digits", "omniglot/evaluation_a", "mnist/contrast",
+)
+#: The datasets held out whole (no task of theirs among the sources).
+HELD_OUT_DATASETS = ("fashion_mnist", "digits")
+#: Hyperparameters are chosen on sources only: meta-train on these six ...
+VALIDATION_SOURCES = SOURCES[:3] + SOURCES[4:7]
+#: ... and meta-test on these two other sources (never on TARGETS).
+VALIDATION_TARGETS = ("mnist/blur", "omniglot/background_d")
+
+KINDS = ("meta", "multitask", "none")
+
+
+def split_datasets(names):
+    """The source datasets of task names: `"mnist/rot90"` -> `"mnist"`, `"omniglot/background_a"` -> `"omniglot"`.
+
+    Example::
+
+        split_datasets(["mnist/rot90", "digits"])   # {"mnist", "digits"}
+    """
+    return {name.split("/")[0] for name in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One compared method.
+
+    Attributes:
+        name: its label in results and figures.
+        kind: `"meta"` (a meta-learner), `"multitask"` (multi-task
+            pretraining) or `"none"` (no pretraining).
+        learner: for `"meta"`, a factory of the `tfmeta` learner
+            (e.g. `Reptile`, or gin's `@ContinualTrajectoryShifting`).
+        meta_optimizer: for `"meta"`, a factory of the outer optimizer.
+
+    Example::
+
+        Method("leap", learner=Leap, meta_optimizer=lambda: keras.optimizers.SGD(0.1))
+    """
+
+    name: str
+    kind: str = "meta"
+    learner: Optional[Callable] = None
+    meta_optimizer: Optional[Callable] = None
+
+    def describe(self):
+        """The learner and outer optimizer as text, for results.json."""
+        if self.kind != "meta":
+            return self.kind
+        optimizer = self.meta_optimizer().get_config()
+        return f"{self.learner()!r}, outer {type(self.meta_optimizer()).__name__}(" + ", ".join(
+            f"{k}={optimizer[k]!r}" for k in ("learning_rate", "momentum") if k in optimizer) + ")"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"Method(kind={self.kind!r}) is not a kind: choose one of {KINDS}.")
+        if self.kind == "meta" and (self.learner is None or self.meta_optimizer is None):
+            raise ConfigError(
+                f"Method({self.name!r}, kind='meta') needs a learner and a meta_optimizer "
+                "factory, e.g. learner=@Reptile, meta_optimizer=@meta/SGD in gin."
+            )
+
+
+def _default_inner_optimizer():
+    return keras.optimizers.SGD(0.01, momentum=0.9, weight_decay=5e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """The shared setting of every method (gin/many_shot.gin binds it).
+
+    Attributes:
+        sources, targets: task names (`tfmeta.tasks.domains.NAMES`).
+        filters, blocks: the convnet (`tfmeta.models.convnet`, BatchNorm).
+        inner_steps: K, the length of every inner trajectory.
+        tasks_per_batch: T, tasks per meta-batch (and per multi-task step).
+        batch_size: examples per task per inner step.
+        budget: inner steps per task slot (a multiple of K x checkpoints);
+            every method spends `T * budget` task-steps.
+        checkpoints: evaluations along the budget (evenly spaced).
+        inner_optimizer: factory of the inner optimizer (also multi-task
+            pretraining's optimizer).
+        steps_per_chunk: inner steps per task batch (it must divide every
+            learner's meta-update period; CTS with `every=1` needs 1).
+        finetune_steps, finetune_lr, finetune_decay, finetune_milestones,
+        finetune_weight_decay, finetune_batch_size: meta-test, SGD with
+            Nesterov momentum 0.9 whose rate is multiplied by `finetune_decay`
+            at each milestone (fractions of the steps).
+        finetune_examples: training images per target (a seeded subset;
+            the CTS paper's Table 1 uses 1000); None: the whole train split.
+        test_examples: test images per target (the first ones); None: all.
+
+    Example::
+
+        Benchmark(inner_steps=100, budget=600, checkpoints=3)
+    """
+
+    sources: Sequence[str] = SOURCES
+    targets: Sequence[str] = TARGETS
+    filters: int = 16
+    blocks: int = 4
+    inner_steps: int = 1000
+    tasks_per_batch: int = 4
+    batch_size: int = 32
+    budget: int = 12000
+    checkpoints: int = 3
+    inner_optimizer: Callable = _default_inner_optimizer
+    steps_per_chunk: int = 10
+    finetune_steps: int = 1000
+    finetune_lr: float = 0.1
+    finetune_decay: float = 0.2
+    finetune_milestones: Sequence[float] = (0.4, 0.7, 0.9)
+    finetune_weight_decay: float = 5e-4
+    finetune_batch_size: int = 32
+    finetune_examples: Optional[int] = 1000
+    test_examples: Optional[int] = None
+
+    def __post_init__(self):
+        if set(self.sources) & set(self.targets):
+            raise ConfigError(
+                f"Benchmark: tasks {sorted(set(self.sources) & set(self.targets))} are both "
+                "sources and targets: a target must be a task meta-training never sees."
+            )
+        if self.budget % (self.inner_steps * self.checkpoints):
+            raise ConfigError(
+                f"Benchmark(budget={self.budget}) must be a multiple of inner_steps x "
+                f"checkpoints = {self.inner_steps * self.checkpoints}, so that every "
+                "checkpoint ends on a Reptile/Leap/FOMAML meta-update."
+            )
+
+    @property
+    def task_steps(self):
+        """The budget in task-steps: T tasks x `budget` inner steps each."""
+        return self.tasks_per_batch * self.budget
+
+    def checkpoint_steps(self):
+        """Inner steps per task slot at each evaluation: budget/C, 2 budget/C, ..., budget."""
+        every = self.budget // self.checkpoints
+        return [every * (i + 1) for i in range(self.checkpoints)]
+
+    def to_dict(self):
+        """The JSON-able settings (factories by their optimizer config)."""
+        settings = dataclasses.asdict(self)
+        optimizer = self.inner_optimizer().get_config()
+        optimizer.pop("name")  # numbered per instance by Keras
+        settings["inner_optimizer"] = optimizer
+        settings["sources"], settings["targets"] = list(self.sources), list(self.targets)
+        settings["finetune_milestones"] = list(self.finetune_milestones)
+        return settings
+
+
+def cell_key(method, seed, inner_steps):
+    """The results.json key of one cell: `"<method>/seed<seed>/<inner steps>"`."""
+    return f"{method}/seed{seed}/{inner_steps}"
+
+
+# ------------------------------------------------------------- training
+def initial_model(bench, num_classes, seed):
+    """The seed's random initialization (every method of the seed starts from it)."""
+    keras.utils.set_random_seed(seed)
+    return convnet(num_classes, filters=bench.filters, blocks=bench.blocks)
+
+
+def chunks_per_checkpoint(bench, steps_per_chunk):
+    """Task batches (train steps) between two evaluations."""
+    per = bench.budget // bench.checkpoints
+    if per % steps_per_chunk:
+        raise ConfigError(
+            f"steps_per_chunk={steps_per_chunk} does not divide the {per} inner steps "
+            "between evaluations: choose a divisor."
+        )
+    return per // steps_per_chunk
+
+
+class _Snapshots(keras.callbacks.Callback):
+    """Copies `net`'s weights at every epoch end (one epoch = one checkpoint)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.weights = net, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.net.get_weights())
+
+
+def steps_per_chunk_of(bench, method):
+    """Inner steps per task batch for `method`: `bench.steps_per_chunk`, cut to divide its period."""
+    if method.kind != "meta":
+        return 1
+    period = method.learner().schedule.period(bench.inner_steps)
+    return int(np.gcd(period, bench.steps_per_chunk))
+
+
+def pretrain(bench, method, seed, checkpoints=None):
+    """Train `method` from the seed's initialization; `[(inner_steps, weights), ...]` per checkpoint.
+
+    `checkpoints` (default all) limits training to the first so many.
+    Weights are those of a `convnet` with `max(source classes)` units
+    (its head untrained: fine-tuning replaces it).
+    """
+    sources = task_family(list(bench.sources))
+    net = initial_model(bench, sources.num_classes, seed)
+    steps = bench.checkpoint_steps()[: checkpoints or bench.checkpoints]
+    if method.kind == "none":
+        return [(0, net.get_weights())]
+    snapshots = _Snapshots(net)
+    if method.kind == "multitask":
+        model = MultiTaskModel(net, sources.task_classes, seed=seed)
+        model.compile(optimizer=bench.inner_optimizer(), steps_per_execution=bench.steps_per_chunk)
+        chunk = 1
+        stream = sources.as_dataset(
+            tasks_per_batch=bench.tasks_per_batch, inner_steps=1, batch_size=bench.batch_size,
+            steps_per_chunk=1, seed=seed, with_task_ids=True,
+        )
+    else:
+        model = MetaModel(net, heads=TaskHeads(sources.num_tasks, sources.task_classes, seed=seed))
+        chunk = steps_per_chunk_of(bench, method)
+        model.compile(
+            optimizer=method.meta_optimizer(), inner_optimizer=bench.inner_optimizer(),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            learner=method.learner(), inner_steps=bench.inner_steps,
+            steps_per_execution=max(1, bench.steps_per_chunk // chunk),
+        )
+        stream = sources.as_dataset(
+            tasks_per_batch=bench.tasks_per_batch, inner_steps=bench.inner_steps,
+            batch_size=bench.batch_size, steps_per_chunk=chunk, seed=seed, with_task_ids=True,
+        )
+    # One epoch per checkpoint: Keras keeps the stream's iterator across epochs.
+    model.fit(stream, steps_per_epoch=chunks_per_checkpoint(bench, chunk), epochs=len(steps),
+              callbacks=[snapshots], verbose=0)
+    return list(zip(steps, snapshots.weights))
+
+
+# ------------------------------------------------------------ meta-test
+def _target_data(bench, name, seed):
+    task = load_task(name)
+    (x, y), (xt, yt) = task.train, task.test
+    if bench.finetune_examples is not None:
+        keep = np.random.default_rng([seed, 1]).permutation(len(x))[: bench.finetune_examples]
+        x, y = x[keep], y[keep]
+    if bench.test_examples is not None:
+        xt, yt = xt[: bench.test_examples], yt[: bench.test_examples]
+    scale = lambda images: images.astype("float32") / 255.0  # noqa: E731
+    return task.num_classes, (scale(x), y), (scale(xt), yt)
+
+
+def finetune_optimizer(bench):
+    """SGD, Nesterov momentum 0.9, lr step-decayed at the milestones (the CTS paper's meta-test)."""
+    bounds = [int(m * bench.finetune_steps) for m in bench.finetune_milestones]
+    rates = [bench.finetune_lr * bench.finetune_decay**i for i in range(len(bounds) + 1)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, rates)
+    return keras.optimizers.SGD(
+        schedule, momentum=0.9, nesterov=True, weight_decay=bench.finetune_weight_decay
+    )
+
+
+def meta_test(bench, weights, seed, targets=None):
+    """Fine-tune the body of `weights` with a fresh head on every target; `{target: metrics}`."""
+    sources = task_family(list(bench.sources))
+    init = initial_model(bench, sources.num_classes, seed)
+    init.set_weights(weights)
+    scores = {}
+    for index, name in enumerate(targets or bench.targets):
+        classes, train, test = _target_data(bench, name, seed)
+        body = random_initialization(init, seed=seed)
+        body.set_weights(init.get_weights())
+        keras.utils.set_random_seed(1000 * seed + index)  # the fresh head's draw
+        model = with_new_head(body, classes)
+        result = finetune(model, train, test, steps=bench.finetune_steps,
+                          optimizer=finetune_optimizer(bench),
+                          batch_size=bench.finetune_batch_size, seed=seed)
+        scores[name] = {
+            "loss_auc": result.loss_auc,
+            "error_auc": result.error_auc,
+            "test_accuracy": 1.0 - result.test_error,
+            "test_loss": result.test_loss,
+            "final_train_loss": float(np.mean(result.losses[-10:])),
+        }
+    return scores
+
+
+# ------------------------------------------------------------- the run
+def _load(path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=False, log=print):
+    """Every cell of `methods` x `seeds` x checkpoints; returns the results dict (also in results.json).
+
+    Cells are run seed by seed (so a partial run has whole seeds), each
+    written to `output_dir/results.json` as soon as it is done. `resume`
+    keeps the cells already there (the settings must be the same).
+    """
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    settings = bench.to_dict()
+    previous = _load(path) if resume else None
+    if previous is not None and previous["settings"] != json.loads(json.dumps(settings)):
+        raise ConfigError(
+            f"{path} was written with other settings: resume with the same gin files and "
+            "bindings, or choose another --output_dir."
+        )
+    results = previous or {"settings": settings, "cells": {}}
+    cells = results["cells"]
+    for seed in seeds:
+        for method in methods:
+            wanted = [0] if method.kind == "none" else bench.checkpoint_steps()
+            missing = [s for s in wanted if cell_key(method.name, seed, s) not in cells]
+            if not missing:
+                continue
+            began = time.perf_counter()
+            trained = pretrain(bench, method, seed, checkpoints=wanted.index(missing[-1]) + 1)
+            seconds = time.perf_counter() - began
+            for steps, weights in trained:
+                key = cell_key(method.name, seed, steps)
+                if key in cells:
+                    continue
+                began = time.perf_counter()
+                scores = meta_test(bench, weights, seed)
+                cells[key] = {
+                    "method": method.name, "kind": method.kind, "config": method.describe(), "seed": seed,
+                    "inner_steps": steps, "task_steps": steps * bench.tasks_per_batch,
+                    "pretrain_seconds": seconds, "finetune_seconds": time.perf_counter() - began,
+                    "targets": scores,
+                }
+                atomic.write_text(path, json.dumps(results, indent=1))
+                mean = np.mean([s["test_accuracy"] for s in scores.values()])
+                log(f"{key}: mean test accuracy {mean:.4f}")
+    return results
+
+
+# ------------------------------------------------------------- reports
+def _final_cells(results):
+    """`{method: [cell, ...]}` of each method's last checkpoint (one cell per seed)."""
+    cells = list(results["cells"].values())
+    last = {}
+    for cell in cells:
+        top = last.get((cell["method"], cell["seed"]))
+        if top is None or cell["inner_steps"] > top["inner_steps"]:
+            last[(cell["method"], cell["seed"])] = cell
+    final = {}
+    for (method, _), cell in sorted(last.items(), key=lambda item: item[0][1]):
+        final.setdefault(method, []).append(cell)
+    return final
+
+
+def _mean_std(values):
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.4f} ± {values.std():.4f}"
+
+
+def table(results, metric="test_accuracy", methods=None):
+    """Markdown table of each method's final `metric` per target, mean ± std over seeds.
+
+    The last column says how many seeds the row has and at what budget.
+    """
+    final = _final_cells(results)
+    targets = list(results["settings"]["targets"])
+    order = [m for m in (methods or final) if m in final]
+    head = "| method | " + " | ".join(targets) + " | mean | seeds (inner steps) |"
+    lines = [head, "|---" * (len(targets) + 3) + "|"]
+    for method in order:
+        cells = final[method]
+        row = [_mean_std([c["targets"][t][metric] for c in cells]) for t in targets]
+        row.append(_mean_std([np.mean([c["targets"][t][metric] for t in targets]) for c in cells]))
+        budgets = sorted({c["task_steps"] for c in cells})
+        row.append(f"{len(cells)} ({', '.join(map(str, budgets))})")
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def convergence(results, metric="test_accuracy"):
+    """`{method: (task_steps, mean over targets and seeds, std over seeds, seeds)}` along the budget.
+
+    Methods without pretraining sit at 0 task-steps; every other method's
+    curve starts there too (all of a seed's methods start from its init).
+    """
+    curves = {}
+    for cell in results["cells"].values():
+        value = np.mean([s[metric] for s in cell["targets"].values()])
+        curves.setdefault(cell["method"], {}).setdefault(cell["task_steps"], []).append(value)
+    return {
+        method: [(steps, float(np.mean(v)), float(np.std(v)), len(v)) for steps, v in sorted(points.items())]
+        for method, points in curves.items()
+    }
+
+
+def plot_convergence(results, path, metric="test_accuracy", title=None):
+    """The meta-convergence figure: meta-test `metric` (mean over targets) vs task-steps spent."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = convergence(results, metric)
+    start = curves.pop("no pretraining", None)
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for method, points in curves.items():
+        if start:
+            points = start + points
+        steps, means, stds, _ = map(np.array, zip(*points))
+        axes.errorbar(steps, means, yerr=stds, marker="o", capsize=3, label=method)
+    if start:
+        axes.axhline(start[0][1], color="grey", linestyle=":", label="no pretraining")
+    axes.set_xlabel("inner steps spent in meta-training (task-steps)")
+    axes.set_ylabel(f"meta-test {metric.replace('_', ' ')} (mean of targets)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    if title:
+        axes.set_title(title, fontsize=9)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.open_atomic(path) as handle:
+        figure.savefig(handle, format="png", dpi=110)
+    return path
+
+
+def claims(results, best=None):
+    """The issue's four claims checked on the final cells; `{claim: (holds, evidence)}`.
+
+    Needs the methods named "cts", "cts without shifting", "reptile", "leap",
+    "multi-task" and "no pretraining"; claims whose methods are missing are left out.
+    """
+    final = _final_cells(results)
+    targets = list(results["settings"]["targets"])
+    held_out = [t for t in targets if t.split("/")[0] in HELD_OUT_DATASETS]
+
+    def mean(method, target, metric):
+        return float(np.mean([c["targets"][target][metric] for c in final[method]]))
+
+    def overall(method):
+        return float(np.mean([mean(method, t, "test_accuracy") for t in targets]))
+
+    out = {}
+    meta = [m for m in final if m != "no pretraining"]
+    if "no pretraining" in final and meta:
+        best = best or max(meta, key=overall)
+        wins = {
+            t: (mean(best, t, "loss_auc") < mean("no pretraining", t, "loss_auc"),
+                mean(best, t, "test_accuracy") > mean("no pretraining", t, "test_accuracy"))
+            for t in targets
+        }
+        out[f"best ({best}) beats no pretraining on every target, AUC and accuracy"] = (
+            all(a and b for a, b in wins.values()),
+            {t: {"lower AUC": a, "higher accuracy": b} for t, (a, b) in wins.items()},
+        )
+    if "cts" in final and "reptile" in final:
+        reptile_final = overall("reptile")
+        third = results["settings"]["budget"] * results["settings"]["tasks_per_batch"] / 3
+        early = [(s, m) for s, m, _, _ in convergence(results)["cts"] if s <= third]
+        steps, value = max(early) if early else (None, None)
+        out["CTS reaches Reptile's final accuracy with <= 1/3 of the steps"] = (
+            value is not None and value >= reptile_final,
+            {"reptile final": reptile_final, f"cts at {steps} task-steps": value},
+        )
+        out["CTS ends at least as good as Reptile"] = (
+            overall("cts") >= reptile_final, {"cts": overall("cts"), "reptile": reptile_final},
+        )
+    if "cts" in final and "cts without shifting" in final:
+        out["CTS without shifting is worse than CTS"] = (
+            overall("cts without shifting") < overall("cts"),
+            {"cts": overall("cts"), "no shifting": overall("cts without shifting")},
+        )
+    if "multi-task" in final:
+        for method in ("leap", "cts"):
+            if method in final:
+                rows = {t: (mean(method, t, "test_accuracy"), mean("multi-task", t, "test_accuracy"),
+                            mean(method, t, "loss_auc"), mean("multi-task", t, "loss_auc"))
+                        for t in held_out}
+                out[f"{method} beats multi-task on the held-out datasets' targets"] = (
+                    all(a > b and c < d for a, b, c, d in rows.values()),
+                    {t: {"accuracy": (a, b), "loss AUC": (c, d)} for t, (a, b, c, d) in rows.items()},
+                )
+    return out

@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Many-shot meta-learning across heterogeneous datasets (issue 11), resumable.
+
+    python tools/many_shot.py [--methods cts reptile ...] [--seeds 0 1 2]
+                              [--output_dir runs/many_shot] [--resume] [--overwrite]
+                              [--smoke] [--validation] [--gin_param "..."]
+                              [--figure docs/figures/many_shot_convergence.png]
+
+Each method is one gin file, gin/many_shot_<method>.gin (all include
+gin/many_shot.gin). Cells (method x seed x meta-checkpoint) run seed by seed
+and each goes to <output_dir>/results.json as soon as it is finished;
+`--resume` skips finished cells. At the end (and with `--report` alone) it
+writes summary.md (tables, claims) and the meta-convergence PNG.
+
+`--validation` runs on the source-only validation split (meta-train on six
+sources, meta-test on the two others: no target is touched) at a third of
+the budget, for choosing hyperparameters. `--smoke` is a tiny run of every
+method on real data (about a minute per method on 2 cores).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+#: gin/many_shot_<name>.gin, in the order they run (and appear in tables).
+METHODS = ("scratch", "cts", "reptile", "cts_no_shift", "leap", "fomaml", "multitask")
+
+SMOKE = [
+    "Benchmark.sources = ('mnist', 'mnist/rot90', 'omniglot/background_a', 'omniglot/background_b')",
+    "Benchmark.targets = ('fashion_mnist', 'digits')",
+    "Benchmark.filters = 8",
+    "Benchmark.inner_steps = 20",
+    "Benchmark.tasks_per_batch = 2",
+    "Benchmark.batch_size = 16",
+    "Benchmark.budget = 40",
+    "Benchmark.checkpoints = 2",
+    "Benchmark.finetune_steps = 40",
+    "Benchmark.finetune_examples = 300",
+    "Benchmark.test_examples = 500",
+]
+
+
+def validation_bindings():
+    from tfmeta.experiments.many_shot import VALIDATION_SOURCES, VALIDATION_TARGETS
+
+    return [
+        f"Benchmark.sources = {tuple(VALIDATION_SOURCES)!r}",
+        f"Benchmark.targets = {tuple(VALIDATION_TARGETS)!r}",
+        "Benchmark.budget = 4000",
+        "Benchmark.checkpoints = 1",
+    ]
+
+
+def configured(name, bindings):
+    """`(Benchmark, Method)` of gin/many_shot_<name>.gin with `bindings`."""
+    import gin
+
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([str(REPO / "gin" / f"many_shot_{name}.gin")], bindings)
+    bench = gin.get_configurable("tfmeta.many_shot.Benchmark")()
+    return bench, gin.get_configurable("tfmeta.many_shot.Method")()
+
+
+def report(results, out, figure=None, log=print):
+    from tfmeta import atomic
+    from tfmeta.experiments import many_shot
+
+    lines = ["## Final test accuracy per target (mean ± std over seeds)", "",
+             many_shot.table(results, "test_accuracy"), "",
+             "## Training-loss AUC per target (lower is better)", "",
+             many_shot.table(results, "loss_auc"), "",
+             "## Meta-convergence: mean test accuracy over targets vs task-steps", "",
+             "| method | task-steps: mean ± std (seeds) |", "|---|---|"]
+    for method, points in many_shot.convergence(results).items():
+        lines.append(f"| {method} | " + ", ".join(
+            f"{s}: {m:.4f} ± {d:.4f} ({n})" for s, m, d, n in points) + " |")
+    lines += ["", "## Claims", ""]
+    for claim, (holds, evidence) in many_shot.claims(results).items():
+        lines.append(f"- **{'holds' if holds else 'does not hold'}**: {claim}: `{json.dumps(evidence)}`")
+    text = "\n".join(lines) + "\n"
+    atomic.write_text(out / "summary.md", text)
+    for path in {out / "convergence.png", *( [pathlib.Path(figure)] if figure else [])}:
+        many_shot.plot_convergence(results, path, title=f"{out.name}: {len(results['cells'])} cells")
+    log(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output_dir", default=None,
+                        help="default runs/many_shot (runs/many_shot_smoke, runs/many_shot_validation)")
+    parser.add_argument("--resume", action="store_true", help="keep the finished cells of results.json")
+    parser.add_argument("--overwrite", action="store_true", help="start over, replacing results.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one seed (CI scale)")
+    parser.add_argument("--validation", action="store_true",
+                        help="the source-only validation split at 1/3 of the budget")
+    parser.add_argument("--gin_param", action="append", default=[],
+                        help='extra bindings, e.g. "meta/SGD.learning_rate = 0.01"')
+    parser.add_argument("--figure", default=None, help="also write the convergence PNG here")
+    parser.add_argument("--report", action="store_true", help="only write summary.md and the PNG")
+    args = parser.parse_args(argv)
+
+    import gin
+
+    import tfmeta.configurables  # noqa: F401  (registers Benchmark and Method)
+    from tfmeta.experiments import many_shot
+
+    gin.add_config_file_search_path(str(REPO / "gin"))  # for the `include` lines
+    bindings = (SMOKE if args.smoke else []) + (validation_bindings() if args.validation else [])
+    bindings += args.gin_param
+    seeds = args.seeds[:1] if args.smoke else args.seeds
+    suffix = "_smoke" if args.smoke else "_validation" if args.validation else ""
+    out = pathlib.Path(args.output_dir or f"runs/many_shot{suffix}")
+    results_path = out / "results.json"
+    if args.report:
+        report(json.loads(results_path.read_text()), out, args.figure)
+        return 0
+    if results_path.exists() and not (args.resume or args.overwrite):
+        print(f"error: {results_path} exists: pass --resume to continue it or --overwrite to "
+              "start over.", file=sys.stderr)
+        return 2
+    if args.overwrite and results_path.exists():
+        results_path.unlink()
+    began = time.perf_counter()
+    results = None
+    for seed in seeds:
+        for name in args.methods:
+            bench, method = configured(name, bindings)
+            # After the first cell the file holds this run's own cells: always resume.
+            results = many_shot.run(bench, [method], [seed], out, resume=True)
+    print(f"\nDone in {time.perf_counter() - began:.0f} s; {len(results['cells'])} cells in {results_path}")
+    report(results, out, args.figure)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
