@@ -58,7 +58,11 @@ import tensorflow as tf
 from tfmeta.complexity import _data
 from tfmeta.complexity.training import TrainingRecipe, copy_model, replace_head
 
-__all__ = ["DEFAULT_CONSTANTS", "PredictorConstants", "StepsPrediction", "combine_probes",
+#: Bumped whenever what a probe measures changes, so that stored probes
+#: (``StepsPrediction.probes``) of another version are not mixed with new ones.
+PROBE_VERSION = 2
+
+__all__ = ["DEFAULT_CONSTANTS", "PROBE_VERSION", "PredictorConstants", "StepsPrediction", "combine_probes",
            "predict_steps", "repredict", "steps_from_probe"]
 
 
@@ -69,9 +73,12 @@ class PredictorConstants:
     Attributes:
       alpha: exponent of the descent law ``U(t) ∝ (1 + c t)^(-alpha)``
         (``|grad U|^2 ∝ U^(1 + 1/alpha)``); 1 is the cross-entropy tail.
-      kappa: ``D = kappa lr / (2 B)``: the diffusion constant in units of the
-        SGD noise scale (``kappa = 1`` when the gradient noise covariance is
-        the Fisher); 0 drops the ``D log|H|`` term.
+      kappa: ``D = |kappa| lr / (2 B)``: the diffusion constant in units of
+        the SGD noise scale (``|kappa| = 1`` when the gradient noise
+        covariance is the Fisher); its sign is that of the curvature term,
+        ``U_eff = U + sign(kappa) D log|H|`` (the paper writes both
+        ``U + D log|H|``, eq. 14 and section 6, and ``U - D log|H|_+``,
+        section 5.2); 0 drops the term.
     """
 
     alpha: float = 1.0
@@ -80,8 +87,8 @@ class PredictorConstants:
     def __post_init__(self):
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not self.kappa >= 0:
-            raise ValueError(f"kappa must be >= 0, got {self.kappa!r}")
+        if not math.isfinite(self.kappa):
+            raise ValueError(f"kappa must be finite, got {self.kappa!r}")
 
 
 #: Fitted once on the calibration set of docs/complexity.md ("Predicting
@@ -104,7 +111,7 @@ class StepsPrediction:
         repeats for the end).
       log_det_start, log_det_end: ``sum_i log(1 + F_ii/gamma)`` in the first
         and the second half of the probe (mean over repeats).
-      diffusion: ``D = kappa lr / (2 B)``.
+      diffusion: ``kappa lr / (2 B)`` (``D`` with the curvature term's sign).
       effective_start, effective_end: ``U_eff`` at the start and the end.
       speed: ``v``, the slope of ``U_eff^(-1/alpha)`` per step (mean).
       probe_steps, repeats: the probe's length and how many repeats ran.
@@ -146,6 +153,7 @@ class StepsPrediction:
     def as_dict(self):
         d = dataclasses.asdict(self)
         d["constants"] = dataclasses.asdict(self.constants)
+        d["probe_version"] = PROBE_VERSION
         return d
 
 
@@ -201,13 +209,30 @@ def _architecture_key(model, optimizer, from_logits, shapes):
             bool(from_logits), shapes)
 
 
+def _has_batchnorm(model):
+    """Whether ``model`` (or a model nested in it) has a BatchNormalization layer."""
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return True
+        stack.extend(getattr(layer, "layers", []))
+    return False
+
+
 class _Prober:
     """A scratch copy of one architecture with its optimizer and the traced
     probe, reused for every start point of that architecture: the weights
     are loaded into the copy and the optimizer's state is reset before each
     probe, so the tracing is paid once, not once per candidate.
 
-    ``evaluate(x, y)`` -> per-example losses (inference mode).
+    ``evaluate(x, y)`` -> per-example losses: in inference mode, or, for a
+    model with BatchNormalization, with batch statistics (the whole
+    evaluation set is one batch): after a few steps the moving statistics
+    still hold mostly their initial values, so the inference-mode loss of
+    a probe would describe the stale statistics, not the weights. (It then
+    updates the moving statistics of the scratch copy, which the next
+    :meth:`load` overwrites.)
     ``probe(xs, ys, seed)`` runs ``len(xs)`` SGD steps (training mode, the
     recipe's optimizer) on the copy and returns the Fisher log-determinants
     ``sum_i log(1 + F_ii / gamma)`` of the first ``half`` steps and of the
@@ -229,9 +254,11 @@ class _Prober:
             logp = _data.log_probs(out, from_logits)
             return logp, -tf.gather(logp, y, axis=-1, batch_dims=1)
 
+        batch_stats = _has_batchnorm(net)
+
         @tf.function(reduce_retracing=True)
         def evaluate(x, y):
-            return nll(net(x, training=False), y)[1]
+            return nll(net(x, training=batch_stats), y)[1]
 
         @tf.function(reduce_retracing=True)
         def probe(xs, ys, seed):
@@ -385,6 +412,7 @@ def predict_steps(
     prober.load(weights)
     halves = np.arange(len(eval_index)) % 2 == 0
     start_losses = prober.evaluate(eval_x, eval_y).numpy().astype(np.float64)
+    prober.load(weights)  # evaluate may have moved BatchNorm statistics
     start = (float(start_losses[halves].mean()), float(start_losses[~halves].mean()),
              float(start_losses.mean()))
     lr = float(keras.ops.convert_to_numpy(prober.optimizer.learning_rate))

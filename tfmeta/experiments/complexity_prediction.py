@@ -42,6 +42,7 @@ from tfmeta.complexity import TrainingRecipe, rankdata, replace_head, spearman, 
 from tfmeta.complexity.distance import shuffled
 from tfmeta.complexity.prediction import (
     DEFAULT_CONSTANTS,
+    PROBE_VERSION,
     PredictorConstants,
     combine_probes,
     predict_steps,
@@ -60,7 +61,7 @@ __all__ = ["ALPHAS", "KAPPAS", "fit_constants", "prediction_experiment", "predic
 
 #: The grid :func:`fit_constants` searches.
 ALPHAS = tuple(float(a) for a in np.round(np.arange(0.5, 4.01, 0.25), 2))
-KAPPAS = (0.0, *[float(k) for k in np.geomspace(1e-6, 1e-1, 11)])
+KAPPAS = (0.0, *[float(sign * k) for k in np.geomspace(1e-6, 1e-1, 11) for sign in (1, -1)])
 
 
 def _predicted(cell, constants):
@@ -69,11 +70,12 @@ def _predicted(cell, constants):
                           p["noise_scale"], constants)["steps"]
 
 
-def fit_constants(cells, alphas=ALPHAS, kappas=KAPPAS):
+def fit_constants(cells, alphas=ALPHAS, kappas=KAPPAS, cap=1e5):
     """The :class:`PredictorConstants` minimizing the mean squared
     ``log(predicted / measured)`` over ``cells`` (each with ``"prediction"``,
     a :meth:`StepsPrediction.as_dict`, and measured ``"steps"``), by grid
-    search; non-converged runs and infinite predictions are left out.
+    search; non-converged runs are left out, and predictions are capped at
+    ``cap`` (an infinite one, "never", counts as ``cap``).
 
     Example::
 
@@ -86,14 +88,10 @@ def fit_constants(cells, alphas=ALPHAS, kappas=KAPPAS):
     best = None
     for alpha, kappa in itertools.product(alphas, kappas):
         constants = PredictorConstants(alpha=alpha, kappa=kappa)
-        pred = np.array([_predicted(c, constants) for c in usable], np.float64)
-        if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
-            continue
+        pred = np.clip([_predicted(c, constants) for c in usable], 1.0, cap)
         error = float(np.mean((np.log(pred) - measured) ** 2))
         if best is None or error < best[1]:
             best = (constants, error)
-    if best is None:
-        raise ValueError("every constant of the grid gives a non-finite prediction")
     return best
 
 
@@ -247,26 +245,42 @@ def prediction_experiment(
             baseline.set_weights(fresh.get_weights())
             candidates[f"{name}:random"] = baseline
         names = list(candidates)
-        for name, fs in itertools.product(names, seeds):
-            key = f"{target}|{name}|{fs}"
-            cell = store.get(key)
-            if cell is None:
-                run_recipe = dataclasses.replace(finetune_recipe, seed=fs)
-                start = replace_head(candidates[name], k, seed=fs)
-                prediction = predict_steps(start, arrays, run_recipe, probe_steps=probe_steps,
-                                           repeats=repeats, max_cost_fraction=max_cost_fraction,
-                                           constants=DEFAULT_CONSTANTS)
-                t0 = time.perf_counter()
-                run = train(arrays, run_recipe, init=start)
-                cell = store.put(key, dict(
-                    target=target, candidate=name, seed=fs, steps=int(run.steps),
-                    converged=bool(run.converged), finetune_seconds=time.perf_counter() - t0,
-                    predict_seconds=prediction.seconds, prediction=prediction.as_dict()))
-                say(log, f"{target} | {name} | seed {fs}: {cell['steps']} steps "
-                          f"({cell['finetune_seconds']:.2f} s), predicted "
-                          f"{prediction.steps:.0f} ({prediction.low:.0f}-{prediction.high:.0f}, "
-                          f"{prediction.seconds:.3f} s, {prediction.repeats} probes)")
-            cells[target].append(cell)
+        keys = {(name, fs): f"{target}|{name}|{fs}" for name, fs in itertools.product(names, seeds)}
+        # All predictions first, then all fine-tunings: as a user would
+        # (predict, then fine-tune the best), and because every fresh head
+        # and every fine-tuning reseeds TensorFlow (keras.utils.set_random_seed),
+        # which clears its kernel cache and would charge the rebuild to
+        # whichever call comes next.
+        # A stored cell whose probe is of another PROBE_VERSION is predicted
+        # again; its measured fine-tuning is kept.
+        stale = {nf for nf, key in keys.items() if store.get(key) is None or store.get(key)
+                 ["prediction"].get("probe_version") != PROBE_VERSION}
+        todo = {nf for nf, key in keys.items() if not (store.get(key) or {}).get("done")}
+        starts = {(name, fs): replace_head(candidates[name], k, seed=fs)
+                  for (name, fs) in keys if (name, fs) in stale | todo}
+        for (name, fs) in [nf for nf in keys if nf in stale]:
+            prediction = predict_steps(
+                starts[name, fs], arrays, dataclasses.replace(finetune_recipe, seed=fs),
+                probe_steps=probe_steps, repeats=repeats,
+                max_cost_fraction=max_cost_fraction, constants=DEFAULT_CONSTANTS)
+            cell = dict(store.get(keys[name, fs]) or dict(target=target, candidate=name,
+                                                          seed=fs, done=False))
+            cell.update(predict_seconds=prediction.seconds, prediction=prediction.as_dict())
+            store.put(keys[name, fs], cell)
+        for (name, fs) in [nf for nf in keys if nf in todo]:
+            start = starts[name, fs]
+            cell = dict(store.get(keys[name, fs]))
+            t0 = time.perf_counter()
+            run = train(arrays, dataclasses.replace(finetune_recipe, seed=fs), init=start)
+            cell.update(steps=int(run.steps), converged=bool(run.converged),
+                        finetune_seconds=time.perf_counter() - t0, done=True)
+            store.put(keys[name, fs], cell)
+            p = cell["prediction"]
+            say(log, f"{target} | {name} | seed {fs}: {cell['steps']} steps "
+                      f"({cell['finetune_seconds']:.2f} s), predicted {p['steps']:.0f} "
+                      f"({p['low']:.0f}-{p['high']:.0f}, {p['seconds']:.3f} s, "
+                      f"{p['repeats']} probes)")
+        cells[target] = [store.get(key) for key in keys.values()]
     calibration = [c for t in calibration_targets for c in cells[t]]
     constants, error = fit_constants(calibration)
     say(log, f"fitted on {list(calibration_targets)}: alpha = {constants.alpha}, "

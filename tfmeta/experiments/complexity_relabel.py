@@ -31,7 +31,13 @@ from tfmeta.complexity import (
 )
 from tfmeta.complexity.measure import resolve_beta
 from tfmeta.experiments.complexity_figures import plot_relabel
-from tfmeta.experiments.complexity_run import describe_recipe, print_line, say, write_outputs
+from tfmeta.experiments.complexity_run import (
+    CellStore,
+    describe_recipe,
+    print_line,
+    say,
+    write_outputs,
+)
 from tfmeta.experiments.complexity_tasks import default_recipe, mlp_classifier, relabel, task_arrays
 
 __all__ = ["relabel_experiment", "relabel_markdown"]
@@ -67,6 +73,7 @@ def relabel_experiment(
     sensitivity_weight_decays: Sequence[float] = (1e-4, 5e-4, 2e-3),
     plot: bool = True,
     data_dir=None,
+    resume: bool = False,
     log: Optional[Callable[[str], None]] = print_line,
 ) -> dict:
     """Complexity and time to converge vs. the fraction of random labels.
@@ -92,7 +99,14 @@ def relabel_experiment(
     The default recipe is SGD lr 0.1 with decoupled weight decay
     ``2 * weight_decay`` (the gradient of ``gamma ||w||^2``, so training
     minimizes the potential whose ``beta`` is used), batch 32, threshold
-    0.1, budget 20000 steps, checks every 10 steps.
+    0.1, budget 20000 steps, checks every 10 steps and, once the loss is
+    within 2x of the threshold, every step (``fine_check_factor=2``): each
+    run stops, and ``C_beta`` is measured, at the first step whose loss is
+    under the threshold.
+
+    Finished runs are checkpointed in ``output_dir/results.json`` (with the
+    sensitivity grid's totals, not the Fisher diagonals); ``resume=True``
+    continues an interrupted run from them.
 
     Example::
 
@@ -100,13 +114,21 @@ def relabel_experiment(
         out["spearman"]["complexity_vs_steps"], out["levels"]
     """
     began = time.perf_counter()
-    recipe = recipe or default_recipe(weight_decay)
+    recipe = recipe or default_recipe(weight_decay, fine_check_factor=2.0)
     beta, lam = resolve_beta(None, lam, weight_decay)
     x, y_true = task_arrays(dataset, examples, seed=0, data_dir=data_dir)
     num_classes = int(y_true.max()) + 1
-    runs, cache = [], []
+    grid = [(float(lm), float(g)) for lm in sensitivity_lams for g in sensitivity_weight_decays]
+    store = CellStore(output_dir, "relabel", resume)
+    if store.resumed:
+        say(log, f"resuming: {store.resumed} runs already done")
+    runs = []
     for seed in seeds:
         for fraction in fractions:
+            key = f"f{float(fraction):g}_s{int(seed)}"
+            if store.get(key) is not None:
+                runs.append(store.get(key))
+                continue
             t0 = time.perf_counter()
             y = relabel(y_true, fraction, num_classes, seed=seed)
             run_recipe = dataclasses.replace(recipe, seed=int(seed))
@@ -116,18 +138,26 @@ def relabel_experiment(
             c = complexity(result.model, (x, y), beta, lam, fisher_samples=fisher_samples,
                            batch_size=fisher_batch_size, seed=int(seed))
             t2 = time.perf_counter()
+            fisher = c.fisher.flat()
+            # rho for other (lam, gamma) and the dataset-total convention need
+            # only these totals, so the Fisher diagonal is not kept
+            totals = {f"{lm:g}_{g:g}": complexity_terms(c.loss, c.weight_sq_norm, fisher,
+                                                        2.0 * lm**2 * g, lm)[3]
+                      for lm, g in grid}
+            sum_total = complexity_terms(c.loss * len(x), c.weight_sq_norm, fisher * len(x),
+                                         beta, lam)[3]
             row = dict(
                 fraction=float(fraction), seed=int(seed),
                 steps=int(result.steps), converged=bool(result.converged),
-                final_loss=float(result.final_loss),
+                resolution=int(result.resolution), final_loss=float(result.final_loss),
                 complexity=c.total, loss=c.loss, weight_term=c.weight_term,
                 curvature_term=c.curvature_term, fisher_trace=c.fisher.trace,
                 weight_sq_norm=c.weight_sq_norm, num_params=c.num_params,
                 random_labels=int(np.sum(y != y_true)),
                 train_seconds=t1 - t0, complexity_seconds=t2 - t1,
+                sensitivity_totals=totals, sum_total=sum_total,
             )
-            runs.append(row)
-            cache.append((c.loss, c.weight_sq_norm, c.fisher.flat(), len(x)))
+            runs.append(store.put(key, row))
             say(log, f"f={fraction:.2f} seed={seed}: {row['steps']} steps "
                       f"(converged {row['converged']}), C={c.total:.4f} "
                       f"[L {c.loss:.3f} + W {c.weight_term:.4f} + K {c.curvature_term:.4f}] "
@@ -150,17 +180,8 @@ def relabel_experiment(
     slope, intercept = np.polyfit(comp, np.log(steps), 1)
     r = np.corrcoef(comp, np.log(steps))[0, 1]
 
-    def rho_for(lam_, gamma_, reduction="mean"):
-        beta_ = 2.0 * lam_**2 * gamma_
-        totals = []
-        for loss, sq, fisher, n in cache:
-            if reduction == "sum":
-                loss, fisher = loss * n, fisher * n
-            totals.append(complexity_terms(loss, sq, fisher, beta_, lam_)[3])
-        return spearman(totals, steps)
-
-    sensitivity = [dict(lam=float(lm), weight_decay=float(g), rho=rho_for(lm, g))
-                   for lm in sensitivity_lams for g in sensitivity_weight_decays]
+    sensitivity = [dict(lam=lm, weight_decay=g, rho=spearman(
+        [r["sensitivity_totals"][f"{lm:g}_{g:g}"] for r in runs], steps)) for lm, g in grid]
     out = dict(
         experiment="relabel",
         settings=dict(
@@ -176,13 +197,14 @@ def relabel_experiment(
             level_means=spearman(mean_c, mean_s),
             fraction_vs_steps=spearman(frac, steps),
             fraction_vs_complexity=spearman(frac, comp),
-            sum_reduction=rho_for(lam, weight_decay, "sum"),
+            sum_reduction=spearman([r["sum_total"] for r in runs], steps),
             within_fraction=_within_groups(frac, comp, steps),
         ),
         kramers_fit=dict(slope=float(slope), intercept=float(intercept),
                          r2=float(r * r), inverse_slope_D=float(1.0 / slope) if slope else None),
         sensitivity=sensitivity,
         all_converged=all(rr["converged"] for rr in runs),
+        cells=store.cells,
         seconds=time.perf_counter() - began,
     )
     return write_outputs(out, output_dir, plot and (lambda path: plot_relabel(out, path)),
