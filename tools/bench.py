@@ -77,20 +77,26 @@ def _median_rate(run, steps, repeats):
     return statistics.median(rates)
 
 
-def _medians(runs, steps, repeats):
+def _medians(runs, steps, repeats, rounds=None):
     """Median steps/s of every run over interleaved repeats (`steps[name]` per call).
 
-    Interleaving lets load changes hit every candidate alike.
+    Interleaving lets load changes hit every candidate alike. `rounds`, if a
+    dict, receives every run's steps/s per round (for ranges and per-round ratios).
     """
     rates = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             rates[name].append(_median_rate(run, steps[name], 1))
+    if rounds is not None:
+        rounds.update(rates)
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def bench_fit(steps, filters, jit_compile="auto", blocks=4):
-    """Plain Keras: `model.fit` with one step per call of the train function."""
+def bench_fit(steps, filters, jit_compile="auto", blocks=4, data=None):
+    """Plain Keras: `model.fit` with one step per call of the train function.
+
+    `data`: the examples `(x, y)`, read in order, BATCH per step (default: 64 random batches).
+    """
     import keras
     import tensorflow as tf
 
@@ -99,41 +105,54 @@ def bench_fit(steps, filters, jit_compile="auto", blocks=4):
 
     model = convnet(CLASSES, filters=filters, blocks=blocks)
     model.compile(keras.optimizers.SGD(0.1), _loss(), jit_compile=jit_compile)
-    x, y = _data(BATCH * 64)
+    x, y = _data(BATCH * 64) if data is None else data
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH, drop_remainder=True).repeat()
     # As tfmeta's own fit does: no autotuning, so no stall at the end of each call.
     ds = without_autotuning(ds)
+    began = time.perf_counter()
     model.fit(ds, steps_per_epoch=20, verbose=0, shuffle=False)  # trace and warm up
-    return lambda: model.fit(ds, steps_per_epoch=steps, verbose=0, shuffle=False)
+    run = lambda: model.fit(ds, steps_per_epoch=steps, verbose=0, shuffle=False)  # noqa: E731
+    run.build_seconds = time.perf_counter() - began
+    return run
 
 
-def bench_fused(steps, filters):
-    """A hand-written tf.function that runs `steps` plain training steps in one call."""
+def bench_fused(steps, filters, blocks=4, data=None, jit_compile=False, model_fn=None):
+    """A hand-written tf.function that runs `steps` plain training steps in one call.
+
+    One `tf.while_loop` over the batches of `data` (as in `bench_fit`), XLA
+    with `jit_compile=True`; `model_fn(classes, filters=, blocks=)` builds the
+    network (default `tfmeta.models.convnet`).
+    """
     import keras
     import tensorflow as tf
 
     from tfmeta.models import convnet
 
-    model = convnet(CLASSES, filters=filters)
+    model = (model_fn or convnet)(CLASSES, filters=filters, blocks=blocks)
     optimizer = keras.optimizers.SGD(0.1)
     optimizer.build(model.trainable_variables)
     loss_fn = _loss()
-    x, y = _data(BATCH * 64)
-    x, y = tf.constant(x.reshape(64, BATCH, 28, 28, 1)), tf.constant(y.reshape(64, BATCH))
+    x, y = _data(BATCH * 64) if data is None else data
+    count = len(x) // BATCH
+    x = tf.constant(x.reshape(count, BATCH, *model.input_shape[1:]))
+    y = tf.constant(y.reshape(count, BATCH))
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile)
     def train(n):
         def body(i, total):
             with tf.GradientTape() as tape:
-                loss = loss_fn(y[i % 64], model(x[i % 64], training=True))
+                loss = loss_fn(y[i % count], model(x[i % count], training=True))
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply(grads, model.trainable_variables)
             return i + 1, total + loss
 
         return tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), tf.constant(0.0)))[1]
 
-    train(tf.constant(20))
-    return lambda: train(tf.constant(steps)).numpy()
+    began = time.perf_counter()
+    train(tf.constant(20))  # trace and warm up
+    run = lambda: train(tf.constant(steps)).numpy()  # noqa: E731
+    run.build_seconds = time.perf_counter() - began
+    return run
 
 
 def inner(args):
@@ -224,8 +243,13 @@ def graph(args):
 
 
 def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=100, jit_compile="auto",
-               blocks=4):
-    """MetaModel.fit under `strategy`: one call runs `steps` inner steps of every task."""
+               blocks=4, data=None, model_fn=None, **compile_kwargs):
+    """MetaModel.fit under `strategy`: one call runs `steps` inner steps of every task.
+
+    `data`: the examples `(x, y)`, cut into chunks `[tasks, chunk, BATCH, ...]`
+    in order and repeated (default: one random chunk); `model_fn` as in
+    `bench_fused`; `compile_kwargs` go to `MetaModel.compile`.
+    """
     import keras
     import tensorflow as tf
 
@@ -234,7 +258,7 @@ def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=1
 
     calls = max(1, steps // chunk)
     with strategy.scope():
-        model = convnet(CLASSES, filters=filters, blocks=blocks)
+        model = (model_fn or convnet)(CLASSES, filters=filters, blocks=blocks)
         meta = tfmeta.MetaModel(model)
         meta.compile(
             optimizer=keras.optimizers.SGD(0.1),
@@ -244,11 +268,14 @@ def bench_meta(strategy, learner, steps, filters, tasks, chunk=10, inner_steps=1
             inner_steps=inner_steps,
             steps_per_execution=calls,
             jit_compile=jit_compile,
+            **compile_kwargs,
         )
-    x, y = _data(tasks * chunk * BATCH)
-    ds = tf.data.Dataset.from_tensors(
-        (x.reshape(tasks, chunk, BATCH, 28, 28, 1), y.reshape(tasks, chunk, BATCH))
-    ).repeat()
+    x, y = _data(tasks * chunk * BATCH) if data is None else data
+    count = len(x) // (tasks * chunk * BATCH)
+    ds = tf.data.Dataset.from_tensor_slices((
+        x[: count * tasks * chunk * BATCH].reshape(count, tasks, chunk, BATCH, *model.input_shape[1:]),
+        y[: count * tasks * chunk * BATCH].reshape(count, tasks, chunk, BATCH),
+    )).repeat()
     began = time.perf_counter()
     meta.fit(ds, steps_per_epoch=calls, verbose=0)  # trace and warm up
     build = time.perf_counter() - began
@@ -271,16 +298,31 @@ def _learner(name):
     }[name]()
 
 
-def _compare(runs, args, baseline):
-    """Interleaved repeats of every run; median inner steps/s and ratio to `baseline`."""
-    median = _medians(runs, dict.fromkeys(runs, args.steps * args.tasks), args.repeats)
-    print("| run | inner steps/s | ratio | first call (trace + compile), s |")
-    print("|---|---|---|---|")
+def _compare(runs, args, baseline, steps=None, skipped=()):
+    """Interleaved repeats of every run; median inner steps/s and ratio to `baseline`.
+
+    Also each run's range over the rounds and the range of its per-round
+    ratios (both runs of a ratio measured in the same round, under the same
+    load). `steps[name]`: steps per call (default `args.steps * args.tasks`);
+    `skipped`: `(name, reason)` rows printed after the measured ones.
+    """
+    steps = steps or dict.fromkeys(runs, args.steps * args.tasks)
+    rounds = {}
+    median = _medians(runs, steps, args.repeats, rounds)
+    print(
+        f"| run | inner steps/s | range over rounds | / {baseline} | per-round range | "
+        "first call (trace + compile), s |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, rate in median.items():
+        ratios = [a / b for a, b in zip(rounds[name], rounds[baseline])]
         print(
-            f"| {name} | {rate:.0f} | {rate / median[baseline]:.2f} | "
+            f"| {name} | {rate:.0f} | {min(rounds[name]):.0f}-{max(rounds[name]):.0f} | "
+            f"{rate / median[baseline]:.2f} | {min(ratios):.2f}-{max(ratios):.2f} | "
             f"{runs[name].build_seconds:.1f} |"
         )
+    for name, reason in skipped:
+        print(f"| {name} | {reason} | | | | |")
     return median
 
 
@@ -403,9 +445,376 @@ def gpu(args):
     return rows
 
 
+# ---------------------------------------------------------------------------
+# `pytorch` and `settings`: TensorFlow next to a plain PyTorch loop, each
+# framework (and each TensorFlow setting that must be fixed before TensorFlow
+# starts) in its own worker process; the parent imports neither and runs the
+# workers' calls in alternating rounds.
+
+TORCH_MISSING = "skipped: PyTorch is not installed (optional: pip install torch==2.13.0)"
+BATCHED_OPTION = {"vectorize_tasks": True}  # the compile option that runs the T tasks batched
+KERNELS = {"on": {"TF_ENABLE_ONEDNN_OPTS": "1"}, "off": {"TF_ENABLE_ONEDNN_OPTS": "0"}}
+WORKER_PREFIX = "BENCH-WORKER "
+NO_TORCH_ENV = "TFMETA_BENCH_NO_TORCH"  # set by --no_torch: the workers behave as without PyTorch
+
+
+def _torch_convnet(filters, blocks):
+    """tfmeta.models.convnet in PyTorch: the same layers, shapes and parameter count."""
+    import torch.nn as nn
+
+    layers, channels, size = [], 1, 28
+    for _ in range(blocks):
+        # ceil_mode: the shapes of Keras' MaxPooling2D(2, padding="same") (28, 14, 7, 4, 2)
+        layers += [nn.Conv2d(channels, filters, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True),
+                   nn.BatchNorm2d(filters, momentum=0.1), nn.ReLU()]
+        channels, size = filters, -(-size // 2)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * size * size, CLASSES))
+
+
+def bench_torch(steps, filters, blocks=4, data=None, channels_last=False, threads=2):
+    """A plain PyTorch training loop (SGD 0.1, cross-entropy) over the batches of `data`.
+
+    The batches are those of `bench_fused` (NHWC arrays viewed as NCHW, or kept
+    in NHWC memory with `channels_last`), `threads` intra-op threads.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = _torch_convnet(filters, blocks).to(memory_format=fmt)
+    x, y = _data(BATCH * 64) if data is None else data
+    count = len(x) // BATCH
+    x = torch.from_numpy(x.reshape(count, BATCH, 28, 28, 1)).permute(0, 1, 4, 2, 3)
+    xs = [batch.contiguous(memory_format=fmt) for batch in x]
+    ys = list(torch.from_numpy(y.astype("int64").reshape(count, BATCH)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train(n):
+        for i in range(n):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(xs[i % count]), ys[i % count]).backward()
+            optimizer.step()
+
+    began = time.perf_counter()
+    train(20)  # oneDNN primitives and allocator warm up
+    run = lambda: train(steps)  # noqa: E731
+    run.build_seconds = time.perf_counter() - began
+    return run
+
+
+MODEL_VARIANTS = ("leap", "bn_pool", "fused_bn", "channels_first")
+
+
+def _model_variant(name):
+    """`model_fn` for `bench_fused` / `bench_meta`: Leap's convnet ("leap") or a variant of it.
+
+    "bn_pool": BatchNorm before MaxPool (4x the BatchNorm work); "fused_bn":
+    Keras' BatchNormalization (moments and arithmetic, many small ops) as
+    TensorFlow's one fused kernel (FusedBatchNormV3); "channels_first": NCHW layers.
+    """
+    if name not in MODEL_VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}: use one of {MODEL_VARIANTS}")
+    if name == "leap":
+        return None
+    import keras
+    import tensorflow as tf
+
+    layers = keras.layers
+
+    class FusedBatchNorm(layers.BatchNormalization):
+        def call(self, inputs, training=None, mask=None):
+            if not training:
+                return super().call(inputs, training=training)
+            out, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                inputs, self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+            )
+            for stat, value in ((self.moving_mean, mean), (self.moving_variance, variance)):
+                stat.assign(stat * self.momentum + value * (1.0 - self.momentum))
+            return out
+
+    def build(classes, filters, blocks):
+        fmt = "channels_first" if name == "channels_first" else "channels_last"
+        norm = FusedBatchNorm if name == "fused_bn" else layers.BatchNormalization
+        model = keras.Sequential(
+            [keras.Input((1, 28, 28) if fmt == "channels_first" else (28, 28, 1))], name=f"convnet_{name}"
+        )
+        for _ in range(blocks):
+            conv = layers.Conv2D(filters, 3, padding="same", data_format=fmt)
+            pool = layers.MaxPooling2D(2, padding="same", data_format=fmt)
+            bn = norm(axis=1 if fmt == "channels_first" else -1, momentum=0.9)
+            for layer in (conv, bn, pool) if name == "bn_pool" else (conv, pool, bn):
+                model.add(layer)
+            model.add(layers.ReLU())
+        model.add(layers.Flatten())
+        model.add(layers.Dense(classes))
+        return model
+
+    return build
+
+
+def _worker_run(kind, options, sizes, data):
+    """(run, steps per call) of one run of a worker spec."""
+    steps, filters, blocks = sizes["steps"], sizes["filters"], sizes["blocks"]
+    if kind == "torch":
+        return bench_torch(steps, filters, blocks, data, **options), steps
+    model_fn = _model_variant(options.pop("model", "leap"))
+    if kind == "fused":
+        return bench_fused(steps, filters, blocks, data, model_fn=model_fn, **options), steps
+    if kind == "fit":
+        return bench_fit(steps, filters, blocks=blocks, data=data), steps
+    import tensorflow as tf
+
+    tasks = options.pop("tasks")
+    run = bench_meta(
+        tf.distribute.get_strategy(), _learner(options.pop("learner")), steps, filters, tasks,
+        sizes["chunk"], sizes["inner_steps"], blocks=blocks, data=data, model_fn=model_fn, **options,
+    )
+    return run, steps * tasks
+
+
+def _say(message):
+    print(WORKER_PREFIX + json.dumps(message), flush=True)
+
+
+def _worker(spec):
+    """A worker process: build the runs of `spec`, then run the one named on each stdin line.
+
+    `spec["grappler"]`: options for `tf.config.optimizer.set_experimental_options`,
+    set before anything is traced.
+    """
+    if os.environ.get(NO_TORCH_ENV):
+        sys.modules["torch"] = None  # `import torch` fails as where it is not installed
+    if spec.get("grappler"):
+        import tensorflow as tf
+
+        tf.config.optimizer.set_experimental_options(spec["grappler"])
+    data = _data(spec["sizes"]["pool"] * BATCH)
+    runs, failed = {}, {}
+    for name, kind, options in spec["runs"]:
+        try:
+            runs[name] = _worker_run(kind, dict(options), spec["sizes"], data)
+        except ImportError as error:
+            failed[name] = TORCH_MISSING if error.name == "torch" else f"skipped: {error}"
+        except Exception as error:  # a setting this TensorFlow cannot run is a result too
+            failed[name] = f"fails: {type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+    _say({
+        "steps": {name: steps for name, (_, steps) in runs.items()},
+        "build": {name: run.build_seconds for name, (run, _) in runs.items()},
+        "failed": failed,
+    })
+    for line in sys.stdin:
+        runs[line.strip()][0]()
+        _say({})
+
+
+class _Worker:
+    """The parent's handle on a worker process (`python tools/bench.py _worker SPEC`)."""
+
+    def __init__(self, env, spec):
+        import tempfile
+
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "_worker", json.dumps(spec)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log, text=True, env={**os.environ, **env},
+        )
+        ready = self._read()
+        self.steps, self.build, self.failed = ready["steps"], ready["build"], ready["failed"]
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(WORKER_PREFIX):
+                return json.loads(line[len(WORKER_PREFIX):])
+        self.log.seek(0)
+        raise RuntimeError("a benchmark worker exited:\n" + self.log.read()[-3000:])
+
+    def runner(self, name):
+        """A callable that runs `name` in the worker and returns when it is done."""
+        def run():
+            self.proc.stdin.write(name + "\n")
+            self.proc.stdin.flush()
+            self._read()
+
+        run.build_seconds = self.build[name]
+        return run
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
+def _measure(groups, args, baseline, title):
+    """Start one worker per group, then `_compare` all their runs in alternating rounds.
+
+    `groups`: `(label, env, [(name, kind, options), ...][, spec])`: the
+    worker's environment, its runs, and more of its spec (e.g. "grappler");
+    rows are named "label: name". Returns the medians (steps/s per row).
+    """
+    sizes = {key: getattr(args, key) for key in ("steps", "filters", "blocks", "inner_steps", "chunk")}
+    sizes["pool"] = args.tasks * args.inner_steps  # one trajectory of T tasks: T x K batches
+    workers, runs, steps, skipped = [], {}, {}, []
+    try:
+        for label, env, specs, *extra in groups:
+            worker = _Worker(env, {"sizes": sizes, "runs": specs, **(extra[0] if extra else {})})
+            workers.append(worker)
+            for name, *_ in specs:
+                row = f"{label}: {name}" if label else name
+                if name in worker.failed:
+                    skipped.append((row, worker.failed[name]))
+                else:
+                    runs[row], steps[row] = worker.runner(name), worker.steps[name]
+        if baseline not in runs:
+            baseline = next(iter(runs))
+        print(title + f" Ratios to {baseline!r}. Load average (1 min) before: {os.getloadavg()[0]:.1f}.")
+        median = _compare(runs, args, baseline, steps, skipped)
+        print(f"Load average (1 min) after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
+        return median
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def _torch_group(args, variants=True):
+    """The PyTorch worker: NCHW with 2 threads, and with `variants` channels_last and 1 thread.
+
+    With --no_torch, a worker that cannot import PyTorch.
+    """
+    specs = [("PyTorch NCHW", "torch", {})]
+    if variants:
+        specs += [
+            ("PyTorch channels_last", "torch", {"channels_last": True}),
+            ("PyTorch NCHW, 1 thread", "torch", {"threads": 1}),
+            ("PyTorch channels_last, 1 thread", "torch", {"channels_last": True, "threads": 1}),
+        ]
+    return ("", {NO_TORCH_ENV: "1"} if args.no_torch else {}, specs)
+
+
+def _batched_wired():
+    """True once InnerLoop can run the tasks batched (tfmeta/inner_loop.py uses task_batched)."""
+    source = pathlib.Path(__file__).resolve().parents[1] / "tfmeta" / "inner_loop.py"
+    return "task_batched" in source.read_text()
+
+
+def pytorch(args):
+    """Issue 15's table: plain PyTorch, plain TensorFlow, Keras fit and tfmeta, alternating."""
+    T = args.tasks
+    tf_runs = [
+        ("fused tf.function loop", "fused", {}),
+        ("Keras fit", "fit", {}),
+        (f"Leap T={T}", "meta", {"learner": "leap", "tasks": T}),
+        ("Leap T=1", "meta", {"learner": "leap", "tasks": 1}),
+        (f"Reptile T={T}", "meta", {"learner": "reptile", "tasks": T}),
+    ]
+    batched = f"Leap T={T}, tasks batched"
+    if args.batched == "on" or (args.batched == "auto" and _batched_wired()):
+        tf_runs.append((batched, "meta", {"learner": "leap", "tasks": T, **BATCHED_OPTION}))
+    groups = [_torch_group(args)] + [
+        (f"oneDNN {kernels}", KERNELS[kernels], [(n, k, dict(o)) for n, k, o in tf_runs])
+        for kernels in args.kernels
+    ]
+    title = (
+        f"Steps/s (one SGD step of one task = one step), Leap Omniglot convnet ({args.blocks} x "
+        f"[Conv 3x3 {args.filters}, MaxPool, BatchNorm, ReLU] -> Dense {CLASSES}, batch {BATCH}, "
+        f"SGD 0.1), the same {args.tasks * args.inner_steps} pre-generated batches, "
+        f"{args.steps} steps per task per call, K = {args.inner_steps}, chunks of {args.chunk}; "
+        f"{args.repeats} alternating rounds (medians); PyTorch 2 threads; {os.cpu_count()} cores."
+    )
+    median = _measure(groups, args, "PyTorch NCHW", title)
+    if not any(row.endswith(batched) for row in median):
+        print(
+            f"| {batched} | not run: InnerLoop does not run tasks batched yet "
+            "(tfmeta/task_batched.py); `--batched on` adds this row | | | | |"
+        )
+    _goals(median, args)
+    return median
+
+
+def _goals(median, args):
+    """The issue's goals, per kernel set, from the medians.
+
+    Against plain PyTorch NCHW with 2 threads (the issue's baseline) and
+    against the fastest PyTorch row (the stricter reference on a loaded
+    machine, where PyTorch's 2-thread OpenMP pool can collapse).
+    """
+    torch = {name: rate for name, rate in median.items() if name.startswith("PyTorch")}
+    references = {"PyTorch NCHW": torch.get("PyTorch NCHW")}
+    if torch:
+        fastest = max(torch, key=torch.get)
+        references[f"the fastest PyTorch row ({fastest})"] = torch[fastest]
+    for kernels in args.kernels:
+        rate = lambda name: median.get(f"oneDNN {kernels}: {name}")  # noqa: E731
+        leap, reptile = rate(f"Leap T={args.tasks}"), rate(f"Reptile T={args.tasks}")
+        checks = []
+        for reference, base in references.items():
+            for name, goal in ((f"Leap T={args.tasks}", 1.5), ("Leap T=1", 1.2), ("fused tf.function loop", 1.0)):
+                if base and rate(name):
+                    ratio = rate(name) / base
+                    checks.append(f"{name} / {reference} {ratio:.2f} (goal >= {goal}: "
+                                  f"{'met' if ratio >= goal else 'not met'})")
+        if leap and reptile:
+            cost = reptile / leap - 1
+            checks.append(f"Leap's time over Reptile's {cost:+.1%} (goal <= 5%: {'met' if cost <= 0.05 else 'not met'})")
+        print(f"oneDNN {kernels}: " + "; ".join(checks))
+
+
+def _thread_env(intra, inter):
+    return {"TF_NUM_INTRAOP_THREADS": str(intra), "TF_NUM_INTEROP_THREADS": str(inter)}
+
+
+def settings(args):
+    """TensorFlow settings, each fixed before TensorFlow starts (its own worker), alternating."""
+    T = args.tasks
+    leap = (f"Leap T={T}", "meta", {"learner": "leap", "tasks": T})
+    reptile = (f"Reptile T={T}", "meta", {"learner": "reptile", "tasks": T})
+    groups = [_torch_group(args, variants=False)]
+    for kernels in args.kernels:
+        base = KERNELS[kernels]
+        if args.group == "threads":
+            for intra, inter in ((2, 2), (1, 1), (1, 2), (2, 1)):
+                groups.append((
+                    f"oneDNN {kernels}, intra {intra} inter {inter}", {**base, **_thread_env(intra, inter)},
+                    [("fused tf.function loop", "fused", {}), leap, reptile],
+                ))
+        else:
+            groups.append((f"oneDNN {kernels}", base, [
+                ("fused loop", "fused", {}),
+                ("fused loop, XLA (jit_compile=True)", "fused", {"jit_compile": True}),
+                ("fused loop, fused BatchNorm", "fused", {"model": "fused_bn"}),
+                ("fused loop, BatchNorm before MaxPool", "fused", {"model": "bn_pool"}),
+                ("fused loop, NCHW (channels_first)", "fused", {"model": "channels_first"}),
+                leap,
+                (f"Leap T={T}, fused BatchNorm", "meta", {"learner": "leap", "tasks": T, "model": "fused_bn"}),
+            ]))
+            groups.append((
+                f"oneDNN {kernels}, Grappler off", base, [("fused loop", "fused", {})],
+                {"grappler": {"disable_meta_optimizer": True}},
+            ))
+            groups.append((
+                f"oneDNN {kernels}, XLA auto-clustering (TF_XLA_FLAGS)",
+                {**base, "TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"},
+                [("fused loop", "fused", {})],
+            ))
+    title = (
+        f"TensorFlow settings ({args.group}), steps/s of the runs of `pytorch` ({args.filters} "
+        f"filters, batch {BATCH}, {args.steps} steps per task per call, K = {args.inner_steps}), "
+        f"each setting in its own process, {args.repeats} alternating rounds (medians)."
+    )
+    return _measure(groups, args, "PyTorch NCHW", title)
+
+
+# `pytorch --smoke` / `settings --smoke`: every row, tiny sizes, in well under a minute of compute.
+TORCH_SMOKE = dict(steps=4, inner_steps=4, chunk=2, filters=4, blocks=1, repeats=2, kernels=["on"])
+TORCH_FULL = dict(steps=100, inner_steps=100, chunk=10, filters=64, blocks=4, repeats=8, kernels=["on", "off"])
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_graph_probe":
         _graph_probe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        _worker(json.loads(sys.argv[2]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -444,7 +853,36 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, help="default 3")
     p.add_argument("--filters", type=int, help="default 64")
     p.add_argument("--blocks", type=int, help="convnet blocks (default 4, Leap's)")
+    for name, helptext in (
+        ("pytorch", "plain PyTorch next to plain TensorFlow, Keras fit and tfmeta (issue 15)"),
+        ("settings", "TensorFlow settings (oneDNN, thread pools, XLA, BatchNorm, layout) per process"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--smoke", action="store_true", help=f"tiny sizes, to check it runs: {TORCH_SMOKE}")
+        p.add_argument("--tasks", type=int, default=4, help="T (default 4)")
+        p.add_argument("--steps", type=int, help="steps per task per call (default 100 = K)")
+        p.add_argument("--inner_steps", type=int, help="K (default 100)")
+        p.add_argument("--chunk", type=int, help="inner steps per train step (default 10)")
+        p.add_argument("--filters", type=int, help="default 64")
+        p.add_argument("--blocks", type=int, help="convnet blocks (default 4, Leap's)")
+        p.add_argument("--repeats", "--rounds", type=int, dest="repeats", help="alternating rounds (default 8)")
+        p.add_argument("--kernels", nargs="+", choices=sorted(KERNELS),
+                       help="TF_ENABLE_ONEDNN_OPTS=1 (on) and/or 0 (off) workers (default: on off)")
+        p.add_argument("--no_torch", action="store_true",
+                       help="behave as if PyTorch were not installed (its rows are skipped)")
+        if name == "pytorch":
+            p.add_argument("--batched", choices=("auto", "on", "off"), default="auto",
+                           help="the Leap row with the tasks batched (compile option "
+                                f"{BATCHED_OPTION}); auto: once tfmeta/inner_loop.py uses task_batched")
+        else:
+            p.add_argument("--group", choices=("threads", "model"), default="model",
+                           help="threads: intra/inter-op pools; model: XLA, BatchNorm, pooling order, "
+                                "layout, Grappler (default)")
     args, rest = parser.parse_known_args(argv)
+    if args.command in ("pytorch", "settings"):
+        for key, value in (TORCH_SMOKE if args.smoke else TORCH_FULL).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     if args.command == "gpu":
         sizes = SMOKE if args.smoke else dict(tasks=(4, 16, 64), steps=100, repeats=3, filters=64,
                                               blocks=4)
@@ -464,7 +902,9 @@ def main(argv=None):
         import bench_fisher
 
         return bench_fisher.main(rest)
-    {"inner": inner, "graph": graph, "replicas": replicas, "jit": jit, "gpu": gpu}[args.command](args)
+    commands = {"inner": inner, "graph": graph, "replicas": replicas, "jit": jit, "gpu": gpu,
+                "pytorch": pytorch, "settings": settings}
+    commands[args.command](args)
     return 0
 
 
