@@ -9,7 +9,9 @@ chunk of `--steps` inner steps of T tasks on Leap's Omniglot convnet (4 x
 [Conv 3x3, MaxPool, BatchNorm, ReLU] -> Dense 20, 28x28x1, batch 20, Leap,
 inner SGD), through `InnerLoop.run` with the per-copy step and with
 `TaskBatchedStep.step` (`tfmeta.task_batched`), alternating rounds; the
-median of each and their ratio.
+median of each and their ratio, per second of wall time and per second of
+this process's CPU time (which other processes on a shared machine disturb
+less).
 
 `build`: graph build + first chunk (seconds) of each path at T = 4 and
 T = 32, and the T=32 / T=4 ratio.
@@ -86,18 +88,21 @@ def speed(tasks, filters, steps, rounds, conv):
     for run in runs.values():
         run()  # build
     rates = {name: [] for name in runs}
+    cpu_rates = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.process_time()
             run()
             rates[name].append(tasks * steps / (time.perf_counter() - began))
-    medians = {name: statistics.median(r) for name, r in rates.items()}
-    print(
-        f"speed T={tasks} filters={filters} conv={conv}: per-copy "
-        f"{medians['per-copy']:.0f} steps/s, batched {medians['batched']:.0f} steps/s, "
-        f"batched / per-copy = {medians['batched'] / medians['per-copy']:.2f}",
-        flush=True,
-    )
+            cpu_rates[name].append(tasks * steps / (time.process_time() - cpu_began))
+    for unit, values in (("steps/s", rates), ("steps per CPU-second", cpu_rates)):
+        medians = {name: statistics.median(r) for name, r in values.items()}
+        print(
+            f"speed T={tasks} filters={filters} conv={conv}: per-copy "
+            f"{medians['per-copy']:.0f} {unit}, batched {medians['batched']:.0f} {unit}, "
+            f"batched / per-copy = {medians['batched'] / medians['per-copy']:.2f}",
+            flush=True,
+        )
 
 
 def build(task_counts, filters, steps, conv):
