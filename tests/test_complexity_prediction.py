@@ -181,9 +181,9 @@ def test_predicted_ranking_of_initializations_on_real_mnist(tfds_dir):
     # random initialization and models trained (to loss 0.1) on 300 other
     # MNIST images and on 300 Fashion-MNIST images. Measured over seeds 0-5
     # of these settings: fine-tuning steps scratch 100-130 > fashion 60-90 >
-    # mnist@3 40-60 in every seed; predicted scratch 1812-5269 > fashion
-    # 186-320 > mnist@3 60-108, with fashion / mnist@3 >= 1.7 and
-    # scratch / fashion >= 5.7; Spearman rho 1.0 in all six.
+    # mnist@3 40-60 in every seed; predicted (DEFAULT_CONSTANTS) scratch
+    # 531-1390 > fashion 34-50 > mnist@3 20-27, with fashion / mnist@3 >= 1.26
+    # and scratch / fashion >= 10.8; Spearman rho 1.0 in all six.
     import dataclasses
 
     from tfmeta.experiments.complexity_tasks import conv_classifier, default_recipe, task_arrays
@@ -202,8 +202,8 @@ def test_predicted_ranking_of_initializations_on_real_mnist(tfds_dir):
     predicted = dict(zip(ranking.names, ranking.predicted))
     assert steps["scratch"] > steps["fashion_mnist"] > steps["mnist@3"], steps
     assert ranking.order() == ["mnist@3", "fashion_mnist", "scratch"], predicted
-    assert predicted["fashion_mnist"] > 1.4 * predicted["mnist@3"], predicted
-    assert predicted["scratch"] > 4.0 * predicted["fashion_mnist"], predicted
+    assert predicted["fashion_mnist"] > 1.15 * predicted["mnist@3"], predicted
+    assert predicted["scratch"] > 5.0 * predicted["fashion_mnist"], predicted
     assert ranking.spearman == pytest.approx(1.0)
     for name in ranking.names:  # each prediction comes with its interval
         detail = ranking.details[name]

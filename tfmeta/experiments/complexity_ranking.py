@@ -155,9 +155,13 @@ def ranking_experiment(
                              model_sha256=info.get("files", {}).get(info.get("model_file")),
                              params=int(candidates[name].count_params()))
         if initialization_baselines:
+            # fresh initializers from clone_model, in a model loaded the same
+            # way as the export (so that its head is found the same way)
             keras.utils.set_random_seed(recipe.seed)
-            baseline = keras.models.clone_model(candidates[name])  # fresh initializers
-            baseline.build(candidates[name].input_shape)
+            fresh = keras.models.clone_model(candidates[name])
+            fresh.build(candidates[name].input_shape)
+            baseline = load_initialization(path, num_classes=n_target, head="reset")
+            baseline.set_weights(fresh.get_weights())
             candidates[f"{name}:random"] = baseline
             details[f"{name}:random"] = dict(architecture_of=name)
     if len(candidates) < 2:
@@ -169,6 +173,9 @@ def ranking_experiment(
         per_seed.append(rank_initializations(
             data[target], candidates, dataclasses.replace(finetune_recipe, seed=fs),
             lam=lam, weight_decay=weight_decay, complexity_kwargs=ckw, num_classes=n_target,
+            # this experiment's documented "potential" column (predict_steps,
+            # the default, is measured by complexity_prediction)
+            predictor="potential",
         ))
         say(log, f"fine-tuning seed {fs}: " + ", ".join(
             f"{k} {st if ok else 'n.c.'}" for k, st, ok in
