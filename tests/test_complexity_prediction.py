@@ -172,6 +172,52 @@ def test_cost_rule_stops_repeats_and_bad_input_is_refused():
 
 
 # --------------------------------------------------------------------------
+# Kramers' fits and resumable experiments
+
+
+def test_kramers_fits_recover_their_constants():
+    from tfmeta.experiments.complexity_kramers import (
+        FLOOR_RATIOS,
+        fit_kramers,
+        fit_kramers_floor,
+        floor_x,
+    )
+
+    # eq. 16: log tau = a + b C B / lr, exactly
+    x = np.array([0.5, 1.0, 2.0, 4.0])
+    a, b = fit_kramers(x, np.exp(1.5 + 0.25 * x))
+    assert (a, b) == (pytest.approx(1.5), pytest.approx(0.25))
+    # D = D0 + k lr / B: runs generated from it give back a, 1/D0 and k/D0
+    ratio = float(FLOOR_RATIOS[40])
+    rows = [dict(complexity=c, batch_size=bsz, learning_rate=0.1)
+            for c in (0.4, 0.6, 0.9) for bsz in (8, 32, 128, 512)]
+    for r in rows:
+        r["steps"] = float(np.exp(2.0 + 5.0 * floor_x(r, ratio)))
+    a, b, got = fit_kramers_floor(rows)
+    assert (a, b, got) == (pytest.approx(2.0), pytest.approx(5.0), pytest.approx(ratio))
+    with pytest.raises(ValueError, match="at least two runs"):
+        fit_kramers([1.0, 1.0], [3.0, 4.0])
+
+
+def test_cell_store_checkpoints_and_resumes(tmp_path):
+    from tfmeta.experiments.complexity_run import CellStore, run
+
+    store = CellStore(tmp_path, "kramers")
+    assert store.put("a", dict(steps=3)) == dict(steps=3)
+    assert CellStore(tmp_path, "kramers", resume=True).get("a") == dict(steps=3)
+    assert CellStore(tmp_path, "kramers", resume=False).get("a") is None
+    with pytest.raises(ValueError, match="holds a 'kramers' experiment"):
+        CellStore(tmp_path, "relabel", resume=True)
+
+    def no_checkpoints(output_dir):
+        return output_dir
+
+    with pytest.raises(ValueError, match="does not checkpoint its cells"):
+        run(tmp_path, experiment=no_checkpoints, resume=True)
+    assert run(tmp_path, experiment=lambda output_dir, resume=False: resume, resume=True)
+
+
+# --------------------------------------------------------------------------
 # real data
 
 

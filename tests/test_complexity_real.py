@@ -28,6 +28,8 @@ import pytest
 
 import tfmeta.configurables  # noqa: F401  (registers the experiments with gin)
 from tfmeta import complexity as cx
+from tfmeta.experiments.complexity_kramers import kramers_experiment
+from tfmeta.experiments.complexity_prediction import prediction_experiment
 from tfmeta.experiments.complexity_ranking import ranking_experiment
 from tfmeta.experiments.complexity_reachability import reachability_experiment
 from tfmeta.experiments.complexity_relabel import relabel_experiment
@@ -113,7 +115,9 @@ def test_unknown_task_names_say_what_exists():
 def test_gin_files_parse_and_select_their_experiment():
     expected = {"complexity_relabel.gin": relabel_experiment,
                 "complexity_reachability.gin": reachability_experiment,
-                "complexity_ranking.gin": ranking_experiment}
+                "complexity_ranking.gin": ranking_experiment,
+                "complexity_kramers.gin": kramers_experiment,
+                "complexity_prediction.gin": prediction_experiment}
     for name, function in expected.items():
         gin.clear_config()
         try:
