@@ -12,11 +12,13 @@ computation instead:
   as one convolution with `groups=T` (input `[B, H, W, T*C]`) where the
   device runs grouped convolutions, else as a `tf.map_fn` of the layer's
   own call over the tasks; DepthwiseConv2D as one depthwise convolution of
-  the `T*C` channels; BatchNormalization with per-task batch moments and
-  per-task moving statistics, updated as Keras does; dropout-like layers
-  as a `tf.map_fn` of their own call on each task's seed state (the same
-  masks as the per-copy path); weightless per-example layers (pooling,
-  Flatten, activations, merges, ...) with the tasks folded into the batch;
+  the `T*C` channels; BatchNormalization with per-task batch moments (one
+  fused op on `T*C` channels) and per-task moving statistics, updated as
+  Keras does; dropout-like layers as a `tf.map_fn` of their own call on
+  each task's seed state (the same masks as the per-copy path); weightless
+  per-example layers (pooling, Flatten, activations, merges, ...) on the
+  tasks in the channels where they act per channel, else with the tasks
+  folded into the batch;
 * one tape over the sum of the T task losses gives every task's gradient
   (tasks share no parameter);
 * the rest of the step (the inner optimizer, `diverged_as_nan`, the
