@@ -62,8 +62,8 @@ from tfmeta.complexity.training import TrainingRecipe, copy_model, replace_head
 #: (``StepsPrediction.probes``) of another version are not mixed with new ones.
 PROBE_VERSION = 2
 
-__all__ = ["DEFAULT_CONSTANTS", "PROBE_VERSION", "PredictorConstants", "StepsPrediction", "combine_probes",
-           "predict_steps", "repredict", "steps_from_probe"]
+__all__ = ["DEFAULT_CONSTANTS", "PROBE_VERSION", "PredictorConstants", "StepsPrediction",
+           "combine_probes", "predict_steps", "repredict", "steps_from_probe"]
 
 
 @dataclasses.dataclass(frozen=True)

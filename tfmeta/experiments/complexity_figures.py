@@ -211,8 +211,8 @@ def plot_kramers(result, path, dpi=100):
         sizes = settings["batch_sizes"]
         meas = [[r["steps"] for r in runs if r["fraction"] == f and r["batch_size"] == b]
                 for b in sizes]
-        pr = [np.mean([p for p, r in zip(pred, runs) if r["fraction"] == f and r["batch_size"] == b])
-              for b in sizes]
+        pr = [np.mean([p for p, r in zip(pred, runs)
+                       if r["fraction"] == f and r["batch_size"] == b]) for b in sizes]
         ax.errorbar(sizes, [np.mean(m) for m in meas], yerr=[np.std(m) for m in meas],
                     marker="o", color=colour, capsize=3, label=f"measured, {f:.0%} random")
         ax.plot(sizes, pr, "--", color=colour, label=f"eq. 16, {f:.0%} random")

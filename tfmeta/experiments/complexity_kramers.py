@@ -195,10 +195,12 @@ def kramers_experiment(
     k = 1.0 / fits["kramers"]["b"] if fits["kramers"]["b"] else None
     out = dict(
         experiment="kramers",
-        settings=dict(dataset=dataset, examples=int(examples), fractions=list(map(float, fractions)),
+        settings=dict(dataset=dataset, examples=int(examples),
+                      fractions=list(map(float, fractions)),
                       batch_sizes=list(map(int, batch_sizes)), learning_rate=float(learning_rate),
                       seeds=list(map(int, seeds)), fit_seeds=list(map(int, fit_seeds)),
-                      fit_batch_sizes=None if fit_batch_sizes is None else list(map(int, fit_batch_sizes)),
+                      fit_batch_sizes=(None if fit_batch_sizes is None
+                                       else list(map(int, fit_batch_sizes))),
                       lam=lam, weight_decay=weight_decay, beta=beta, recipe=describe_recipe(recipe),
                       model=repr(model_fn)),
         runs=runs,
@@ -246,14 +248,15 @@ def kramers_markdown(out) -> str:
             idx = [i for i, r in enumerate(runs) if r["fraction"] == f and r["batch_size"] == bsz]
             st = np.array([runs[i]["steps"] for i in idx], np.float64)
             lines.append(
-                f"| {f:.2f} | {bsz} | {st.mean():.0f} ± {st.std(ddof=1) if len(st) > 1 else 0:.0f} | "
+                f"| {f:.2f} | {bsz} | {st.mean():.0f} ± "
+                f"{st.std(ddof=1) if len(st) > 1 else 0:.0f} | "
                 f"{np.mean([runs[i]['complexity'] for i in idx]):.4f} | "
                 f"{np.mean([pred['kramers'][i] for i in idx]):.0f} | "
                 f"{np.mean([pred['kramers_floor'][i] for i in idx]):.0f} | "
                 f"{np.mean([pred['batch_only'][i] for i in idx]):.0f} |")
     fk, fb = out["fits"]["kramers"], out["fits"]["batch_only"]
-    lines += ["", f"Eq. 16 fit: a = {fk['a']:.3f}, b = {fk['b']:.4g} (k = 1/b = "
-              f"{out['D_constant_k'] if out['D_constant_k'] is None else round(out['D_constant_k'], 4)}); "
+    k_text = "n/a" if out["D_constant_k"] is None else f"{out['D_constant_k']:.4g}"
+    lines += ["", f"Eq. 16 fit: a = {fk['a']:.3f}, b = {fk['b']:.4g} (k = 1/b = {k_text}); "
               f"held-out runs within 1.5x: **{fk['heldout']['within_1_5x']:.0%}** of "
               f"{out['heldout']['count']} (median ratio {fk['heldout']['median_ratio']:.2f}); "
               f"fit runs {fk['fit']['within_1_5x']:.0%}.",
@@ -262,6 +265,7 @@ def kramers_markdown(out) -> str:
               f"**{ff['heldout']['within_1_5x']:.0%}** (median ratio "
               f"{ff['heldout']['median_ratio']:.2f}).",
               f"Without C (log steps = a + b B / lr): held-out within 1.5x "
-              f"{fb['heldout']['within_1_5x']:.0%} (median ratio {fb['heldout']['median_ratio']:.2f}).",
+              f"{fb['heldout']['within_1_5x']:.0%} (median ratio "
+              f"{fb['heldout']['median_ratio']:.2f}).",
               f"Time: {out['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"

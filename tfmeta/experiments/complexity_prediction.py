@@ -55,7 +55,12 @@ from tfmeta.experiments.complexity_run import (
     say,
     write_outputs,
 )
-from tfmeta.experiments.complexity_tasks import default_recipe, mlp_classifier, task_arrays
+from tfmeta.experiments.complexity_tasks import (
+    default_recipe,
+    export_baseline,
+    mlp_classifier,
+    task_arrays,
+)
 
 __all__ = ["ALPHAS", "KAPPAS", "fit_constants", "prediction_experiment", "prediction_markdown"]
 
@@ -120,7 +125,8 @@ def _summary(target, names, cells, constants, max_steps):
         steps = np.array([c["steps"] if c["converged"] else max_steps + 1 for c in mine],
                          np.float64)
         pred = np.array([_predicted(c, constants) for c in mine], np.float64)
-        pred_mean = float(np.exp(np.mean(np.log(pred)))) if np.all(np.isfinite(pred)) else float("inf")
+        finite = np.all(np.isfinite(pred))
+        pred_mean = float(np.exp(np.mean(np.log(pred)))) if finite else float("inf")
         rows.append(dict(
             name=name, steps=float(steps.mean()),
             steps_std=float(steps.std(ddof=1)) if len(steps) > 1 else 0.0,
@@ -235,15 +241,7 @@ def prediction_experiment(
                 candidates[s] = trained[s]
         for name, (path, _) in exports.items():
             candidates[name] = load_initialization(path, num_classes=k, head="reset")
-            # A random initialization of the same architecture: fresh
-            # initializers from clone_model, in a model loaded the same way
-            # (so that its head is found as in the export).
-            keras.utils.set_random_seed(recipe.seed)
-            fresh = keras.models.clone_model(candidates[name])
-            fresh.build(candidates[name].input_shape)
-            baseline = load_initialization(path, num_classes=k, head="reset")
-            baseline.set_weights(fresh.get_weights())
-            candidates[f"{name}:random"] = baseline
+            candidates[f"{name}:random"] = export_baseline(path, k, recipe.seed)
         names = list(candidates)
         keys = {(name, fs): f"{target}|{name}|{fs}" for name, fs in itertools.product(names, seeds)}
         # All predictions first, then all fine-tunings: as a user would
@@ -306,7 +304,8 @@ def prediction_experiment(
         settings=dict(targets=list(targets), calibration_targets=list(calibration_targets),
                       sources=list(sources), initializations=dict(initializations or {}),
                       examples=int(examples), model=repr(model_fn), seed=int(seed),
-                      recipe=describe_recipe(recipe), finetune_recipe=describe_recipe(finetune_recipe),
+                      recipe=describe_recipe(recipe),
+                      finetune_recipe=describe_recipe(finetune_recipe),
                       finetune_seeds=seeds, probe_steps=int(probe_steps), repeats=int(repeats),
                       max_cost_fraction=max_cost_fraction),
         constants=dataclasses.asdict(constants), fit_error=error,
@@ -349,7 +348,8 @@ def prediction_markdown(out) -> str:
     lines += [f"Cost on the held-out targets: predictor time / fine-tuning time = "
               f"{cost['total_fraction']:.1%} in total, "
               f"{'n/a' if after is None else f'{after:.1%}'} without the calls that traced the "
-              f"probe (once per architecture); cells over 5 %: {cost['cells_over_5_percent']:.0%}; median "
+              f"probe (once per architecture); cells over 5 %: "
+              f"{cost['cells_over_5_percent']:.0%}; median "
               f"{cost['median_predict_seconds']:.3f} s vs {cost['median_finetune_seconds']:.2f} s. "
               f"Time: {out['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"

@@ -36,6 +36,7 @@ from tfmeta.experiments.complexity_figures import plot_ranking
 from tfmeta.experiments.complexity_run import describe_recipe, print_line, say, write_outputs
 from tfmeta.experiments.complexity_tasks import (
     default_recipe,
+    export_baseline,
     label_space,
     mlp_classifier,
     task_arrays,
@@ -155,14 +156,7 @@ def ranking_experiment(
                              model_sha256=info.get("files", {}).get(info.get("model_file")),
                              params=int(candidates[name].count_params()))
         if initialization_baselines:
-            # fresh initializers from clone_model, in a model loaded the same
-            # way as the export (so that its head is found the same way)
-            keras.utils.set_random_seed(recipe.seed)
-            fresh = keras.models.clone_model(candidates[name])
-            fresh.build(candidates[name].input_shape)
-            baseline = load_initialization(path, num_classes=n_target, head="reset")
-            baseline.set_weights(fresh.get_weights())
-            candidates[f"{name}:random"] = baseline
+            candidates[f"{name}:random"] = export_baseline(path, n_target, recipe.seed)
             details[f"{name}:random"] = dict(architecture_of=name)
     if len(candidates) < 2:
         raise ValueError("ranking needs at least two candidates (scratch, sources, "

@@ -29,6 +29,7 @@ __all__ = [
     "TASKS",
     "conv_classifier",
     "default_recipe",
+    "export_baseline",
     "label_space",
     "mlp_classifier",
     "relabel",
@@ -235,3 +236,23 @@ def default_recipe(weight_decay, **overrides):
     )
     base.update(overrides)
     return TrainingRecipe(**base)
+
+
+def export_baseline(path, num_classes: int, seed: int):
+    """A random initialization of an exported initialization's architecture,
+    with a fresh head of ``num_classes``: fresh initializers from
+    ``keras.models.clone_model`` (under ``seed``), in a model loaded the same
+    way as the export, so that its head is found the same way.
+
+    Example::
+
+        baseline = export_baseline("runs/leap/initialization", num_classes=10, seed=0)
+    """
+    from tfmeta.export import load_initialization
+
+    loaded = load_initialization(path, num_classes=int(num_classes), head="reset")
+    keras.utils.set_random_seed(int(seed))
+    fresh = keras.models.clone_model(loaded)
+    fresh.build(loaded.input_shape)
+    loaded.set_weights(fresh.get_weights())
+    return loaded
