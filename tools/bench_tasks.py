@@ -131,6 +131,7 @@ def main():
     parser.add_argument("--build_tasks", type=int, nargs=2, default=[4, 32])
     parser.add_argument("--skip", choices=("speed", "build"), default=None)
     args = parser.parse_args()
+    tf.get_logger().setLevel("ERROR")  # every runner is a new tf.function: no retracing notes
     if args.skip != "speed":
         for filters in args.filters:
             speed(args.tasks, filters, args.steps, args.rounds, args.conv)
