@@ -191,18 +191,22 @@ def plot_kramers(result, path, dpi=100):
     :func:`~tfmeta.experiments.complexity_kramers.kramers_experiment` result:
     SGD steps to the loss threshold against the batch size at a fixed
     learning rate, measured (mean ± std over seeds, one line per fraction of
-    random labels) and predicted by eq. 16 fitted on the fit runs (dashed),
-    left; predicted vs. measured for every run, fit and held-out, right.
+    random labels) and predicted by eq. 16 fitted on the fit runs (dashed;
+    dotted: with the diffusion floor ``D = D0 + k lr/B``), left; eq. 16's
+    prediction vs. measured for every run, fit and held-out, right.
 
     Example::
 
         plot_kramers(kramers_experiment(None, seeds=(0, 1), fit_seeds=(0,)), "kramers.png")
     """
-    from tfmeta.experiments.complexity_kramers import X_OF
+    from tfmeta.experiments.complexity_kramers import X_OF, floor_x
 
     runs = result["runs"]
     fit = result["fits"]["kramers"]
     pred = np.exp(fit["a"] + fit["b"] * np.array([X_OF["kramers"](r) for r in runs]))
+    floor = result["fits"].get("kramers_floor")
+    pred_floor = None if floor is None else np.exp(
+        floor["a"] + floor["b"] * np.array([floor_x(r, floor["ratio"]) for r in runs]))
     settings = result["settings"]
     fig = _figure(10, 4)
     ax = fig.add_subplot(1, 2, 1)
@@ -216,6 +220,10 @@ def plot_kramers(result, path, dpi=100):
         ax.errorbar(sizes, [np.mean(m) for m in meas], yerr=[np.std(m) for m in meas],
                     marker="o", color=colour, capsize=3, label=f"measured, {f:.0%} random")
         ax.plot(sizes, pr, "--", color=colour, label=f"eq. 16, {f:.0%} random")
+        if pred_floor is not None:
+            pf = [np.mean([p for p, r in zip(pred_floor, runs)
+                           if r["fraction"] == f and r["batch_size"] == b]) for b in sizes]
+            ax.plot(sizes, pf, ":", color=colour, label=f"D = D0 + k lr/B, {f:.0%} random")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel(f"batch size B (lr {settings['learning_rate']} fixed)")
