@@ -453,7 +453,17 @@ def gpu(args):
 
 TORCH_MISSING = "skipped: PyTorch is not installed (optional: pip install torch==2.13.0)"
 BATCHED_OPTION = {"vectorize_tasks": True}  # the compile option that runs the T tasks batched
-KERNELS = {"on": {"TF_ENABLE_ONEDNN_OPTS": "1"}, "off": {"TF_ENABLE_ONEDNN_OPTS": "0"}}
+# TensorFlow's kernel sets: oneDNN on (TF's default on CPUs with AVX-512), off (its default on
+# CPUs without: Eigen kernels), and on but limited to AVX2, as forcing oneDNN on a CPU without
+# AVX-512 would run (ONEDNN_MAX_CPU_ISA caps the instructions oneDNN's kernels use).
+KERNELS = {
+    "on": {"TF_ENABLE_ONEDNN_OPTS": "1"},
+    "off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "avx2": {"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+KERNEL_NAMES = {"on": "oneDNN on", "off": "oneDNN off", "avx2": "oneDNN on, AVX2 only"}
+# PyTorch as on a CPU without AVX-512: its oneDNN and its own (ATen) kernels capped at AVX2.
+TORCH_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 WORKER_PREFIX = "BENCH-WORKER "
 NO_TORCH_ENV = "TFMETA_BENCH_NO_TORCH"  # set by --no_torch: the workers behave as without PyTorch
 
@@ -645,16 +655,17 @@ class _Worker:
         self.log.close()
 
 
-def _measure(groups, args, baseline, title):
+def _measure(groups, args, baseline, title, skipped=()):
     """Start one worker per group, then `_compare` all their runs in alternating rounds.
 
     `groups`: `(label, env, [(name, kind, options), ...][, spec])`: the
     worker's environment, its runs, and more of its spec (e.g. "grappler");
-    rows are named "label: name". Returns the medians (steps/s per row).
+    rows are named "label: name"; `skipped` rows are printed as such.
+    Returns the medians (steps/s per row).
     """
     sizes = {key: getattr(args, key) for key in ("steps", "filters", "blocks", "inner_steps", "chunk")}
     sizes["pool"] = args.tasks * args.inner_steps  # one trajectory of T tasks: T x K batches
-    workers, runs, steps, skipped = [], {}, {}, []
+    workers, runs, steps, skipped = [], {}, {}, list(skipped)
     try:
         for label, env, specs, *extra in groups:
             worker = _Worker(env, {"sizes": sizes, "runs": specs, **(extra[0] if extra else {})})
@@ -676,10 +687,11 @@ def _measure(groups, args, baseline, title):
             worker.close()
 
 
-def _torch_group(args, variants=True):
-    """The PyTorch worker: NCHW with 2 threads, and with `variants` channels_last and 1 thread.
+def _torch_groups(args, variants=True):
+    """The PyTorch workers: NCHW with 2 threads, and with `variants` channels_last and 1 thread.
 
-    With --no_torch, a worker that cannot import PyTorch.
+    With "avx2" among --kernels, also PyTorch capped at AVX2 (2 threads); with
+    --no_torch, workers that cannot import PyTorch.
     """
     specs = [("PyTorch NCHW", "torch", {})]
     if variants:
@@ -688,7 +700,13 @@ def _torch_group(args, variants=True):
             ("PyTorch NCHW, 1 thread", "torch", {"threads": 1}),
             ("PyTorch channels_last, 1 thread", "torch", {"channels_last": True, "threads": 1}),
         ]
-    return ("", {NO_TORCH_ENV: "1"} if args.no_torch else {}, specs)
+    missing = {NO_TORCH_ENV: "1"} if args.no_torch else {}
+    groups = [("", missing, specs)]
+    if "avx2" in args.kernels:
+        groups.append(("AVX2 only", {**TORCH_AVX2, **missing}, [
+            ("PyTorch NCHW", "torch", {}), ("PyTorch channels_last", "torch", {"channels_last": True}),
+        ]))
+    return groups
 
 
 def _batched_wired():
@@ -710,8 +728,8 @@ def pytorch(args):
     batched = f"Leap T={T}, tasks batched"
     if args.batched == "on" or (args.batched == "auto" and _batched_wired()):
         tf_runs.append((batched, "meta", {"learner": "leap", "tasks": T, **BATCHED_OPTION}))
-    groups = [_torch_group(args)] + [
-        (f"oneDNN {kernels}", KERNELS[kernels], [(n, k, dict(o)) for n, k, o in tf_runs])
+    groups = _torch_groups(args) + [
+        (KERNEL_NAMES[kernels], KERNELS[kernels], [(n, k, dict(o)) for n, k, o in tf_runs])
         for kernels in args.kernels
     ]
     title = (
@@ -721,42 +739,49 @@ def pytorch(args):
         f"{args.steps} steps per task per call, K = {args.inner_steps}, chunks of {args.chunk}; "
         f"{args.repeats} alternating rounds (medians); PyTorch 2 threads; {os.cpu_count()} cores."
     )
-    median = _measure(groups, args, "PyTorch NCHW", title)
-    if not any(row.endswith(batched) for row in median):
-        print(
-            f"| {batched} | not run: InnerLoop does not run tasks batched yet "
-            "(tfmeta/task_batched.py); `--batched on` adds this row | | | | |"
-        )
+    skipped = [] if any(name == batched for name, *_ in tf_runs) else [(
+        batched, "not run: InnerLoop does not run tasks batched yet (tfmeta/task_batched.py); "
+        "`--batched on` adds this row",
+    )]
+    median = _measure(groups, args, "PyTorch NCHW", title, skipped)
     _goals(median, args)
     return median
 
 
 def _goals(median, args):
-    """The issue's goals, per kernel set, from the medians.
+    """The issue's goals as a table: per TensorFlow kernel set and PyTorch reference, from the medians.
 
-    Against plain PyTorch NCHW with 2 threads (the issue's baseline) and
-    against the fastest PyTorch row (the stricter reference on a loaded
-    machine, where PyTorch's 2-thread OpenMP pool can collapse).
+    References: plain PyTorch NCHW with 2 threads (the issue's baseline) and
+    the fastest PyTorch row (stricter on a loaded machine, where PyTorch's
+    2-thread OpenMP pool can collapse); for the kernel sets of CPUs without
+    AVX-512 also PyTorch capped at AVX2.
     """
-    torch = {name: rate for name, rate in median.items() if name.startswith("PyTorch")}
-    references = {"PyTorch NCHW": torch.get("PyTorch NCHW")}
-    if torch:
-        fastest = max(torch, key=torch.get)
-        references[f"the fastest PyTorch row ({fastest})"] = torch[fastest]
+    T = args.tasks
+    goals = ((f"Leap T={T}", 1.5), ("Leap T=1", 1.2), ("fused tf.function loop", 1.0))
+    print("Goals, from the medians:")
+    print(
+        f"| TensorFlow kernels | reference | Leap T={T} / ref (>= 1.5) | Leap T=1 / ref (>= 1.2) "
+        f"| fused loop / ref (>= 1.0) | Leap's time over Reptile's (<= +5%) |"
+    )
+    print("|---|---|---|---|---|---|")
     for kernels in args.kernels:
-        rate = lambda name: median.get(f"oneDNN {kernels}: {name}")  # noqa: E731
-        leap, reptile = rate(f"Leap T={args.tasks}"), rate(f"Reptile T={args.tasks}")
-        checks = []
-        for reference, base in references.items():
-            for name, goal in ((f"Leap T={args.tasks}", 1.5), ("Leap T=1", 1.2), ("fused tf.function loop", 1.0)):
-                if base and rate(name):
-                    ratio = rate(name) / base
-                    checks.append(f"{name} / {reference} {ratio:.2f} (goal >= {goal}: "
-                                  f"{'met' if ratio >= goal else 'not met'})")
-        if leap and reptile:
-            cost = reptile / leap - 1
-            checks.append(f"Leap's time over Reptile's {cost:+.1%} (goal <= 5%: {'met' if cost <= 0.05 else 'not met'})")
-        print(f"oneDNN {kernels}: " + "; ".join(checks))
+        rate = lambda name: median.get(f"{KERNEL_NAMES[kernels]}: {name}")  # noqa: E731
+        leap, reptile = rate(f"Leap T={T}"), rate(f"Reptile T={T}")
+        cost = f"{reptile / leap - 1:+.1%} {'met' if reptile / leap <= 1.05 else 'NOT met'}" if leap and reptile else "-"
+        references = []
+        for prefix in ("", "AVX2 only: ") if kernels != "on" else ("",):
+            torch = {name: r for name, r in median.items() if name.startswith(prefix + "PyTorch")}
+            if torch:
+                references.append((prefix + "PyTorch NCHW", torch.get(prefix + "PyTorch NCHW")))
+                fastest = max(torch, key=torch.get)
+                references.append((f"fastest: {fastest}", torch[fastest]))
+        for reference, base in references or [("no PyTorch", None)]:
+            cells = [
+                f"{rate(name) / base:.2f} {'met' if rate(name) / base >= goal else 'NOT met'}"
+                if base and rate(name) else "-"
+                for name, goal in goals
+            ]
+            print(f"| {KERNEL_NAMES[kernels]} | {reference} | {' | '.join(cells)} | {cost} |")
 
 
 def _thread_env(intra, inter):
@@ -768,17 +793,17 @@ def settings(args):
     T = args.tasks
     leap = (f"Leap T={T}", "meta", {"learner": "leap", "tasks": T})
     reptile = (f"Reptile T={T}", "meta", {"learner": "reptile", "tasks": T})
-    groups = [_torch_group(args, variants=False)]
+    groups = _torch_groups(args, variants=False)
     for kernels in args.kernels:
         base = KERNELS[kernels]
         if args.group == "threads":
             for intra, inter in ((2, 2), (1, 1), (1, 2), (2, 1)):
                 groups.append((
-                    f"oneDNN {kernels}, intra {intra} inter {inter}", {**base, **_thread_env(intra, inter)},
+                    f"{KERNEL_NAMES[kernels]}, intra {intra} inter {inter}", {**base, **_thread_env(intra, inter)},
                     [("fused tf.function loop", "fused", {}), leap, reptile],
                 ))
         else:
-            groups.append((f"oneDNN {kernels}", base, [
+            groups.append((KERNEL_NAMES[kernels], base, [
                 ("fused loop", "fused", {}),
                 ("fused loop, XLA (jit_compile=True)", "fused", {"jit_compile": True}),
                 ("fused loop, fused BatchNorm", "fused", {"model": "fused_bn"}),
@@ -788,11 +813,11 @@ def settings(args):
                 (f"Leap T={T}, fused BatchNorm", "meta", {"learner": "leap", "tasks": T, "model": "fused_bn"}),
             ]))
             groups.append((
-                f"oneDNN {kernels}, Grappler off", base, [("fused loop", "fused", {})],
+                f"{KERNEL_NAMES[kernels]}, Grappler off", base, [("fused loop", "fused", {})],
                 {"grappler": {"disable_meta_optimizer": True}},
             ))
             groups.append((
-                f"oneDNN {kernels}, XLA auto-clustering (TF_XLA_FLAGS)",
+                f"{KERNEL_NAMES[kernels]}, XLA auto-clustering (TF_XLA_FLAGS)",
                 {**base, "TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"},
                 [("fused loop", "fused", {})],
             ))
@@ -866,8 +891,9 @@ def main(argv=None):
         p.add_argument("--filters", type=int, help="default 64")
         p.add_argument("--blocks", type=int, help="convnet blocks (default 4, Leap's)")
         p.add_argument("--repeats", "--rounds", type=int, dest="repeats", help="alternating rounds (default 8)")
-        p.add_argument("--kernels", nargs="+", choices=sorted(KERNELS),
-                       help="TF_ENABLE_ONEDNN_OPTS=1 (on) and/or 0 (off) workers (default: on off)")
+        p.add_argument("--kernels", nargs="+", choices=list(KERNELS),
+                       help="TensorFlow workers: oneDNN on (TF_ENABLE_ONEDNN_OPTS=1), off (=0), avx2 "
+                            "(on, ONEDNN_MAX_CPU_ISA=AVX2; adds PyTorch capped at AVX2) (default: on off)")
         p.add_argument("--no_torch", action="store_true",
                        help="behave as if PyTorch were not installed (its rows are skipped)")
         if name == "pytorch":
