@@ -5,8 +5,10 @@ task's parameters, hands the step to the learner (`MetaLearner.observe`) and
 lets the inner optimizer move the parameters, all on values (stateless: no
 variable is touched). A chunk of S steps is a `tf.while_loop` (`unroll`
 steps per iteration), so the graph does not grow with S or with K. The T
-tasks run as T copies of the step, or as one vectorized computation
-(`tf.vectorized_map`) with `vectorize=True`.
+tasks run as T copies of the step, or as one computation with
+`vectorize=True` or `"auto"` (`tfmeta.task_batched`: convolutions with the
+tasks in the channels, per-task BatchNorm, one tape; `tf.vectorized_map` for
+models it cannot walk).
 
 A task whose loss is NaN, inf, or finite but above `max_task_loss` has
 diverged: its loss and gradients become NaN, so that the NaN reaches its
@@ -28,14 +30,28 @@ import logging
 import keras
 import tensorflow as tf
 
-from tfmeta.divergence import diverged_as_nan
-from tfmeta.inner_optimizer import stateless_apply
-from tfmeta.learners.base import InnerStep, MetaLearner
+from tfmeta.learners.base import MetaLearner
 from tfmeta.replicas import task_loss
+from tfmeta.task_batched import TaskBatchedStep, finish_task_step, why_not_batched
 from tfmeta.task_state import TaskState
 from tfmeta.validation import ConfigError
 
-__all__ = ["InnerLoop", "mean_loss"]
+__all__ = ["InnerLoop", "VECTORIZE_TASKS", "check_vectorize", "mean_loss"]
+
+#: How the T tasks of a task batch run their inner step (`vectorize`):
+#: False: T copies of the step in the graph; True: one computation
+#: (`tfmeta.task_batched` where the model allows it, else `tf.vectorized_map`);
+#: "auto": one computation where the model allows it, else T copies.
+VECTORIZE_TASKS = (False, True, "auto")
+
+
+def check_vectorize(vectorize):
+    """`vectorize` if it is one of `VECTORIZE_TASKS` (a ConfigError names them otherwise)."""
+    if not any(vectorize is v or (isinstance(v, str) and vectorize == v) for v in VECTORIZE_TASKS):
+        raise ConfigError(
+            f"vectorize_tasks must be one of False, True or 'auto', got {vectorize!r}."
+        )
+    return vectorize
 
 
 def mean_loss(loss):
@@ -84,7 +100,11 @@ class InnerLoop:
         learner: the meta-learner that observes every step.
         optimizer: the built inner optimizer, passed through `make_stateless`.
         unroll: inner steps per `tf.while_loop` iteration.
-        vectorize: run the tasks' steps as one `tf.vectorized_map`.
+        vectorize: how the T tasks run their step, one of `VECTORIZE_TASKS`:
+            True and "auto" run them as one computation
+            (`tfmeta.task_batched.TaskBatchedStep`) where the model allows it
+            (`why_not_batched`); otherwise True uses `tf.vectorized_map` and
+            "auto" falls back to copies of the step, with a warning.
         max_task_loss: a finite loss above this (in absolute value) counts as
             diverged, like NaN or inf; `None`: only NaN and inf do.
         jit_compile: compile `run` with XLA (`tf.function(jit_compile=True)`),
@@ -97,11 +117,24 @@ class InnerLoop:
     learner: MetaLearner
     optimizer: keras.optimizers.Optimizer
     unroll: int = 1
-    vectorize: bool = False
+    vectorize: bool | str = False
     max_task_loss: float | None = None
     jit_compile: bool = False
 
     def __post_init__(self):
+        self.vectorize = check_vectorize(self.vectorize)
+        self._batched = self._not_batched = None
+        if self.vectorize:
+            reason = self._not_batched = why_not_batched(self.model)
+            if reason is None:
+                self._batched = TaskBatchedStep(self)
+            elif self.vectorize == "auto":
+                # The fallback is slower, never wrong: say so once, at compile.
+                self.vectorize = False
+                logging.getLogger("tfmeta").warning(
+                    "vectorize_tasks='auto': the tasks' inner steps run as copies of the "
+                    "step, not as one computation, because %s.", reason
+                )
         # Only the chunk on tensors: variables, the all-reduce and the outer
         # update stay outside XLA, in the caller (tfmeta.meta_model).
         if self.jit_compile:
@@ -119,17 +152,10 @@ class InnerLoop:
             if losses:
                 loss = loss + tf.add_n(losses)
         grads = tape.gradient(loss, params)
-        grads = [tf.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        new_params, new_opt_vars = stateless_apply(self.optimizer, opt_vars, grads, params)
-        # A diverged step leaves NaN in the loss, the parameters and the
-        # optimizer state, which the learner and the meta-update then see.
-        loss, (new_params, new_opt_vars) = diverged_as_nan(
-            loss, (new_params, new_opt_vars), self.max_task_loss
+        (new_params, new_opt_vars, learner_state), loss = finish_task_step(
+            self, params, opt_vars, learner_state, grads, loss, index
         )
-        learner_state = self.learner.observe(
-            learner_state, InnerStep(list(params), grads, loss, index)
-        )
-        return (list(new_params), list(new_non_trainable), list(new_opt_vars), learner_state), loss
+        return (new_params, list(new_non_trainable), new_opt_vars, learner_state), loss
 
     def step(self, tasks, x, y, index):
         """One inner step of every task (stacked in, stacked out)."""
@@ -138,7 +164,9 @@ class InnerLoop:
             task, x_t, y_t = args
             return self.task_step(task, x_t, y_t, index)
 
-        if self.vectorize:
+        if self._batched is not None:
+            return self._batched.step(tasks, x, y, index)
+        if self.vectorize is True:
             try:
                 with _quiet_pfor():
                     return tf.vectorized_map(step, (tasks, x, y), fallback_to_while_loop=False)
@@ -148,8 +176,9 @@ class InnerLoop:
                 step((TaskState.task(tasks, 0), x[0], y[0]))
                 raise ConfigError(
                     "vectorize_tasks=True cannot batch this model's inner step over "
-                    f"per-task weights ({str(error).splitlines()[0]}). Compile with "
-                    "vectorize_tasks=False."
+                    f"per-task weights: tfmeta.task_batched cannot walk it ({self._not_batched}) "
+                    f"and tf.vectorized_map fails ({str(error).splitlines()[0]}). Compile with "
+                    "vectorize_tasks='auto' or False."
                 ) from error
         outputs = [step((TaskState.task(tasks, t), x[t], y[t])) for t in range(x.shape[0])]
         return tf.nest.map_structure(lambda *v: tf.stack(v), *outputs)

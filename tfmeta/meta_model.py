@@ -35,7 +35,7 @@ from tfmeta.distribute import (
     replica_devices,
 )
 from tfmeta.divergence import DEFAULT_MAX_TASK_LOSS, DivergenceGuard
-from tfmeta.inner_loop import InnerLoop, mean_loss
+from tfmeta.inner_loop import InnerLoop, check_vectorize, mean_loss
 from tfmeta.inner_optimizer import make_stateless
 from tfmeta.input_options import without_autotuning
 from tfmeta.learners.base import MetaLearner
@@ -118,11 +118,17 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 `FOMAML()`, `ContinualTrajectoryShifting(...)`).
             inner_steps: K, the length of each task's inner trajectory.
             inner_unroll: inner steps unrolled per `tf.while_loop` iteration.
-            vectorize_tasks: run the T tasks' inner steps as one vectorized
-                computation (`tf.vectorized_map`) instead of T copies of the
-                step in the graph. Much faster for small models; fails at trace
-                time for ops `tf.vectorized_map` cannot batch over per-task
-                weights (e.g. convolutions, dropout).
+            vectorize_tasks: how the T tasks of a task batch run their inner
+                step. False: T copies of the step in the graph (graph and
+                build time grow with T). True: one computation whose graph
+                does not grow with T (`tfmeta.task_batched`: Dense, Conv2D,
+                DepthwiseConv2D, BatchNorm, pooling, dropout, ... for the T
+                parameter sets at once; `tf.vectorized_map` for models it
+                cannot walk, e.g. subclassed ones, which fails at trace time
+                for ops it cannot batch). "auto": one computation where the
+                model allows it, else copies, with a warning naming the
+                layer. Equal to the copies to float rounding
+                (docs/performance.md, "Tasks as one computation").
             max_task_loss: an inner loss above this (in absolute value) counts
                 as diverged, like NaN or inf: the task is left out of the
                 meta-update and of the logged loss (`tfmeta.divergence`).
@@ -153,7 +159,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         self.learner = learner
         self.inner_steps = int(inner_steps)
         self.inner_unroll = int(inner_unroll)
-        self.vectorize_tasks = bool(vectorize_tasks)
+        self.vectorize_tasks = check_vectorize(vectorize_tasks)
         self.max_task_loss = validation.check_max_task_loss(max_task_loss)
         self.inner_loop = InnerLoop(
             self.model, self.task_loss, learner, self.inner_optimizer,

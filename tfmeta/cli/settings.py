@@ -115,7 +115,7 @@ class Settings:
     steps_per_chunk: int
     epochs: int
     steps_per_execution: int
-    vectorize_tasks: bool
+    vectorize_tasks: bool | str
     jit_compile: Any
     max_task_loss: float | None
     overwrite: bool
