@@ -91,9 +91,9 @@ class PredictorConstants:
             raise ValueError(f"kappa must be finite, got {self.kappa!r}")
 
 
-#: Fitted once on the calibration set of docs/results.md ("Predicting
-#: fine-tuning time"): the Omniglot target's cells of both networks (MLP and
-#: convnet, 20 candidates x 2 seeds), by
+#: Fitted once on the calibration set of docs/results.md (section 4): the
+#: Omniglot target's cells of both networks (MLP and convnet, 20 candidates
+#: x seeds 0-1; all five seeds give the same values), by
 #: ``tfmeta.experiments.complexity_prediction.fit_constants``; MNIST and
 #: Fashion-MNIST were not used.
 DEFAULT_CONSTANTS = PredictorConstants(alpha=3.5, kappa=10 ** -2.5)
