@@ -124,6 +124,7 @@ def results(meta, strategy):
         "meta_updates": int(meta.meta_updates.numpy()),
         "skipped_tasks": int(meta.skipped_tasks.numpy()),
         "xla": bool(meta.inner_jit_compile),
+        "batched": meta.inner_loop._batched is not None,
     }
 
 
@@ -176,6 +177,11 @@ def _main():
         "reference": meta_train(one, "reptile", False, conv=False),
         "two_xla": meta_train(two, "reptile", True, conv=False, vectorize_tasks=True),
     }
+    # the convnet's tasks as one computation (tfmeta.task_batched), 2 replicas
+    out["batched"] = {
+        "reference": meta_train(one, "leap", False),
+        "two": meta_train(two, "leap", False, vectorize_tasks="auto"),
+    }
     out["dropout"] = {
         "one": meta_train(one, "leap", False, dropout=True),
         "one_xla": meta_train(one, "leap", True, dropout=True),
@@ -223,7 +229,7 @@ def _hlo(strategy):
 
 @pytest.fixture(scope="module")
 def runs():
-    return _run([__file__, "replicas"])
+    return _run([__file__, "replicas"], timeout=900)  # one subprocess for the whole file
 
 
 def _initial_phi():
@@ -262,6 +268,12 @@ def test_vectorized_tasks_under_xla_per_replica(runs):
     run = runs["vectorized"]
     assert run["two_xla"]["inner_loop"] == {"function": True, "traces": 2}
     assert_same_run(run["two_xla"], run["reference"])
+
+
+def test_convnet_tasks_as_one_computation_on_two_replicas_give_the_phi_of_copies(runs):
+    run = runs["batched"]
+    assert run["two"]["batched"] and not run["reference"]["batched"]
+    assert_same_run(run["two"], run["reference"])
 
 
 def test_dropout_under_xla_matches_across_replicas_and_xla_is_really_on(runs):
