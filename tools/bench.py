@@ -578,7 +578,8 @@ def _worker_run(kind, options, sizes, data):
     tasks = options.pop("tasks")
     run = bench_meta(
         tf.distribute.get_strategy(), _learner(options.pop("learner")), steps, filters, tasks,
-        sizes["chunk"], sizes["inner_steps"], blocks=blocks, data=data, model_fn=model_fn, **options,
+        options.pop("chunk", sizes["chunk"]), sizes["inner_steps"], blocks=blocks, data=data,
+        model_fn=model_fn, **options,
     )
     return run, steps * tasks
 
@@ -788,45 +789,72 @@ def _thread_env(intra, inter):
     return {"TF_NUM_INTRAOP_THREADS": str(intra), "TF_NUM_INTEROP_THREADS": str(inter)}
 
 
-def settings(args):
-    """TensorFlow settings, each fixed before TensorFlow starts (its own worker), alternating."""
-    T = args.tasks
+GRAPPLER_PASSES = ("remapping", "layout_optimizer", "arithmetic_optimization", "constant_folding",
+                   "loop_optimization", "dependency_optimization")
+
+
+def _setting_groups(group, kernels, T):
+    """One kernel set's workers of a `settings` group: `(label, env, runs[, spec])`.
+
+    The first worker is that kernel set's default, the others change one setting.
+    """
+    name, base = KERNEL_NAMES[kernels], KERNELS[kernels]
+    fused = ("fused loop", "fused", {})
     leap = (f"Leap T={T}", "meta", {"learner": "leap", "tasks": T})
-    reptile = (f"Reptile T={T}", "meta", {"learner": "reptile", "tasks": T})
-    groups = _torch_groups(args, variants=False)
-    for kernels in args.kernels:
-        base = KERNELS[kernels]
-        if args.group == "threads":
-            for intra, inter in ((2, 2), (1, 1), (1, 2), (2, 1)):
-                groups.append((
-                    f"{KERNEL_NAMES[kernels]}, intra {intra} inter {inter}", {**base, **_thread_env(intra, inter)},
-                    [("fused tf.function loop", "fused", {}), leap, reptile],
-                ))
-        else:
-            groups.append((KERNEL_NAMES[kernels], base, [
-                ("fused loop", "fused", {}),
-                ("fused loop, XLA (jit_compile=True)", "fused", {"jit_compile": True}),
-                ("fused loop, fused BatchNorm", "fused", {"model": "fused_bn"}),
-                ("fused loop, BatchNorm before MaxPool", "fused", {"model": "bn_pool"}),
-                ("fused loop, NCHW (channels_first)", "fused", {"model": "channels_first"}),
-                leap,
-                (f"Leap T={T}, fused BatchNorm", "meta", {"learner": "leap", "tasks": T, "model": "fused_bn"}),
-            ]))
-            groups.append((
-                f"{KERNEL_NAMES[kernels]}, Grappler off", base, [("fused loop", "fused", {})],
-                {"grappler": {"disable_meta_optimizer": True}},
-            ))
-            groups.append((
-                f"{KERNEL_NAMES[kernels]}, XLA auto-clustering (TF_XLA_FLAGS)",
-                {**base, "TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"},
-                [("fused loop", "fused", {})],
-            ))
+    if group == "threads":
+        return [
+            (f"{name}, intra {intra} inter {inter}", {**base, **_thread_env(intra, inter)},
+             [fused, leap, (f"Reptile T={T}", "meta", {"learner": "reptile", "tasks": T})])
+            for intra, inter in ((2, 2), (1, 1), (1, 2), (2, 1))
+        ]
+    if group == "model":
+        return [(name, base, [
+            fused,
+            ("fused loop, fused BatchNorm", "fused", {"model": "fused_bn"}),
+            ("fused loop, BatchNorm before MaxPool", "fused", {"model": "bn_pool"}),
+            ("fused loop, NCHW (channels_first)", "fused", {"model": "channels_first"}),
+            leap,
+            (f"Leap T={T}, fused BatchNorm", "meta", {"learner": "leap", "tasks": T, "model": "fused_bn"}),
+        ])]
+    if group == "grappler":
+        return [(name, base, [fused, leap])] + [
+            (f"{name}, Grappler {option} off", base, [fused, leap], {"grappler": {option: False}})
+            for option in GRAPPLER_PASSES
+        ] + [(f"{name}, Grappler off", base, [fused, leap], {"grappler": {"disable_meta_optimizer": True}})]
+    if group == "t1":
+        leap1 = {"learner": "leap", "tasks": 1}
+        return [(name, base, [
+            fused,
+            ("Leap T=1", "meta", leap1),
+            ("Reptile T=1", "meta", {"learner": "reptile", "tasks": 1}),
+            ("Leap T=1, chunks of 100 steps", "meta", {**leap1, "chunk": 100}),
+            ("Leap T=1, inner_unroll=2", "meta", {**leap1, "inner_unroll": 2}),
+            ("Leap T=1, tasks batched", "meta", {**leap1, **BATCHED_OPTION}),
+        ])]
+    return [  # xla
+        (name, base, [fused, ("fused loop, XLA (jit_compile=True)", "fused", {"jit_compile": True})]),
+        (f"{name}, XLA auto-clustering (TF_XLA_FLAGS)",
+         {**base, "TF_XLA_FLAGS": "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit"}, [fused]),
+    ]
+
+
+SETTING_GROUPS = ("threads", "model", "grappler", "xla", "t1")
+
+
+def settings(args):
+    """TensorFlow settings, each fixed before TensorFlow starts (its own worker), alternating.
+
+    Ratios to the first kernel set's default fused loop; plain PyTorch (NCHW,
+    2 threads) runs in the same rounds.
+    """
+    tf_groups = [group for kernels in args.kernels for group in _setting_groups(args.group, kernels, args.tasks)]
     title = (
         f"TensorFlow settings ({args.group}), steps/s of the runs of `pytorch` ({args.filters} "
         f"filters, batch {BATCH}, {args.steps} steps per task per call, K = {args.inner_steps}), "
         f"each setting in its own process, {args.repeats} alternating rounds (medians)."
     )
-    return _measure(groups, args, "PyTorch NCHW", title)
+    groups = _torch_groups(args, variants=False) + tf_groups
+    return _measure(groups, args, f"{tf_groups[0][0]}: fused loop", title)
 
 
 # `pytorch --smoke` / `settings --smoke`: every row, tiny sizes, in well under a minute of compute.
@@ -901,9 +929,11 @@ def main(argv=None):
                            help="the Leap row with the tasks batched (compile option "
                                 f"{BATCHED_OPTION}); auto: once tfmeta/inner_loop.py uses task_batched")
         else:
-            p.add_argument("--group", choices=("threads", "model"), default="model",
-                           help="threads: intra/inter-op pools; model: XLA, BatchNorm, pooling order, "
-                                "layout, Grappler (default)")
+            p.add_argument("--group", choices=SETTING_GROUPS, default="threads",
+                           help="threads: intra/inter-op pools (default); model: fused BatchNorm, "
+                                "pooling order, NCHW; grappler: each Grappler pass off; xla: "
+                                "jit_compile and auto-clustering (slow on CPU: use --steps 10); "
+                                "t1: where tfmeta's time goes at T = 1")
     args, rest = parser.parse_known_args(argv)
     if args.command in ("pytorch", "settings"):
         for key, value in (TORCH_SMOKE if args.smoke else TORCH_FULL).items():
