@@ -298,31 +298,43 @@ def _learner(name):
     }[name]()
 
 
-def _compare(runs, args, baseline, steps=None, skipped=()):
+def _per_round(rounds, name, other):
+    """Median and range of the per-round ratios of `name` to `other`, as text."""
+    ratios = sorted(a / b for a, b in zip(rounds[name], rounds[other]))
+    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
+def _compare(runs, args, baseline, steps=None, skipped=(), reference=None):
     """Interleaved repeats of every run; median inner steps/s and ratio to `baseline`.
 
-    Also each run's range over the rounds and the range of its per-round
-    ratios (both runs of a ratio measured in the same round, under the same
-    load). `steps[name]`: steps per call (default `args.steps * args.tasks`);
-    `skipped`: `(name, reason)` rows printed after the measured ones.
+    Also each run's range over the rounds and the median and range of its
+    per-round ratios (both runs of a ratio measured in the same round, under
+    the same load). `steps[name]`: steps per call (default `args.steps *
+    args.tasks`); `skipped`: `(name, reason)` rows printed after the measured
+    ones; `reference[name]`: another run to give the per-round ratio to (e.g.
+    the same run under the default setting), in an extra column.
     """
     steps = steps or dict.fromkeys(runs, args.steps * args.tasks)
+    reference = reference or {}
     rounds = {}
     median = _medians(runs, steps, args.repeats, rounds)
+    extra = " / default setting, per round |" if reference else ""
     print(
-        f"| run | inner steps/s | range over rounds | / {baseline} | per-round range | "
-        "first call (trace + compile), s |"
+        f"| run | inner steps/s | range over rounds | / {baseline} | per round: median (range) |"
+        f"{extra} first call (trace + compile), s |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|" + ("---|" if reference else "") + "---|")
     for name, rate in median.items():
-        ratios = [a / b for a, b in zip(rounds[name], rounds[baseline])]
+        cell = ""
+        if reference:
+            cell = f" {_per_round(rounds, name, reference[name]) if reference.get(name) in rounds else '-'} |"
         print(
             f"| {name} | {rate:.0f} | {min(rounds[name]):.0f}-{max(rounds[name]):.0f} | "
-            f"{rate / median[baseline]:.2f} | {min(ratios):.2f}-{max(ratios):.2f} | "
+            f"{rate / median[baseline]:.2f} | {_per_round(rounds, name, baseline)} |{cell} "
             f"{runs[name].build_seconds:.1f} |"
         )
     for name, reason in skipped:
-        print(f"| {name} | {reason} | | | | |")
+        print(f"| {name} | {reason} |" + " |" * (5 if reference else 4))
     return median
 
 
@@ -578,7 +590,7 @@ def _worker_run(kind, options, sizes, data):
     tasks = options.pop("tasks")
     run = bench_meta(
         tf.distribute.get_strategy(), _learner(options.pop("learner")), steps, filters, tasks,
-        options.pop("chunk", sizes["chunk"]), sizes["inner_steps"], blocks=blocks, data=data,
+        sizes[options.pop("chunk", "chunk")], sizes["inner_steps"], blocks=blocks, data=data,
         model_fn=model_fn, **options,
     )
     return run, steps * tasks
@@ -656,13 +668,13 @@ class _Worker:
         self.log.close()
 
 
-def _measure(groups, args, baseline, title, skipped=()):
+def _measure(groups, args, baseline, title, skipped=(), reference=None):
     """Start one worker per group, then `_compare` all their runs in alternating rounds.
 
     `groups`: `(label, env, [(name, kind, options), ...][, spec])`: the
     worker's environment, its runs, and more of its spec (e.g. "grappler");
-    rows are named "label: name"; `skipped` rows are printed as such.
-    Returns the medians (steps/s per row).
+    rows are named "label: name"; `skipped` rows are printed as such;
+    `reference` as in `_compare`. Returns the medians (steps/s per row).
     """
     sizes = {key: getattr(args, key) for key in ("steps", "filters", "blocks", "inner_steps", "chunk")}
     sizes["pool"] = args.tasks * args.inner_steps  # one trajectory of T tasks: T x K batches
@@ -680,7 +692,7 @@ def _measure(groups, args, baseline, title, skipped=()):
         if baseline not in runs:
             baseline = next(iter(runs))
         print(title + f" Ratios to {baseline!r}. Load average (1 min) before: {os.getloadavg()[0]:.1f}.")
-        median = _compare(runs, args, baseline, steps, skipped)
+        median = _compare(runs, args, baseline, steps, skipped, reference)
         print(f"Load average (1 min) after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
         return median
     finally:
@@ -827,7 +839,7 @@ def _setting_groups(group, kernels, T):
             fused,
             ("Leap T=1", "meta", leap1),
             ("Reptile T=1", "meta", {"learner": "reptile", "tasks": 1}),
-            ("Leap T=1, chunks of 100 steps", "meta", {**leap1, "chunk": 100}),
+            ("Leap T=1, one chunk per trajectory", "meta", {**leap1, "chunk": "inner_steps"}),
             ("Leap T=1, inner_unroll=2", "meta", {**leap1, "inner_unroll": 2}),
             ("Leap T=1, tasks batched", "meta", {**leap1, **BATCHED_OPTION}),
         ])]
@@ -844,17 +856,26 @@ SETTING_GROUPS = ("threads", "model", "grappler", "xla", "t1")
 def settings(args):
     """TensorFlow settings, each fixed before TensorFlow starts (its own worker), alternating.
 
-    Ratios to the first kernel set's default fused loop; plain PyTorch (NCHW,
-    2 threads) runs in the same rounds.
+    Ratios to the first kernel set's default fused loop, and of every run to
+    the same run under its kernel set's default (each default: to the first
+    kernel set's); plain PyTorch (NCHW, 2 threads) runs in the same rounds.
     """
-    tf_groups = [group for kernels in args.kernels for group in _setting_groups(args.group, kernels, args.tasks)]
+    tf_groups, reference = [], {}
+    for kernels in args.kernels:
+        own = _setting_groups(args.group, kernels, args.tasks)
+        # each setting against its kernel set's default; each default against the first kernel set's
+        for label, _, runs, *_ in own:
+            for name, *_ in runs:
+                default = own[0][0] if label != own[0][0] else tf_groups[0][0] if tf_groups else None
+                reference[f"{label}: {name}"] = default and f"{default}: {name}"
+        tf_groups += own
     title = (
         f"TensorFlow settings ({args.group}), steps/s of the runs of `pytorch` ({args.filters} "
         f"filters, batch {BATCH}, {args.steps} steps per task per call, K = {args.inner_steps}), "
         f"each setting in its own process, {args.repeats} alternating rounds (medians)."
     )
     groups = _torch_groups(args, variants=False) + tf_groups
-    return _measure(groups, args, f"{tf_groups[0][0]}: fused loop", title)
+    return _measure(groups, args, f"{tf_groups[0][0]}: fused loop", title, reference=reference)
 
 
 # `pytorch --smoke` / `settings --smoke`: every row, tiny sizes, in well under a minute of compute.
