@@ -318,7 +318,7 @@ def _compare(runs, args, baseline, steps=None, skipped=(), reference=None):
     reference = reference or {}
     rounds = {}
     median = _medians(runs, steps, args.repeats, rounds)
-    extra = " / default setting, per round |" if reference else ""
+    extra = " / default, per round |" if reference else ""
     print(
         f"| run | inner steps/s | range over rounds | / {baseline} | per round: median (range) |"
         f"{extra} first call (trace + compile), s |"
@@ -863,16 +863,21 @@ def settings(args):
     tf_groups, reference = [], {}
     for kernels in args.kernels:
         own = _setting_groups(args.group, kernels, args.tasks)
-        # each setting against its kernel set's default; each default against the first kernel set's
+        # Each run against the same run without its setting: the run named before the first
+        # comma in the kernel set's first worker; a default against the first kernel set's.
         for label, _, runs, *_ in own:
             for name, *_ in runs:
-                default = own[0][0] if label != own[0][0] else tf_groups[0][0] if tf_groups else None
-                reference[f"{label}: {name}"] = default and f"{default}: {name}"
+                row, default = f"{label}: {name}", f"{own[0][0]}: {name.split(',')[0]}"
+                if row == default:
+                    default = f"{tf_groups[0][0]}: {name}" if tf_groups else None
+                reference[row] = default
         tf_groups += own
     title = (
         f"TensorFlow settings ({args.group}), steps/s of the runs of `pytorch` ({args.filters} "
         f"filters, batch {BATCH}, {args.steps} steps per task per call, K = {args.inner_steps}), "
-        f"each setting in its own process, {args.repeats} alternating rounds (medians)."
+        f"each setting in its own process, {args.repeats} alternating rounds (medians). "
+        "'/ default': per-round ratio to the same run without the setting, same kernel set "
+        "(for a kernel set's default: to the first kernel set's)."
     )
     groups = _torch_groups(args, variants=False) + tf_groups
     return _measure(groups, args, f"{tf_groups[0][0]}: fused loop", title, reference=reference)
