@@ -16,11 +16,6 @@ decay like the meta-learners' inner optimizer). Heads are one stacked kernel
 widest gets a constant -1e4 on its unused logits, so they never win and get
 exactly zero gradient (as in `tfmeta.TaskHeads`).
 
-`tfmeta.baselines.multihead_pretraining` is the older function form (plain
-SGD on the sum of task losses, one max-classes head per task, a Python loop);
-this model differs in taking any optimizer, per-source class counts, the
-mean loss and Keras `fit` (callbacks, resumable epochs).
-
 Example::
 
     sources = task_family(["mnist", "omniglot/background_a"])
