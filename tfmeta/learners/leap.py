@@ -56,18 +56,18 @@ class Leap(MetaLearner):
         else:
             df = tf.zeros_like(loss)
         moved = [p0 - p for p0, p in zip(state["prev_params"], step.params)]
-        increments = [
-            m - tf.cast(df, g.dtype) * g for m, g in zip(moved, state["prev_grads"])
-        ]
+        # The first step of a trajectory only records (theta_0, g_0, f_0).
+        scale = tf.cast(step.index > 0, df.dtype)
         if self.norm:
             d = tf.sqrt(tf.square(df) + global_norm_squared(moved))
             # d is 0 only when the step did not move: the increment is 0 too.
-            increments = [tf.math.divide_no_nan(inc, tf.cast(d, inc.dtype)) for inc in increments]
-        # The first step of a trajectory only records (theta_0, g_0, f_0).
-        has_prev = tf.cast(step.index > 0, tf.float32)
+            scale = tf.math.divide_no_nan(scale, d)
+        # acc + scale * (moved - df * g) as one add_n per tensor: the update
+        # touches each parameter-sized tensor fewer times, which is most of
+        # Leap's cost over Reptile's on a small model (docs/performance.md).
         meta_grad = [
-            acc + tf.cast(has_prev, inc.dtype) * inc
-            for acc, inc in zip(state["meta_grad"], increments)
+            tf.add_n([acc, tf.cast(scale, m.dtype) * m, tf.cast(-scale * df, g.dtype) * g])
+            for acc, m, g in zip(state["meta_grad"], moved, state["prev_grads"])
         ]
         return {
             "meta_grad": meta_grad,
