@@ -128,6 +128,81 @@ def test_gin_files_parse_and_select_their_experiment():
             gin.clear_config()
 
 
+def test_shared_settings_are_declared_once_and_gin_bindings_reach_both_experiments(
+        monkeypatch):
+    import dataclasses
+    import inspect
+
+    from tfmeta.experiments import complexity_ranking, complexity_reachability, complexity_settings
+    from tfmeta.experiments.complexity_settings import FinetuneSettings
+
+    fields = [(f.name, f.default) for f in dataclasses.fields(FinetuneSettings)]
+    for function, own in ((reachability_experiment, ["output_dir", "tasks"]),
+                          (ranking_experiment, ["output_dir", "target", "sources",
+                                                "initializations", "initialization_baselines",
+                                                "scratch", "finetune_seeds"])):
+        params = inspect.signature(function).parameters.values()
+        assert [p.name for p in params] == own + [name for name, _ in fields]
+        assert [(p.name, p.default) for p in params][len(own):] == fields
+
+    # Gin binds the shared settings under each experiment's name (the names
+    # gin/complexity_*.gin use) and refuses a misspelled one at parse time.
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_task(name, examples, seed=0, data_dir=None):
+        seen.setdefault("tasks", []).append((name, examples, seed, data_dir))
+        return np.zeros((4, 2), np.float32), np.arange(4) % 2
+
+    def fake_matrix(data, model_fn, recipe, **kwargs):
+        seen["reachability"] = dict(model_fn=model_fn, recipe=recipe, **kwargs)
+        raise Stop
+
+    def fake_train(data, recipe, model_fn=None):
+        seen["ranking"] = recipe
+        raise Stop
+
+    monkeypatch.setattr(complexity_settings, "task_arrays", fake_task)
+    monkeypatch.setattr(complexity_reachability, "reachability_matrix", fake_matrix)
+    monkeypatch.setattr(complexity_ranking, "train", fake_train)
+    bindings = """
+    {name}.examples = 7
+    {name}.seed = 3
+    {name}.lam = 0.3
+    {name}.weight_decay = 1e-3
+    {name}.fisher_samples = 64
+    {name}.fisher_batch_size = 16
+    {name}.data_dir = "/nowhere"
+    {name}.model_fn = @conv_classifier
+    {name}.log = None
+    """
+    try:
+        for name in ("reachability_experiment", "ranking_experiment"):
+            gin.clear_config()
+            gin.parse_config(bindings.format(name=name))
+            with pytest.raises(Stop):
+                gin.get_configurable(f"tfmeta.complexity.{name}")(output_dir=None)
+        with pytest.raises(ValueError, match="parameter named 'lamm'"):
+            gin.parse_config("ranking_experiment.lamm = 0.3")
+    finally:
+        gin.clear_config()
+    reach = seen["reachability"]
+    assert reach["lam"] == 0.3 and reach["weight_decay"] == 1e-3 and reach["log"] is None
+    assert reach["complexity_kwargs"] == dict(fisher_samples=64, batch_size=16)
+    assert reach["model_fn"].__name__ == "conv_classifier"
+    # the default recipes from the bound weight decay and seed: SGD with 2 gamma
+    for recipe in (reach["recipe"], seen["ranking"]):
+        assert recipe.seed == 3 and recipe.optimizer.keywords["weight_decay"] == 2e-3
+    assert reach["finetune_recipe"].steps == 10000 and reach["recipe"].steps == 20000
+    assert all(t[1:] == (7, 3, "/nowhere") for t in seen["tasks"])
+    assert [t[0] for t in seen["tasks"]][:4] == ["mnist", "fashion_mnist", "omniglot",
+                                                 "mnist_random"]
+    with pytest.raises(TypeError, match="lamm"):
+        reachability_experiment(lamm=0.3)
+
+
 # --------------------------------------------------------------------------
 # real data
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 
 from tfmeta.complexity import (
-    TrainingRecipe,
     complexity,
     joint_union,
     rank_initializations,
@@ -33,18 +32,14 @@ from tfmeta.complexity import (
 )
 from tfmeta.complexity.measure import resolve_beta
 from tfmeta.experiments.complexity_figures import plot_ranking
-from tfmeta.experiments.complexity_run import describe_recipe, print_line, say, write_outputs
-from tfmeta.experiments.complexity_tasks import (
-    default_recipe,
-    export_baseline,
-    label_space,
-    mlp_classifier,
-    task_arrays,
-)
+from tfmeta.experiments.complexity_run import say, write_outputs
+from tfmeta.experiments.complexity_settings import FinetuneSettings, with_settings
+from tfmeta.experiments.complexity_tasks import export_baseline, label_space
 
 __all__ = ["ranking_experiment", "ranking_markdown"]
 
 
+@with_settings
 def ranking_experiment(
     output_dir=None,
     target: str = "mnist",
@@ -52,22 +47,18 @@ def ranking_experiment(
     initializations: Optional[Mapping[str, str]] = None,
     initialization_baselines: bool = True,
     scratch: bool = True,
-    examples: int = 1000,
-    model_fn: Callable = mlp_classifier,
-    recipe: Optional[TrainingRecipe] = None,
-    finetune_recipe: Optional[TrainingRecipe] = None,
     finetune_seeds: Optional[Sequence[int]] = (0, 1, 2),
-    lam: float = 0.1,
-    weight_decay: float = 5e-4,
-    fisher_samples: Optional[int] = None,
-    fisher_batch_size: int = 100,
-    seed: int = 0,
-    plot: bool = True,
-    data_dir=None,
-    log: Optional[Callable[[str], None]] = print_line,
+    *,
+    settings: FinetuneSettings,
 ) -> dict:
     """Rank candidate initializations of ``target`` by predicted ease and by
     measured fine-tuning steps.
+
+    The shared settings (``examples``, ``model_fn``, ``recipe``,
+    ``finetune_recipe``, ``lam``, ``weight_decay``, ``fisher_samples``,
+    ``fisher_batch_size``, ``seed``, ``plot``, ``data_dir``, ``log``) are
+    keyword parameters too: the fields of
+    :class:`~tfmeta.experiments.complexity_settings.FinetuneSettings`.
 
     Candidates: ``"scratch"`` (a fresh ``model_fn`` model), one model trained
     from scratch (``recipe``) on each of ``sources``, and each exported
@@ -104,14 +95,13 @@ def ranking_experiment(
     from tfmeta.export import load_initialization, read_export_info
 
     began = time.perf_counter()
-    recipe = recipe or default_recipe(weight_decay, seed=seed)
-    finetune_recipe = finetune_recipe or dataclasses.replace(recipe, steps=10000)
-    beta, lam = resolve_beta(None, lam, weight_decay)
-    ckw = dict(fisher_samples=fisher_samples, batch_size=fisher_batch_size)
+    recipe, finetune_recipe = settings.recipe, settings.finetune_recipe
+    model_fn, log, ckw = settings.model_fn, settings.log, settings.complexity_kwargs
+    beta, lam = resolve_beta(None, settings.lam, settings.weight_decay)
     names = [target, *sources]
     if len(set(names)) != len(names):
         raise ValueError(f"target and sources must be distinct tasks, got {names}")
-    data = {t: task_arrays(t, examples, seed=seed, data_dir=data_dir) for t in names}
+    data = settings.task_data(names)
     classes = {t: int(data[t][1].max()) + 1 for t in names}
     spaces = {t: label_space(t) for t in names}
     n_target = classes[target]
@@ -166,7 +156,8 @@ def ranking_experiment(
     for fs in seeds:
         per_seed.append(rank_initializations(
             data[target], candidates, dataclasses.replace(finetune_recipe, seed=fs),
-            lam=lam, weight_decay=weight_decay, complexity_kwargs=ckw, num_classes=n_target,
+            lam=lam, weight_decay=settings.weight_decay, complexity_kwargs=ckw,
+            num_classes=n_target,
             # this experiment's documented "potential" column (predict_steps,
             # the default, is measured by complexity_prediction)
             predictor="potential",
@@ -203,10 +194,7 @@ def ranking_experiment(
     out = dict(
         experiment="ranking",
         settings=dict(target=target, sources=list(sources),
-                      initializations=dict(initializations or {}), examples=int(examples),
-                      lam=lam, weight_decay=weight_decay, seed=int(seed),
-                      fisher_samples=fisher_samples, recipe=describe_recipe(recipe),
-                      finetune_recipe=describe_recipe(finetune_recipe), model=repr(model_fn),
+                      initializations=dict(initializations or {}), **settings.describe(),
                       finetune_seeds=seeds),
         target_scratch_steps=int(target_run.steps),
         target_complexity=c_target.total,
@@ -215,8 +203,9 @@ def ranking_experiment(
         max_steps=int(finetune_recipe.steps),
         seconds=time.perf_counter() - began,
     )
-    return write_outputs(out, output_dir, plot and (lambda path: plot_ranking(out, path)),
-                   "ranking.png", ranking_markdown, log)
+    return write_outputs(out, output_dir,
+                         settings.plot and (lambda path: plot_ranking(out, path)),
+                         "ranking.png", ranking_markdown, log)
 
 
 def ranking_markdown(out) -> str:

@@ -14,38 +14,24 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
-from tfmeta.complexity import TrainingRecipe, reachability_matrix, spearman
+from tfmeta.complexity import reachability_matrix, spearman
 from tfmeta.experiments.complexity_figures import plot_reachability
-from tfmeta.experiments.complexity_run import describe_recipe, print_line, write_outputs
-from tfmeta.experiments.complexity_tasks import (
-    default_recipe,
-    label_space,
-    mlp_classifier,
-    task_arrays,
-)
+from tfmeta.experiments.complexity_run import write_outputs
+from tfmeta.experiments.complexity_settings import FinetuneSettings, with_settings
+from tfmeta.experiments.complexity_tasks import label_space
 
 __all__ = ["reachability_experiment", "reachability_markdown"]
 
 
+@with_settings
 def reachability_experiment(
     output_dir=None,
     tasks: Sequence[str] = ("mnist", "fashion_mnist", "omniglot", "mnist_random"),
-    examples: int = 1000,
-    model_fn: Callable = mlp_classifier,
-    recipe: Optional[TrainingRecipe] = None,
-    finetune_recipe: Optional[TrainingRecipe] = None,
-    lam: float = 0.1,
-    weight_decay: float = 5e-4,
-    fisher_samples: Optional[int] = None,
-    fisher_batch_size: int = 100,
-    seed: int = 0,
-    plot: bool = True,
-    data_dir=None,
-    log: Optional[Callable[[str], None]] = print_line,
+    *,
+    settings: FinetuneSettings,
 ) -> dict:
     """Reachability matrix between named real tasks (figure 2).
 
@@ -55,8 +41,13 @@ def reachability_experiment(
     head by a fresh one with ``t``'s classes (also on the diagonal). Unions
     share labels only within a label space (``TASKS``: ``mnist``,
     ``mnist_random`` and ``mnist_0-4`` are all digits), otherwise the label
-    sets are disjoint. Defaults: the recipe of :func:`relabel_experiment` for
-    pretraining and unions, the same for fine-tuning with a 10000-step budget.
+    sets are disjoint. The other keyword parameters are the fields of
+    :class:`~tfmeta.experiments.complexity_settings.FinetuneSettings`
+    (``examples``, ``model_fn``, ``recipe``, ``finetune_recipe``, ``lam``,
+    ``weight_decay``, ``fisher_samples``, ``fisher_batch_size``, ``seed``,
+    ``plot``, ``data_dir``, ``log``). Defaults: the recipe of
+    :func:`relabel_experiment` for pretraining and unions, the same for
+    fine-tuning with a 10000-step budget.
 
     Writes ``reachability.png`` (colour: distance; text: fine-tuning steps;
     row labels: steps from scratch), ``results.json``, ``summary.md``.
@@ -67,22 +58,15 @@ def reachability_experiment(
         out["steps"], out["distance"], out["spearman_distance_steps"]
     """
     began = time.perf_counter()
-    recipe = recipe or default_recipe(weight_decay, seed=seed)
-    finetune_recipe = finetune_recipe or dataclasses.replace(recipe, steps=10000)
-    data = {t: task_arrays(t, examples, seed=seed, data_dir=data_dir) for t in tasks}
-    spaces = {t: label_space(t) for t in tasks}
+    finetune_recipe = settings.finetune_recipe
     reach = reachability_matrix(
-        data, model_fn, recipe, finetune_recipe=finetune_recipe, lam=lam,
-        weight_decay=weight_decay,
-        complexity_kwargs=dict(fisher_samples=fisher_samples, batch_size=fisher_batch_size),
-        heads="per_task", label_spaces=spaces, log=log,
+        settings.task_data(tasks), settings.model_fn, settings.recipe,
+        finetune_recipe=finetune_recipe, lam=settings.lam, weight_decay=settings.weight_decay,
+        complexity_kwargs=settings.complexity_kwargs, heads="per_task",
+        label_spaces={t: label_space(t) for t in tasks}, log=settings.log,
     )
     out = dict(experiment="reachability",
-               settings=dict(tasks=list(tasks), examples=int(examples), lam=lam,
-                             weight_decay=weight_decay, seed=int(seed),
-                             fisher_samples=fisher_samples, recipe=describe_recipe(recipe),
-                             finetune_recipe=describe_recipe(finetune_recipe),
-                             model=repr(model_fn)),
+               settings=dict(tasks=list(tasks), **settings.describe()),
                **reach.to_dict())
     # Figure 1 (right) across tasks: complexity vs. steps from scratch.
     out["spearman_complexity_scratch_steps"] = spearman(
@@ -90,8 +74,9 @@ def reachability_experiment(
     out["seconds"] = time.perf_counter() - began
     title = (f"fine-tuning steps to loss {finetune_recipe.loss_threshold} "
              f"(budget {finetune_recipe.steps})")
-    write_outputs(out, output_dir, plot and (lambda path: plot_reachability(reach, path, title=title)),
-            "reachability.png", reachability_markdown, log)
+    write_outputs(out, output_dir,
+                  settings.plot and (lambda path: plot_reachability(reach, path, title=title)),
+                  "reachability.png", reachability_markdown, settings.log)
     out["_reachability"] = reach
     return out
 
