@@ -106,6 +106,11 @@ def main(argv=None):
             print(f"Wrote {experiment.plot_stages(results, args.figure_left)}")
     except errors.expected() as error:
         return errors.report(PROG, error)
+    except (errors.Interrupted, KeyboardInterrupt):
+        # A meta-learner stopped by Ctrl-C (SIGINT) has just written a checkpoint.
+        print(f"{PROG}: interrupted; the finished cells are in {out / 'results.json'}: continue "
+              "with the same command and --resume.", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
     print()
     print(experiment.table(results))
     return 0

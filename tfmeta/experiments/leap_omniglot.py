@@ -28,13 +28,15 @@ meta-updates. Every finished cell goes to `output_dir/results.json` at once
 (atomically) with the settings it was computed with; `resume=True` skips
 the recorded cells (a recorded cell with other settings is an error naming
 the difference) and continues a meta-learner killed mid-cell from its last
-`tfmeta.train` checkpoint, so a killed run loses at most part of one cell.
+`tfmeta.train` checkpoint (written every 5 minutes), so a killed run loses
+at most part of one cell.
 
 Example::
 
     config = Config(meta_updates=80, inner_steps=50)
     cells = plan(["leap", "no pretraining"], alphabets=[5, 20], seeds=[0, 1, 2])
-    results = run(config, cells, "runs/leap_omniglot", train_learner=tool_train_learner)
+    # train_learner: e.g. tools/leap_omniglot.py's, which runs the gin-configured tfmeta.train job
+    results = run(config, cells, "runs/leap_omniglot", train_learner)
     print(table(results))
     plot_auc(results, "docs/figures/leap_omniglot_auc.png")
     plot_stages(results, "docs/figures/leap_omniglot_stages.png")
