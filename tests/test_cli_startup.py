@@ -84,3 +84,27 @@ def test_verbose_shows_tensorflow_messages_and_debug_the_traceback(tmp_path):
     assert len(verbose.stderr.splitlines()) > 1 and error.match(verbose.stderr.splitlines()[-1])
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert not (tmp_path / "run").exists()
+
+
+KERNELS = r"""
+import json, os
+from tfmeta.cli import startup
+startup.import_tensorflow()
+from tensorflow.python.util import _pywrap_util_port
+print(json.dumps({"flag": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "onednn": _pywrap_util_port.IsMklEnabled()}))
+"""
+
+
+@pytest.mark.parametrize("given", [None, "0"])
+def test_tools_turn_onednn_on_unless_told_otherwise(given):
+    """The tools' TensorFlow uses oneDNN's CPU kernels (faster here than Eigen's, also on CPUs
+    without AVX-512, where TensorFlow alone would not enable them); TF_ENABLE_ONEDNN_OPTS=0 wins."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if given is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = given
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    child = subprocess.run([sys.executable, "-c", KERNELS], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    seen = json.loads(child.stdout.strip().splitlines()[-1])
+    assert seen == {"flag": given or "1", "onednn": given is None}
