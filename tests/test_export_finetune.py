@@ -665,3 +665,40 @@ def test_finetune_result_is_a_dataclass_with_steps():
         "test_error": None,
         "steps": 2,
     }
+
+
+def test_head_is_found_in_models_whose_layers_were_called_before():
+    # keras.models.clone_model(...) then .build(input_shape) (no Input), and a
+    # functional model made of layers another model called first: the head's
+    # `.output` is its first call's, not the model's output. The features are
+    # checked against NumPy: relu(x W + b) of the trunk.
+    from tfmeta.heads import features_model, find_head, with_new_head
+
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    source = keras.Sequential([keras.Input((4,)), layers.Dense(6, activation="relu", name="trunk"),
+                               layers.Dense(3, name="head")])
+    clone = keras.models.clone_model(source)
+    clone.build((None, 4))
+    plain = keras.Sequential([layers.Dense(6, activation="relu", name="trunk"),
+                              layers.Dense(3, name="head")])
+    plain.build((None, 4))
+    trunk, head = layers.Dense(6, activation="relu", name="trunk"), layers.Dense(3, name="head")
+    first = keras.Input((4,))
+    keras.Model(first, head(trunk(first)))
+    second = keras.Input((4,))
+    reused = keras.Model(second, head(trunk(second)))
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    for model in (clone, plain, reused):
+        found, features = find_head(model)
+        assert found is model.layers[-1]
+        assert features is not None
+        kernel, bias = model.get_layer("trunk").get_weights()
+        np.testing.assert_allclose(features_model(model)(x).numpy(),
+                                   np.maximum(x @ kernel + bias, 0.0), rtol=1e-5, atol=1e-6)
+        new = with_new_head(model, 7)
+        assert new.output_shape == (None, 7) and new.layers[-1] is not found
+        np.testing.assert_array_equal(new.get_layer("trunk").kernel.numpy(), kernel)
+        hidden = np.maximum(x @ kernel + bias, 0.0)
+        w, b = new.layers[-1].get_weights()
+        np.testing.assert_allclose(new(x).numpy(), hidden @ w + b, rtol=1e-5, atol=1e-5)

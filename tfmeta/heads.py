@@ -31,6 +31,10 @@ _NOT_META_LEARNED = weakref.WeakSet()
 def find_head(model):
     """`(head, features)`: the last Dense layer and its input tensor, or `TypeError` saying why not.
 
+    `features` is the head's input in the call that produces the model's
+    output, so any built Sequential or functional model qualifies, however
+    it was built (on an `Input`, by `build(input_shape)`, by `clone_model`).
+
     Example::
 
         head, features = find_head(model)   # features: the head's input tensor
@@ -51,12 +55,18 @@ def find_head(model):
             "and build the new head in the model class, e.g. by constructing it "
             "with num_classes and copying the other layers' weights."
         )
-    if len(outputs) != 1 or outputs[0] is not old_head.output:
+    history = getattr(outputs[0], "_keras_history", None) if len(outputs) == 1 else None
+    if history is None or history.operation is not old_head:
         raise TypeError(
             "the head can be replaced only in single-output models "
             "whose output is produced by their last Dense layer"
         )
-    return old_head, old_head.input
+    # The call of the head that made the model's output: a layer called in
+    # several graphs (a clone_model'd Sequential rebuilt by build(input_shape),
+    # a layer reused in another model) has a node per call, and
+    # `old_head.input` / `.output` are only the first call's.
+    node = old_head._inbound_nodes[history.node_index]
+    return old_head, node.input_tensors[0]
 
 
 def features_model(model):
