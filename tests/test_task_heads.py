@@ -556,3 +556,100 @@ def test_export_records_an_untrained_head_and_loads_a_fresh_one(tmp_path):
 
 if __name__ == "__main__":
     {"mirrored": _mirrored_main}[sys.argv[1]]()
+
+
+class NamedVelocitySGD(keras.optimizers.Optimizer):
+    """SGD with momentum 0.9 keeping its velocities under names of its own
+    (`velocity_<i>`), as a custom optimizer may: nothing in a slot's name
+    says whose it is, only the list aligned with the variables does."""
+
+    def build(self, variables):
+        super().build(variables)
+        self.velocities = [self.add_variable(v.shape, dtype=v.dtype, name=f"velocity_{i}")
+                           for i, v in enumerate(variables)]
+
+    def update_step(self, gradient, variable, learning_rate):
+        velocity = self.velocities[self._get_variable_index(variable)]
+        self.assign(velocity, 0.9 * velocity - learning_rate * gradient)
+        self.assign_add(variable, velocity)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: NamedVelocitySGD(ALPHA),
+    lambda: keras.optimizers.Adam(ALPHA),
+    lambda: keras.optimizers.SGD(ALPHA, momentum=0.9, use_ema=True),
+], ids=["named_velocity_sgd", "adam", "sgd_ema"])
+def test_head_optimizer_slots_are_found_by_identity(make):
+    learner = Reptile()
+    learner.schedule = Schedule(1, "shift", reset_optimizer=False)
+    inner = make()
+    net, heads, state, _ = _parts(learner, inner=inner)
+    head_vars = [net.trainable_variables[i] for i in heads.indices]
+    # The reference: every per-variable slot the optimizer made for a head weight.
+    kinds = {"velocities", "_momentums", "_velocities", "momentums",
+             "_model_variables_moving_average"}
+    expected = sorted(
+        j for j, slot in enumerate(inner.variables)
+        for kind in kinds if hasattr(inner, kind)
+        for v in head_vars if getattr(inner, kind)[inner._get_variable_index(v)] is slot
+    )
+    assert heads.optimizer_slots(inner) == expected and len(expected) >= 2
+    tasks = state.read(restart=tf.constant(True), first=0, task_ids=tf.constant([0, 1, 2]))
+    state.write((tasks[0], tasks[1], [v + tf.cast(1, v.dtype) for v in tasks[2]], tasks[3]))
+    restarted = state.read(restart=tf.constant(True), first=0, task_ids=tf.constant([2, 1, 0]))[2]
+    for j, (value, stored) in enumerate(zip(restarted, state.optimizer)):
+        initial = np.stack([inner.variables[j].numpy()] * 3)
+        np.testing.assert_array_equal(value.numpy(), initial if j in expected else stored.numpy())
+
+
+def adam(params, grads, m, v, t, lr, epsilon, beta_1=0.9, beta_2=0.999):
+    """Adam (Kingma & Ba, Algorithm 1, in the efficient form of their section 2 that
+    Keras uses): m, v moving averages, theta -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)."""
+    m = [a + (g - a) * (1 - beta_1) for a, g in zip(m, grads)]
+    v = [a + (g * g - a) * (1 - beta_2) for a, g in zip(v, grads)]
+    alpha = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+    return [p - alpha * a / (np.sqrt(b) + epsilon) for p, a, b in zip(params, m, v)], m, v
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["copies", "batched"])
+def test_a_restarted_head_takes_adams_first_step_while_the_body_goes_on(vectorize):
+    # CTS without hard_reset keeps the inner optimizer's state over restarts,
+    # but a task's head restarts (its slots too): its next Adam step is Adam's
+    # step 1 (bias correction 1 - b^1), the body's step 3. Epsilon 1e-3 keeps
+    # round-off-sized gradients from being scaled up to +-lr steps.
+    from tfmeta.inner_loop import InnerLoop, mean_loss
+
+    learner = Reptile()
+    learner.schedule = Schedule(1, "shift", reset_optimizer=False)
+    inner = keras.optimizers.Adam(ALPHA, epsilon=1e-3)
+    net, heads, state, _ = _parts(learner, num_tasks=T, inner=inner)
+    loop = InnerLoop(net, mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+                     state.learner, inner, vectorize=vectorize)
+    phi = [v.numpy().astype(np.float64) for v in net.trainable_variables]
+    bank = [v.numpy().astype(np.float64) for v in heads.bank]
+    trajectories = [(0, 2), (2, 3)]
+    x, y = task_stream(np.array(trajectories))
+    step = tf.function(loop.step)
+    tasks = state.read(restart=tf.constant(True), first=0, task_ids=tf.constant(trajectories[0]))
+    for k in range(2):
+        tasks, _ = step(tasks, tf.constant(x[0, :, k]), tf.constant(y[0, :, k]), tf.constant(k))
+    state.write(tasks)
+    tasks = state.read(restart=tf.constant(True), first=0, task_ids=tf.constant(trajectories[1]))
+    tasks, _ = step(tasks, tf.constant(x[1, :, 0]), tf.constant(y[1, :, 0]), tf.constant(0))
+
+    def batch(m, t, k):
+        return x[m, t, k].reshape(B, -1).astype(np.float64), y[m, t, k]
+
+    for t in range(T):
+        theta = phi[:2] + [bank[0][trajectories[0][t]], bank[1][trajectories[0][t]]]
+        m = v = [np.zeros_like(p) for p in theta]
+        for k in range(2):
+            theta, m, v = adam(theta, mlp_loss_grad(theta, *batch(0, t, k))[1], m, v, k + 1,
+                               ALPHA, 1e-3)
+        start = phi[:2] + [bank[0][trajectories[1][t]], bank[1][trajectories[1][t]]]
+        grads = mlp_loss_grad(start, *batch(1, t, 0))[1]
+        body = adam(start[:2], grads[:2], m[:2], v[:2], 3, ALPHA, 1e-3)[0]
+        head = adam(start[2:], grads[2:], [0.0, 0.0], [0.0, 0.0], 1, ALPHA, 1e-3)[0]
+        assert_close([p[t] for p in tasks[0]], body + head, f"task {t} parameter")
+    iterations = [j for j, w in enumerate(inner.variables) if w is inner.iterations]
+    np.testing.assert_array_equal(tasks[2][iterations[0]].numpy(), [3] * T)

@@ -38,11 +38,14 @@ Example::
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfmeta.heads import find_head, mark_not_meta_learned
+from tfmeta.inner_optimizer import stateless_apply
 from tfmeta.learners.exclude import ExcludeHeads
 from tfmeta.replicas import all_reduce_sum
 from tfmeta.validation import ConfigError
@@ -70,6 +73,23 @@ def unpack_task_batch(data, heads):
     if heads is None:
         return x, None, y
     return x, task_ids, y
+
+
+def _slot_lists(optimizer):
+    """The optimizer's per-variable slot lists: its attributes aligned with the
+    variables it was built on, each entry an optimizer variable or None.
+
+    Keras optimizers keep every slot kind so (`add_optimizer_variables`:
+    Adam's `_momentums` and `_velocities`, SGD's `momentums`, the gradient
+    accumulators, the EMA averages, ...).
+    """
+    built, own = optimizer._trainable_variables, optimizer._variables
+    ids = {id(v) for v in own}
+    for value in vars(optimizer).values():
+        if (isinstance(value, (list, tuple)) and value is not built and value is not own
+                and len(value) == len(built) and any(s is not None for s in value)
+                and all(s is None or id(s) in ids for s in value)):
+            yield value
 
 
 def _seeded(initializer, seed):
@@ -111,8 +131,11 @@ class TaskHeads:
     so it stays identical everywhere: a head trained on replica 0 and
     sampled later on replica 1 is the same. With schedules that keep the
     inner optimizer's state across restarts (CTS without `hard_reset`), the
-    heads' optimizer slots restart anyway: next trajectory, a task slot may
-    hold another source's head.
+    heads' optimizer slots restart anyway (next trajectory, a task slot may
+    hold another source's head), found by identity (`optimizer_slots`),
+    and the heads count their own steps from there (`own_step_count`):
+    Adam's bias correction restarts for a head as for a fresh optimizer,
+    while the body's moments and step count carry over.
 
     Example:
         >>> net = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
@@ -146,6 +169,7 @@ class TaskHeads:
         self.indices = ()
         self.bank = []
         self._bias = None  # the bank entry of the head's bias
+        self._slots = (None, None)  # (optimizer, its head slots): found once, warned once
 
     def __repr__(self):
         return (f"TaskHeads(num_heads={self.num_heads}, num_classes={self.num_classes!r}, "
@@ -156,7 +180,9 @@ class TaskHeads:
         """Attach to `model` (its last Dense layer is the head); return self.
 
         `MetaModel(model, heads=...)` calls this. Marks the head as not
-        meta-learned (`tfmeta.heads.head_meta_learned`), so exports record it.
+        meta-learned (`tfmeta.heads.head_meta_learned`), so exports record it,
+        and as trained by this TaskHeads (`tfmeta.heads.head_trainer`), so the
+        inner step counts the heads' own steps (`own_step_count`).
         """
         if self.model is not None:
             if self.model is model:
@@ -187,7 +213,7 @@ class TaskHeads:
         if self.num_classes is not None:
             self._check_num_classes(head)
         self.model, self.head, self.indices = model, head, indices
-        mark_not_meta_learned(head)
+        mark_not_meta_learned(head, trainer=self)
         return self
 
     def _check_num_classes(self, head):
@@ -272,18 +298,78 @@ class TaskHeads:
     def optimizer_slots(self, optimizer):
         """Positions in `optimizer.variables` of the heads' slots (momentum, moments, ...).
 
-        Keras names a slot after its variable's path
-        (`Optimizer.add_variable_from_reference`); an optimizer that names
-        its slots otherwise has none found here.
+        Found by identity, not by name: the optimizer (built on the model's
+        trainable variables) keeps one list per slot kind aligned with those
+        variables, and the heads' entries of every such list are theirs. An
+        optimizer variable outside these lists that has a head weight's
+        shape (a custom optimizer keeping slots its own way) cannot be told
+        apart: a warning names it, and it is not restarted with the heads.
+
+        Example::
+
+            # Adam on [W1, b1, W2, b2]: [iterations, lr, m, v of W1, m, v of b1, ...]
+            heads.optimizer_slots(adam)   # [6, 7, 8, 9]: m, v of W2 and b2
         """
         self._bound()
+        if self._slots[0] is optimizer:
+            return list(self._slots[1])
         trainable = self.model.trainable_variables
-        heads = [trainable[i] for i in self.indices]
-        return [
-            j for j, slot in enumerate(optimizer.variables)
-            if any(slot.name.startswith(v.path.replace("/", "_") + "_") and slot.shape == v.shape
-                   for v in heads)
-        ]
+        try:
+            rows = [optimizer._get_variable_index(trainable[i]) for i in self.indices]
+        except KeyError:
+            raise ConfigError(
+                f"The optimizer {optimizer.name!r} was not built on the model's trainable "
+                "variables: build it with optimizer.build(model.trainable_variables)."
+            ) from None
+        position = {id(v): j for j, v in enumerate(optimizer.variables)}
+        lists = list(_slot_lists(optimizer))
+        slots = sorted({position[id(kind[r])] for kind in lists for r in rows
+                        if kind[r] is not None})
+        listed = {id(s) for kind in lists for s in kind if s is not None}
+        shapes = {tuple(trainable[i].shape) for i in self.indices}
+        unknown = [v.name for v in optimizer.variables
+                   if id(v) not in listed and tuple(v.shape) in shapes
+                   and v is not optimizer._iterations]
+        if unknown:
+            logging.getLogger("tfmeta").warning(
+                "TaskHeads: the inner optimizer %r has variables %s of a head weight's shape "
+                "outside its per-variable slot lists, so they cannot be told to be the heads' "
+                "and do not restart with them. Keep slots in lists aligned with the variables "
+                "(Optimizer.add_optimizer_variables).", optimizer.name, unknown,
+            )
+        self._slots = (optimizer, slots)
+        return list(slots)
+
+    def own_step_count(self, optimizer, opt_vars, grads, params, index, stepped):
+        """`stepped` (one inner step's `(params, opt_vars)`) with the heads' entries
+        taken at the heads' own step count `index`.
+
+        Used when the schedule keeps the inner optimizer's state across
+        restarts (CTS without `hard_reset`): the heads' slots restart there,
+        but the optimizer's one `iterations` counter does not. A head's steps
+        since its slots restarted are the steps since the trajectory began,
+        `index`, so the heads' update is the optimizer's step with
+        `iterations = index`: Adam's bias correction (and a learning-rate
+        schedule) starts afresh for a head, as for a new optimizer, while
+        the body's continues. The counter in the result stays the body's.
+
+        Example::
+
+            params, opt_vars = heads.own_step_count(opt, opt_vars, grads, params, index,
+                                                    stateless_apply(opt, opt_vars, grads, params))
+        """
+        self._bound()
+        counter = next(j for j, v in enumerate(optimizer.variables)
+                       if v is optimizer._iterations)
+        own = list(opt_vars)
+        own[counter] = tf.cast(index, own[counter].dtype)
+        head_params, head_vars = stateless_apply(optimizer, own, grads, params)
+        new_params, new_vars = (list(v) for v in stepped)
+        for i in self.indices:
+            new_params[i] = head_params[i]
+        for j in self.optimizer_slots(optimizer):
+            new_vars[j] = head_vars[j]
+        return new_params, new_vars
 
     # ------------------------------------------------------------ the loop
     def check_ids(self, task_ids, num_tasks):
