@@ -337,3 +337,36 @@ def test_unknown_conv_lowering_is_refused():
     loop = InnerLoop(_convnet(), mean_loss("mse"), tfmeta.Reptile(), keras.optimizers.SGD(0.1))
     with pytest.raises(ConfigError, match=r"conv='fast' is not a Conv2D lowering: use one of"):
         TaskBatchedStep(loop, conv="fast")
+
+
+class PolarSGD(keras.optimizers.Optimizer):
+    """Orthogonalized gradient descent: a matrix steps by -lr U diag(s / (s + d)) V^T
+    of its gradient's SVD U diag(s) V^T, the polar factor U V^T (which Muon
+    approximates by Newton-Schulz iterations) damped where s is small (d = 0.01:
+    there U V^T alone is decided by round-off); a vector steps by -lr g.
+    pfor has no converter for TensorFlow's Svd op."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if len(variable.shape) == 2:
+            s, u, v = tf.linalg.svd(gradient)
+            gradient = tf.matmul(u * (s / (s + 0.01)), v, transpose_b=True)
+        self.assign_sub(variable, tf.cast(learning_rate, variable.dtype) * gradient)
+
+
+def test_an_optimizer_pfor_cannot_batch_runs_as_a_loop_says_so_and_equals_per_copy(caplog):
+    def mlp():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(),
+                                 L.Dense(12, activation="tanh"), L.Dense(10)])
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if r.name == "tfmeta"]
+
+    with caplog.at_level("WARNING", logger="tfmeta"):
+        _steps_both_ways(mlp(), tfmeta.Reptile(), keras.optimizers.Adam(0.01), "auto")
+        assert warnings() == []  # built-in optimizers and the loss batch whole
+        per_copy, batched = _steps_both_ways(mlp(), tfmeta.Reptile(), PolarSGD(0.05), "auto")
+    _assert_same(per_copy, batched)
+    assert len(warnings()) == 1, warnings()
+    assert "PolarSGD" in warnings()[0] and "Svd" in warnings()[0], warnings()[0]
+    assert "tf.while_loop" in warnings()[0] and "vectorize_tasks=False" in warnings()[0]

@@ -23,7 +23,10 @@ computation instead:
   (tasks share no parameter);
 * the rest of the step (the inner optimizer, `diverged_as_nan`, the
   learner's `observe`), element-wise ops and reductions, runs per task in
-  one `tf.vectorized_map`.
+  one `tf.vectorized_map`. An op pfor cannot batch (e.g. `tf.linalg.svd`
+  in a custom optimizer) runs as a `tf.while_loop` over the tasks: right
+  but slower, so the first trace logs one warning naming the part (the
+  optimizer, or the loss) and pfor's reason.
 
 No op of the traced step depends on T. `why_not_batched(model)` names the
 first layer this cannot run (an LSTM, a subclassed model, a regularized
@@ -39,7 +42,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 
 import keras
 import numpy as np
@@ -53,7 +58,9 @@ from tfmeta.learners.base import InnerStep
 from tfmeta.replicas import task_loss
 from tfmeta.validation import ConfigError
 
-__all__ = ["CONV_LOWERINGS", "TaskBatchedStep", "finish_task_step", "why_not_batched"]
+__all__ = [
+    "CONV_LOWERINGS", "TaskBatchedStep", "finish_task_step", "quiet_pfor", "why_not_batched",
+]
 
 #: How `TaskBatchedStep` runs a Conv2D for T tasks: "grouped" (one grouped
 #: convolution), "map" (`tf.map_fn` over the tasks), "auto" (grouped where
@@ -218,6 +225,24 @@ class TaskBatchedStep:
             )
         self.loop = loop
         self.conv = conv
+        # What tf.vectorized_map must partly run as a while loop, and why
+        # (None: nothing), found at the first trace of each map.
+        self._while_loops = {}
+
+    def _vectorized_map(self, what, fn, elems):
+        """`tf.vectorized_map(fn, elems)`, with one warning naming `what` and pfor's
+        reason when pfor cannot batch some op of `fn` and runs it as a while loop."""
+        if what not in self._while_loops:
+            reason = self._while_loops[what] = _why_not_vectorized(fn, elems)
+            if reason:
+                logging.getLogger("tfmeta").warning(
+                    "tf.vectorized_map cannot batch %s over the tasks (%s): that part of the "
+                    "inner step runs as a tf.while_loop over them, right but slower. Use ops "
+                    "pfor can batch there, or run the tasks as copies of the step "
+                    "(vectorize_tasks=False).", what, reason,
+                )
+        # warn=False: the warning above replaces pfor's own line per op.
+        return tf.vectorized_map(fn, elems, fallback_to_while_loop=True, warn=False)
 
     def step(self, tasks, x, y, index):
         """One inner step of every task: `(tasks, losses)`, stacked over tasks like `x`."""
@@ -227,9 +252,9 @@ class TaskBatchedStep:
             tape.watch(params)
             state = _TaskValues(model, params, non_trainable, self.conv)
             y_pred = _run_model(model, x, state, training=True)
-            losses = tf.vectorized_map(
+            losses = self._vectorized_map(
+                f"the task loss {self.loop.loss.name!r}",
                 lambda args: task_loss(self.loop.loss, *args), (y, y_pred),
-                fallback_to_while_loop=True,
             )
             penalty = _weight_penalties(model, state)
             if penalty is not None:
@@ -240,12 +265,55 @@ class TaskBatchedStep:
         def rest(args):
             return finish_task_step(self.loop, *args, index)
 
-        (new_params, new_opt_vars, learner_state), losses = tf.vectorized_map(
+        optimizer, learner = self.loop.optimizer, self.loop.learner
+        (new_params, new_opt_vars, learner_state), losses = self._vectorized_map(
+            f"the inner optimizer {type(optimizer).__name__} ({optimizer.name!r}) and "
+            f"{type(learner).__name__}.observe",
             rest, (params, opt_vars, learner_state, grads, losses),
-            fallback_to_while_loop=True,
         )
         new_non_trainable = [state[v] for v in model.non_trainable_variables]
         return (list(new_params), new_non_trainable, list(new_opt_vars), learner_state), losses
+
+
+@contextlib.contextmanager
+def quiet_pfor():
+    """TensorFlow's logger off: pfor logs every op it cannot batch (dozens of lines
+    of NodeDefs) before raising, and the error it raises says it in one line.
+
+    Example::
+
+        with quiet_pfor():
+            tf.vectorized_map(fn, elems, fallback_to_while_loop=False)
+    """
+    logger = tf.get_logger()
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
+
+
+def _why_not_vectorized(fn, elems):
+    """None if `tf.vectorized_map` batches every op of `fn` over `elems`, else pfor's
+    reason, in one line.
+
+    The attempt is traced in a function of its own that never runs: a failed
+    one leaves no ops in the caller's graph (where stateful ones would run).
+    """
+    reasons = []
+
+    def attempt(values):
+        # Caught here, inside the trace: out of it, tf.function would frame
+        # the message ("in user code: ...").
+        try:
+            tf.vectorized_map(fn, values, fallback_to_while_loop=False)
+        except ValueError as error:
+            reasons.append(str(error).splitlines()[0])
+
+    specs = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), elems)
+    with quiet_pfor():
+        tf.function(attempt).get_concrete_function(specs)
+    return reasons[0] if reasons else None
 
 
 # ------------------------------------------------------------ the forward pass
