@@ -370,3 +370,20 @@ def test_an_optimizer_pfor_cannot_batch_runs_as_a_loop_says_so_and_equals_per_co
     assert len(warnings()) == 1, warnings()
     assert "PolarSGD" in warnings()[0] and "Svd" in warnings()[0], warnings()[0]
     assert "tf.while_loop" in warnings()[0] and "vectorize_tasks=False" in warnings()[0]
+
+
+@pytest.mark.parametrize("learner", [
+    tfmeta.Leap(), tfmeta.Leap(norm=False, loss=False), tfmeta.Reptile(), tfmeta.FOMAML(),
+    tfmeta.FOMAML(steps="all"), tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile()),
+], ids=repr)
+def test_every_learner_batches_whole(learner, caplog):
+    """No built-in learner's `observe` falls back to a while loop over the tasks (an op without
+    a pfor converter there, such as tf.nn.l2_loss, would make the batched step slow)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), L.Flatten(), L.Dense(12, activation="tanh"),
+                              L.Dense(10)])
+    with caplog.at_level("WARNING", logger="tfmeta"):
+        per_copy, batched = _steps_both_ways(model, learner, keras.optimizers.SGD(0.05, momentum=0.9),
+                                             "auto")
+    assert [r.getMessage() for r in caplog.records if r.name == "tfmeta"] == []
+    _assert_same(per_copy, batched)

@@ -91,6 +91,7 @@ def zeros_like_all(tensors):
 
 def global_norm_squared(tensors):
     """Sum of squares over all tensors (the norm over ALL parameters)."""
-    # l2_loss (sum(t**2) / 2) is one kernel and one pass over t, where
-    # reduce_sum(square(t)) writes the squares out first.
-    return 2 * tf.add_n([tf.nn.l2_loss(t) for t in tensors])
+    # Not tf.nn.l2_loss (one pass instead of two): tf.vectorized_map has no
+    # converter for it, so the batched inner step (tfmeta.task_batched) would
+    # run the learner's observe as a while loop over the tasks.
+    return tf.add_n([tf.reduce_sum(tf.square(t)) for t in tensors])
