@@ -173,7 +173,7 @@ def test_sweep_table_and_figure(small_sweep, tmp_path):
     reptile = [np.mean(cells[f"reptile/K10/seed{s}"]["loss"]) for s in (0, 1)]
     assert f"| reptile | {np.mean(reptile):.2f} ± {np.std(reptile, ddof=1):.2f} |" in text
     lower, equal, higher = cts_synthetic.versus(cells, "cts", "reptile", 10, (0, 1))
-    assert lower + equal + higher == 4 and f"| cts | {lower} / {equal} / {higher} |" in text
+    assert lower + equal + higher == 4 and f"| cts | {lower} / {equal} / {higher} (" in text
     counts = cts_synthetic.plot_k(cells, tmp_path / "k.png", ("reptile", "cts"), (10,), (0, 1),
                                   landscape_ks=(2, 10), count_ks=(2, 10), grid=5, quality_grid=8)
     assert set(counts) == {2, 10} and (tmp_path / "k.png").stat().st_size > 10_000

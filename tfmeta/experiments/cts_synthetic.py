@@ -138,6 +138,13 @@ def meta_train(method, start, config=Config(), tasks=None):
     # exact reference's trajectories of length 1..K take K(K+1)/2 steps each.
     chunk = learner.schedule.period(K)
     train_steps = learner.schedule.steps_for(updates, K, chunk)
+    # One callback per meta-update is plenty for the plot; the exact
+    # reference takes K(K+1)/2 steps per process, so record it coarser, every
+    # execution of a divisor of its train steps (Keras would otherwise run a
+    # partial last execution past the budget).
+    per_call = 1
+    if chunk == 1 and train_steps > updates:
+        per_call = max(d for d in range(1, 51) if train_steps % d == 0)
     keras.utils.set_random_seed(config.task_seed)
     model = tasks.model(start)
     meta = MetaModel(model)
@@ -148,9 +155,7 @@ def meta_train(method, start, config=Config(), tasks=None):
         learner=learner,
         inner_steps=K,
         vectorize_tasks=True,
-        # One callback per meta-update is plenty for the plot; the exact
-        # reference takes K(K+1)/2 steps per process, so record it coarser.
-        steps_per_execution=50 if chunk == 1 and train_steps > updates else 1,
+        steps_per_execution=per_call,
     )
     trajectory = _Trajectory()
     meta.fit(
@@ -292,7 +297,8 @@ def versus(cells, method, other, inner_steps, task_seeds, metric="loss"):
 
 def sweep_table(cells, methods, inner_steps, task_seeds, metric="loss"):
     """Markdown: per method and K, mean +- std (over seeds, ddof 1) of the
-    start-point mean of `metric`, and how often each method is below Reptile."""
+    start-point mean of `metric`; how often each method is below Reptile, and
+    its paired difference to Reptile (mean +- std over seeds)."""
     def head(first):
         cols = []
         for K in inner_steps:
@@ -311,11 +317,16 @@ def sweep_table(cells, methods, inner_steps, task_seeds, metric="loss"):
     others = [m for m in methods if m != "reptile"]
     if "reptile" in methods and others:
         total = len(task_seeds) * len(cells[cell_key("reptile", inner_steps[0], task_seeds[0])]["loss"])
-        rows += [""] + head(f"vs reptile: lower / equal / higher, of {total} start points")
+        rows += [""] + head(f"vs reptile: lower / equal / higher of {total} start points "
+                            "(difference of the means)")
         for m in others:
-            rows.append(f"| {m} | " + " | ".join(
-                "{} / {} / {}".format(*versus(cells, m, "reptile", K, task_seeds, metric))
-                for K in inner_steps) + " |")
+            row = []
+            for K in inner_steps:
+                gap = (seed_means(cells, m, K, task_seeds, metric)
+                       - seed_means(cells, "reptile", K, task_seeds, metric))
+                counts = versus(cells, m, "reptile", K, task_seeds, metric)
+                row.append("{} / {} / {}".format(*counts) + f" ({spread(gap)})")
+            rows.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(rows)
 
 
@@ -421,7 +432,8 @@ def _landscape_axes(ax, tasks, quality=None):
     contour = None
     if quality is not None:
         contour = ax.contourf(*quality, levels=30, cmap="viridis_r")
-    ax.plot(tasks.targets[:, 0], tasks.targets[:, 1], "r^", markersize=5)
+    ax.plot(tasks.targets[:, 0], tasks.targets[:, 1], "^", color="orange", markeredgecolor="k",
+            markersize=6)
     ax.set_xlim(-5.5, 15.5)
     ax.set_ylim(-5.5, 15.5)
     ax.set_aspect("equal")
@@ -468,16 +480,17 @@ def plot(results, path, config=Config(), grid=80):
 
 
 def plot_k(cells, path, methods, inner_steps, task_seeds, config=Config(), landscape_ks=(25, 100),
-           count_ks=(1, 5, 10, 25, 50, 80, 100, 120), grid=21, quality_grid=60, log=None):
+           count_ks=(5, 10, 25, 50, 80, 100, 120), grid=21, quality_grid=60, log=None):
     """PNG of the paper's figure 5 and the effect of K; returns the landscape counts.
 
     (a, b) Reptile's meta-trajectories with fixed k from a grid of phi, rest
-    points red (the meta-level local optima); (c) the number of optima
-    against k, with the task-average loss after `eval_steps` steps from where
-    the grid comes to rest; (d, e) Reptile's and CTS's meta-trajectories from
-    the 9 start points on the map of initialization quality (task seed
-    `task_seeds[0]`, the K of `inner_steps` closest to 100); (f) the mean
-    loss of each method against K, mean +- std over `task_seeds`.
+    points red (the meta-level local optima), task centres orange; (c) the
+    number of optima against k, with the task-average loss after
+    `eval_steps` steps from where the grid comes to rest; (d, e) Reptile's
+    and CTS's meta-trajectories from the 9 start points on the map of
+    initialization quality (task seed `task_seeds[0]`, the K of
+    `inner_steps` closest to 100); (f) each method's mean loss minus
+    Reptile's against K, paired per task seed, mean +- std over `task_seeds`.
     Returns `{k: {"optima", "unconverged", "rest_loss"}}` for `count_ks`.
     """
     plt = _pyplot()
@@ -500,14 +513,15 @@ def plot_k(cells, path, methods, inner_steps, task_seeds, config=Config(), lands
                      f"{counts[k]['optima']} rest points")
     ks = sorted(counts)
     ax = axes[0, 2]
-    ax.plot(ks, [counts[k]["optima"] for k in ks], "ro-", label="meta-level local optima")
+    lines = ax.plot(ks, [counts[k]["optima"] for k in ks], "ro-", label="rest points (left)")
     ax.set_xlabel("k (fixed trajectory length)")
     ax.set_ylabel(f"distinct rest points of {grid}x{grid} starts")
     twin = ax.twinx()
-    twin.plot(ks, [counts[k]["rest_loss"] for k in ks], "bs--", label="loss at rest")
-    twin.set_ylabel(f"mean task-average loss after {config.eval_steps} steps at rest", color="b")
+    lines += twin.plot(ks, [counts[k]["rest_loss"] for k in ks], "bs--",
+                       label=f"grid-mean loss after {config.eval_steps} steps where it ends (right)")
+    twin.set_ylabel("task-average loss", color="b")
     ax.set_title("(c) Reptile's meta-level optima vs k")
-    ax.legend(loc="upper left")
+    ax.legend(handles=lines, loc="lower right")
     K = min(inner_steps, key=lambda k: abs(k - 100))
     for ax, method, name in zip(axes[1, :2], ("reptile", "cts"), "de"):
         cell = cells[cell_key(method, K, task_seeds[0])]
@@ -520,13 +534,17 @@ def plot_k(cells, path, methods, inner_steps, task_seeds, config=Config(), lands
     fig.colorbar(contour, ax=axes[1, :2].tolist(),
                  label=f"task-average loss after {config.eval_steps} steps")
     ax = axes[1, 2]
-    for method in methods:
-        means = [seed_means(cells, method, k, task_seeds) for k in inner_steps]
-        ax.errorbar(inner_steps, [m.mean() for m in means], capsize=4, marker="o", label=method,
-                    yerr=[m.std(ddof=1) if len(m) > 1 else 0.0 for m in means])
+    ax.axhline(0.0, color="C0", label="reptile")
+    others = [m for m in methods if m != "reptile"]
+    for i, method in enumerate(others, 1):
+        gaps = [seed_means(cells, method, k, task_seeds) - seed_means(cells, "reptile", k, task_seeds)
+                for k in inner_steps]
+        ax.errorbar(np.array(inner_steps) + (i - (len(others) + 1) / 2), [g.mean() for g in gaps],
+                    yerr=[g.std(ddof=1) if len(g) > 1 else 0.0 for g in gaps],
+                    capsize=4, marker="o", color=f"C{i}", label=method)
     ax.set_xlabel("K (inner trajectory length of meta-training)")
-    ax.set_ylabel(f"task-average loss after {config.eval_steps} steps")
-    ax.set_title(f"(f) learned phi vs K, mean ± std over {len(task_seeds)} task seeds")
+    ax.set_ylabel(f"loss after {config.eval_steps} steps minus Reptile's")
+    ax.set_title(f"(f) vs Reptile, paired: mean ± std over {len(task_seeds)} task seeds")
     ax.legend()
     _save(fig, path)
     return counts
