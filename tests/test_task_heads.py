@@ -602,6 +602,23 @@ def test_head_optimizer_slots_are_found_by_identity(make):
         np.testing.assert_array_equal(value.numpy(), initial if j in expected else stored.numpy())
 
 
+def test_meta_model_hands_its_heads_to_the_inner_loop_explicitly():
+    # No registry from the model's head to its TaskHeads: an InnerLoop knows
+    # the heads it is given (MetaModel's own), and no others.
+    from tfmeta.inner_loop import InnerLoop, mean_loss
+
+    net = make_net()
+    heads = TaskHeads(4)
+    meta = MetaModel(net, heads=heads)
+    meta.compile(optimizer=keras.optimizers.SGD(BETA), inner_optimizer=keras.optimizers.SGD(ALPHA),
+                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 learner=Reptile(), inner_steps=K)
+    assert meta.heads is heads and meta.inner_loop.heads is heads
+    plain = InnerLoop(net, mean_loss("mse"), Reptile(), keras.optimizers.SGD(ALPHA))
+    assert plain.heads is None
+    assert not hasattr(tfmeta.heads, "head_trainer")
+
+
 def adam(params, grads, m, v, t, lr, epsilon, beta_1=0.9, beta_2=0.999):
     """Adam (Kingma & Ba, Algorithm 1, in the efficient form of their section 2 that
     Keras uses): m, v moving averages, theta -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)."""
@@ -624,7 +641,7 @@ def test_a_restarted_head_takes_adams_first_step_while_the_body_goes_on(vectoriz
     inner = keras.optimizers.Adam(ALPHA, epsilon=1e-3)
     net, heads, state, _ = _parts(learner, num_tasks=T, inner=inner)
     loop = InnerLoop(net, mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
-                     state.learner, inner, vectorize=vectorize)
+                     state.learner, inner, vectorize=vectorize, heads=heads)
     phi = [v.numpy().astype(np.float64) for v in net.trainable_variables]
     bank = [v.numpy().astype(np.float64) for v in heads.bank]
     trajectories = [(0, 2), (2, 3)]

@@ -4,8 +4,7 @@ The head is the model's last layer when it is a Dense layer producing the
 model's only output (Sequential and functional models); subclassed models
 have no layer graph to cut. A head that meta-learning leaves out (per-task
 heads, `tfmeta.TaskHeads`) is marked so that exports record that its
-weights are not meta-learned (`mark_not_meta_learned`, `head_meta_learned`),
-and the inner step finds what trains it per task (`head_trainer`).
+weights are not meta-learned (`mark_not_meta_learned`, `head_meta_learned`).
 
 Example::
 
@@ -20,15 +19,11 @@ import weakref
 
 import keras
 
-__all__ = [
-    "features_model", "find_head", "head_meta_learned", "head_trainer", "mark_not_meta_learned",
-    "with_new_head",
-]
+__all__ = ["features_model", "find_head", "head_meta_learned", "mark_not_meta_learned", "with_new_head"]
 
-# Head layers whose weights meta-learning leaves out -> a weak reference to
-# what trains them per task (or None). Weak both ways, so that an entry
-# goes when its model does (the trainer holds the model).
-_NOT_META_LEARNED = weakref.WeakKeyDictionary()
+# Head layers whose weights meta-learning leaves out, for exports that get
+# only the model. Weak, so that an entry goes when its model does.
+_NOT_META_LEARNED = weakref.WeakSet()
 
 
 def find_head(model):
@@ -99,34 +94,21 @@ def with_new_head(model, num_classes):
         inputs = model.inputs[0]
         input_layer = keras.Input(batch_shape=inputs.shape, dtype=inputs.dtype)
         return keras.Sequential([input_layer, *model.layers[:-1], new_head], name=model.name)
-    return keras.Model(model.inputs, new_head(features), name=model.name)
+    # `model.input` keeps the structure the model was built on (one tensor, a
+    # list, a dict); `model.inputs` is always a list, and a model built on a
+    # list warns when it is called on a single array.
+    return keras.Model(model.input, new_head(features), name=model.name)
 
 
-def mark_not_meta_learned(head, trainer=None):
-    """Record that meta-learning leaves the weights of the layer `head` out
-    (`TaskHeads.bind` does), and what trains them per task (`trainer`: the `TaskHeads`).
+def mark_not_meta_learned(head):
+    """Record that meta-learning leaves the weights of the layer `head` out (`TaskHeads.bind` does).
 
     Example::
 
         mark_not_meta_learned(model.layers[-1])
         head_meta_learned(model)               # False
     """
-    _NOT_META_LEARNED[head] = None if trainer is None else weakref.ref(trainer)
-
-
-def head_trainer(model):
-    """What trains `model`'s head per task (the `TaskHeads` bound to it), or None.
-
-    Example::
-
-        heads = head_trainer(meta.model)   # meta.heads
-    """
-    try:
-        head, _ = find_head(model)
-    except TypeError:
-        return None
-    trainer = _NOT_META_LEARNED.get(head)
-    return None if trainer is None else trainer()
+    _NOT_META_LEARNED.add(head)
 
 
 def head_meta_learned(model):

@@ -23,7 +23,6 @@ Example (what `MetaModel` does)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 
@@ -32,7 +31,8 @@ import tensorflow as tf
 
 from tfmeta.learners.base import MetaLearner
 from tfmeta.replicas import task_loss
-from tfmeta.task_batched import TaskBatchedStep, finish_task_step, why_not_batched
+from tfmeta.task_batched import TaskBatchedStep, finish_task_step, quiet_pfor, why_not_batched
+from tfmeta.task_heads import TaskHeads
 from tfmeta.task_state import TaskState
 from tfmeta.validation import ConfigError
 
@@ -77,19 +77,6 @@ class _BatchMean(keras.losses.Loss):
         return self.fn(y_true, y_pred)
 
 
-@contextlib.contextmanager
-def _quiet_pfor():
-    """TensorFlow's logger silenced: pfor logs every op it cannot batch (dozens of
-    lines of NodeDefs) before raising; the error it raises says it in one line."""
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 @dataclasses.dataclass(eq=False)
 class InnerLoop:
     """Inner steps of every task, on stacked task states (see `TaskState`).
@@ -110,6 +97,10 @@ class InnerLoop:
         jit_compile: compile `run` with XLA (`tf.function(jit_compile=True)`),
             on the device of its caller: under a strategy each replica's chunk
             is one XLA computation, traced for that replica.
+        heads: the `tfmeta.TaskHeads` bound to `model` (`MetaModel` passes its
+            own), or None. With a schedule that keeps the inner optimizer's
+            state over restarts, the heads' entries step at the heads' own
+            step count (`TaskHeads.own_step_count`).
     """
 
     model: keras.Model
@@ -120,6 +111,7 @@ class InnerLoop:
     vectorize: bool | str = False
     max_task_loss: float | None = None
     jit_compile: bool = False
+    heads: TaskHeads | None = None
 
     def __post_init__(self):
         self.vectorize = check_vectorize(self.vectorize)
@@ -168,7 +160,7 @@ class InnerLoop:
             return self._batched.step(tasks, x, y, index)
         if self.vectorize is True:
             try:
-                with _quiet_pfor():
+                with quiet_pfor():
                     return tf.vectorized_map(step, (tasks, x, y), fallback_to_while_loop=False)
             except ValueError as error:
                 # Only what the step does without vectorization too is the

@@ -52,7 +52,6 @@ import tensorflow as tf
 from keras.src.models.functional import Functional
 
 from tfmeta.divergence import diverged_as_nan
-from tfmeta.heads import head_trainer
 from tfmeta.inner_optimizer import stateless_apply
 from tfmeta.learners.base import InnerStep
 from tfmeta.replicas import task_loss
@@ -167,7 +166,8 @@ def finish_task_step(loop, params, opt_vars, learner_state, grads, loss, index):
     """One task's step after its loss and gradients: optimizer, divergence, learner.
 
     Args:
-        loop: the `InnerLoop` (its `optimizer`, `learner` and `max_task_loss`).
+        loop: the `InnerLoop` (its `optimizer`, `learner`, `max_task_loss`
+            and `heads`).
         params, opt_vars, learner_state: the task's state before the step.
         grads: the task's gradients (`None` for a parameter the loss ignores).
         loss: the task's scalar loss.
@@ -180,10 +180,9 @@ def finish_task_step(loop, params, opt_vars, learner_state, grads, loss, index):
     """
     grads = [tf.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     new_params, new_opt_vars = stateless_apply(loop.optimizer, opt_vars, grads, params)
-    heads = head_trainer(loop.model)
-    if heads is not None and not loop.learner.schedule.reset_optimizer:
+    if loop.heads is not None and not loop.learner.schedule.reset_optimizer:
         # The heads' slots restarted with the trajectory, the step count did not.
-        new_params, new_opt_vars = heads.own_step_count(
+        new_params, new_opt_vars = loop.heads.own_step_count(
             loop.optimizer, opt_vars, grads, params, index, (new_params, new_opt_vars)
         )
     loss, (new_params, new_opt_vars) = diverged_as_nan(

@@ -179,10 +179,10 @@ class TaskHeads:
     def bind(self, model):
         """Attach to `model` (its last Dense layer is the head); return self.
 
-        `MetaModel(model, heads=...)` calls this. Marks the head as not
-        meta-learned (`tfmeta.heads.head_meta_learned`), so exports record it,
-        and as trained by this TaskHeads (`tfmeta.heads.head_trainer`), so the
-        inner step counts the heads' own steps (`own_step_count`).
+        `MetaModel(model, heads=...)` calls this, and hands this TaskHeads
+        to its `InnerLoop` (which counts the heads' own steps,
+        `own_step_count`). Marks the head as not meta-learned
+        (`tfmeta.heads.head_meta_learned`), so exports record it.
         """
         if self.model is not None:
             if self.model is model:
@@ -213,7 +213,7 @@ class TaskHeads:
         if self.num_classes is not None:
             self._check_num_classes(head)
         self.model, self.head, self.indices = model, head, indices
-        mark_not_meta_learned(head, trainer=self)
+        mark_not_meta_learned(head)
         return self
 
     def _check_num_classes(self, head):
