@@ -32,7 +32,6 @@ import tensorflow as tf
 from tfmeta.learners.base import MetaLearner
 from tfmeta.replicas import task_loss
 from tfmeta.task_batched import TaskBatchedStep, finish_task_step, quiet_pfor, why_not_batched
-from tfmeta.task_heads import TaskHeads
 from tfmeta.task_state import TaskState
 from tfmeta.validation import ConfigError
 
@@ -111,7 +110,9 @@ class InnerLoop:
     vectorize: bool | str = False
     max_task_loss: float | None = None
     jit_compile: bool = False
-    heads: TaskHeads | None = None
+    # A tfmeta.TaskHeads, not imported: inner_loop and task_heads share a floor
+    # of the import picture (docs/design.md).
+    heads: object | None = None
 
     def __post_init__(self):
         self.vectorize = check_vectorize(self.vectorize)
