@@ -1,12 +1,18 @@
 """The many-shot benchmark (issue 11 §3-4): split, budgets, multi-task heads, resume, and a real smoke run.
 
-The smoke test meta-trains on real dataset-level tasks at small scale and
-needs the archives (`tfds_dir` fixture: skips where they are absent, fails
+Also the choice of the fine-tuning rate on the source-only split: one
+meta-training fine-tuned at several rates (cells per rate, resumable,
+settings checked), the per-rate report and `best_finetune_lr`.
+
+The smoke tests meta-train on real dataset-level tasks at small scale and
+need the archives (`tfds_dir` fixture: skips where they are absent, fails
 under CI).
 """
 
+import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 
 import keras
@@ -23,6 +29,7 @@ from tfmeta.experiments.many_shot import (
     Benchmark,
     Method,
     cell_key,
+    cell_settings,
     split_datasets,
 )
 from tfmeta.learners import Reptile
@@ -78,7 +85,10 @@ def configured_methods():
 
 
 def test_one_gin_file_per_method_with_the_shared_setting(configured_methods):
-    settings = [s for _, _, s, _ in configured_methods.values()]
+    # Each method's fine-tuning rate is its own (chosen on the source-only
+    # split among the grid, like its beta); everything else is shared.
+    assert {s["finetune_lr"] for _, _, s, _ in configured_methods.values()} <= set(many_shot.FINETUNE_LR_GRID)
+    settings = [{k: v for k, v in s.items() if k != "finetune_lr"} for _, _, s, _ in configured_methods.values()]
     assert all(s == settings[0] for s in settings)
     assert (settings[0]["inner_steps"], tuple(settings[0]["sources"]), tuple(settings[0]["targets"])) == (
         1000, SOURCES, TARGETS)
@@ -168,10 +178,21 @@ def test_multitask_model_refuses_more_classes_than_the_head():
 
 
 # ---------------------------------------------------------------- resume
-def test_resume_skips_finished_cells(tmp_path, monkeypatch):
-    bench = Benchmark(sources=("mnist",), targets=("digits",), inner_steps=10, budget=30,
-                      checkpoints=3, tasks_per_batch=1)
-    calls = {"pretrain": [], "meta_test": 0}
+TINY = Benchmark(sources=("mnist",), targets=("digits",), inner_steps=10, budget=30, checkpoints=3,
+                 tasks_per_batch=1)
+TINY_METHODS = [Method("reptile", learner=Reptile, meta_optimizer=keras.optimizers.SGD),
+                Method("no pretraining", kind="none")]
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Replaces meta-training and meta-test by instant fakes; returns their calls.
+
+    `calls["pretrain"]`: `(method, seed, checkpoints)` per meta-training;
+    `calls["meta_test"]`: how many fine-tunings, `calls["rates"]`: at which rates.
+    A fake score is `inner steps + seed + rate`, so every cell's differs.
+    """
+    calls = {"pretrain": [], "meta_test": 0, "rates": []}
 
     def fake_pretrain(bench, method, seed, checkpoints=None):
         calls["pretrain"].append((method.name, seed, checkpoints))
@@ -180,12 +201,25 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
 
     def fake_meta_test(bench, weights, seed, targets=None):
         calls["meta_test"] += 1
-        return {"digits": {"test_accuracy": float(weights[0][0]), "loss_auc": 1.0}}
+        calls["rates"].append(bench.finetune_lr)
+        return {"digits": {"test_accuracy": float(weights[0][0]) + bench.finetune_lr, "loss_auc": 1.0}}
 
     monkeypatch.setattr(many_shot, "pretrain", fake_pretrain)
     monkeypatch.setattr(many_shot, "meta_test", fake_meta_test)
-    methods = [Method("reptile", learner=Reptile, meta_optimizer=keras.optimizers.SGD),
-               Method("no pretraining", kind="none")]
+    return calls
+
+
+def _clear(calls):
+    calls.update(pretrain=[], meta_test=0, rates=[])
+
+
+def _timeless(cells):
+    timing = ("pretrain_seconds", "finetune_seconds")
+    return {k: {f: v for f, v in c.items() if f not in timing} for k, c in cells.items()}
+
+
+def test_resume_skips_finished_cells(tmp_path, fake_training):
+    bench, methods, calls = TINY, TINY_METHODS, fake_training
     logs = []
     first = many_shot.run(bench, methods, seeds=[0, 1], output_dir=tmp_path, log=logs.append)
     assert len(first["cells"]) == 2 * (3 + 1) and calls["meta_test"] == 8
@@ -194,16 +228,14 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
 
     # Drop reptile seed 1's middle cell: resume trains that method x seed up to it
     # and fine-tunes only the missing cell.
-    del on_disk["cells"][cell_key("reptile", 1, 20)]
+    del on_disk["cells"][cell_key("reptile", 1, 20, 0.1)]
     (tmp_path / "results.json").write_text(json.dumps(on_disk))
-    calls.update(pretrain=[], meta_test=0)
+    _clear(calls)
     again = many_shot.run(bench, methods, seeds=[0, 1], output_dir=tmp_path, resume=True, log=logs.append)
-    assert calls == {"pretrain": [("reptile", 1, 2)], "meta_test": 1}
-    timing = ("pretrain_seconds", "finetune_seconds")
-    strip = lambda cells: {k: {f: v for f, v in c.items() if f not in timing} for k, c in cells.items()}  # noqa: E731
-    assert strip(again["cells"]) == strip(first["cells"])
+    assert calls == {"pretrain": [("reptile", 1, 2)], "meta_test": 1, "rates": [0.1]}
+    assert _timeless(again["cells"]) == _timeless(first["cells"])
     # The other cells are the very records of the first run, timings included.
-    kept = set(first["cells"]) - {cell_key("reptile", 1, 20)}
+    kept = set(first["cells"]) - {cell_key("reptile", 1, 20, 0.1)}
     assert all(again["cells"][k] == first["cells"][k] for k in kept)
 
     with pytest.raises(ConfigError, match="other settings"):
@@ -235,3 +267,210 @@ def test_smoke_meta_learned_init_beats_no_pretraining_on_a_held_out_dataset(tfds
     scores = {c["method"]: c["targets"]["fashion_mnist"] for c in results["cells"].values()}
     # Fashion-MNIST is a dataset none of whose tasks is a source.
     assert scores["reptile"]["loss_auc"] < 0.97 * scores["no pretraining"]["loss_auc"], scores
+
+
+# ------------------------------------------- choosing the fine-tuning rate
+def test_one_meta_training_is_fine_tuned_at_every_rate_and_matches_separate_runs(tfds_dir, tmp_path,
+                                                                               monkeypatch):
+    # The smoke sizes of tools/many_shot.py, one target.
+    bench = Benchmark(
+        sources=("mnist", "mnist/rot90", "omniglot/background_a", "omniglot/background_b"),
+        targets=("digits",), filters=8, inner_steps=20, tasks_per_batch=2, batch_size=16, budget=40,
+        checkpoints=2, finetune_steps=40, finetune_examples=300, test_examples=500,
+    )
+    reptile = Method("reptile", learner=Reptile, meta_optimizer=lambda: keras.optimizers.SGD(1.0))
+    trainings = []
+    real_pretrain = many_shot.pretrain
+    monkeypatch.setattr(many_shot, "pretrain",
+                        lambda *args, **kwargs: trainings.append(args[2]) or real_pretrain(*args, **kwargs))
+    both = many_shot.run(bench, [reptile], seeds=[0], output_dir=tmp_path / "both", log=lambda _: None,
+                         finetune_lrs=(0.1, 0.01))
+    assert trainings == [0]  # one meta-training for 2 checkpoints x 2 rates
+    assert sorted(both["cells"]) == sorted(cell_key("reptile", 0, s, r) for s in (20, 40) for r in (0.1, 0.01))
+    # The same cells as a run at each rate alone (its own meta-training): same numbers, same settings.
+    for rate in (0.1, 0.01):
+        alone = many_shot.run(dataclasses.replace(bench, finetune_lr=rate), [reptile], seeds=[0],
+                              output_dir=tmp_path / f"lr{rate}", log=lambda _: None)
+        for key, cell in alone["cells"].items():
+            assert cell["settings"] == both["cells"][key]["settings"]
+            assert cell["finetune_lr"] == rate and cell["settings"]["finetune_lr"] == rate
+            for name, value in cell["targets"]["digits"].items():
+                np.testing.assert_allclose(both["cells"][key]["targets"]["digits"][name], value, rtol=1e-5,
+                                           err_msg=f"{key} {name}")
+    assert trainings == [0, 0, 0]
+    # The rate is really applied: the two rates give other curves.
+    scores = [both["cells"][cell_key("reptile", 0, 40, r)]["targets"]["digits"]["loss_auc"] for r in (0.1, 0.01)]
+    assert abs(scores[0] - scores[1]) > 1e-3, scores
+
+
+def test_resume_of_a_rate_sweep_computes_only_missing_cells(tmp_path, fake_training):
+    calls = fake_training
+    first = many_shot.run(TINY, TINY_METHODS, seeds=[0, 1], output_dir=tmp_path, log=lambda _: None,
+                          finetune_lrs=(0.1, 0.03, 0.01))
+    # 2 seeds x (reptile: 3 checkpoints, no pretraining: 1) x 3 rates; one training per method x seed.
+    assert len(first["cells"]) == 2 * 4 * 3 and calls["meta_test"] == 24
+    assert calls["pretrain"] == [("reptile", 0, 3), ("no pretraining", 0, 1), ("reptile", 1, 3),
+                                 ("no pretraining", 1, 1)]
+    assert first["cells"][cell_key("reptile", 1, 20, 0.03)]["targets"]["digits"]["test_accuracy"] == 21.03
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == first["cells"]
+
+    # One rate's cell missing: that method x seed trains to its checkpoint, and that cell alone is fine-tuned.
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    del on_disk["cells"][cell_key("reptile", 1, 20, 0.03)]
+    (tmp_path / "results.json").write_text(json.dumps(on_disk))
+    _clear(calls)
+    again = many_shot.run(TINY, TINY_METHODS, seeds=[0, 1], output_dir=tmp_path, resume=True, log=lambda _: None,
+                          finetune_lrs=(0.1, 0.03, 0.01))
+    assert calls == {"pretrain": [("reptile", 1, 2)], "meta_test": 1, "rates": [0.03]}
+    assert _timeless(again["cells"]) == _timeless(first["cells"])
+
+    # A new rate later: every method x seed trains once more, only the new rate's cells are fine-tuned.
+    _clear(calls)
+    more = many_shot.run(TINY, TINY_METHODS, seeds=[0, 1], output_dir=tmp_path, resume=True, log=lambda _: None,
+                         finetune_lrs=(0.1, 0.003))
+    assert calls["meta_test"] == 8 and set(calls["rates"]) == {0.003} and len(calls["pretrain"]) == 4
+    assert len(more["cells"]) == 24 + 8
+    # Nothing missing: nothing trained.
+    _clear(calls)
+    many_shot.run(TINY, TINY_METHODS, seeds=[0, 1], output_dir=tmp_path, resume=True, log=lambda _: None,
+                  finetune_lrs=(0.03, 0.003))
+    assert calls == {"pretrain": [], "meta_test": 0, "rates": []}
+
+
+def test_resume_refuses_cells_of_other_settings_naming_the_fields(tmp_path, fake_training):
+    calls = fake_training
+    many_shot.run(TINY, TINY_METHODS, seeds=[0], output_dir=tmp_path, log=lambda _: None, finetune_lrs=(0.1, 0.01))
+    _clear(calls)
+    other_steps = dataclasses.replace(TINY, finetune_steps=500, finetune_examples=200)
+    with pytest.raises(ConfigError, match=r"other settings \(finetune_examples=1000 there, 200 now, "
+                                          r"finetune_steps=1000 there, 500 now\)"):
+        many_shot.run(other_steps, TINY_METHODS, seeds=[0], output_dir=tmp_path, resume=True,
+                      finetune_lrs=(0.1, 0.01))
+    # Another outer learning rate for reptile: its method config differs.
+    slower = Method("reptile", learner=Reptile, meta_optimizer=lambda: keras.optimizers.SGD(0.5))
+    with pytest.raises(ConfigError, match=r"cell reptile/seed0/10/lr0.01 .* \(config=.*learning_rate=0\.0099.* "
+                                          r"there, .*learning_rate=0\.5.* now\)"):
+        many_shot.run(TINY, [slower], seeds=[0], output_dir=tmp_path, resume=True, finetune_lrs=(0.01,))
+    # A method not yet in the file, but with other targets: one results.json holds one benchmark.
+    with pytest.raises(ConfigError, match=r"targets=\['digits'\] there, \['fashion_mnist'\] now\); one "
+                                          "results.json holds one benchmark"):
+        many_shot.run(dataclasses.replace(TINY, targets=("fashion_mnist",)), [Method("fomaml", kind="none")],
+                      seeds=[0], output_dir=tmp_path, resume=True)
+    assert calls["pretrain"] == []  # refused before any training
+    # The tool checks every method x seed before it trains anything too.
+    (tmp_path / "results.json").write_text(json.dumps({"experiment": "many_shot", "cells": {
+        "x": {"method": "no pretraining", "finetune_lr": 0.1, "settings": {"targets": ["digits"]}}}}))
+    with pytest.raises(ConfigError, match="targets=.*one results.json holds one benchmark"):
+        tool.main(["--smoke", "--validation", "--finetune_lrs", "0.1", "0.01", "--methods", "scratch",
+                   "--output_dir", str(tmp_path), "--resume"])
+    assert calls["pretrain"] == []
+    for rates in ([0.1, 0.1], [0.1, -0.01], []):
+        with pytest.raises(ConfigError, match="must be distinct numbers > 0"):
+            many_shot.finetune_rates(TINY, rates)
+
+
+def test_the_tool_takes_finetune_lrs_only_for_validation(tmp_path, capsys):
+    assert tool.main(["--finetune_lrs", "0.1", "0.01", "--output_dir", str(tmp_path)]) == 2
+    assert "add --validation" in capsys.readouterr().err
+
+
+def _hand_built(values):
+    """A results dict from `{(method, rate, seed, inner_steps): ([accuracy per target], [loss AUC per target])}`."""
+    bench = Benchmark(sources=VALIDATION_SOURCES, targets=VALIDATION_TARGETS, budget=4000, checkpoints=1)
+    cells = {}
+    for (method, rate, seed, steps), (accuracy, auc) in values.items():
+        scores = {t: {"test_accuracy": a, "loss_auc": b} for t, a, b in zip(VALIDATION_TARGETS, accuracy, auc)}
+        cells[cell_key(method, seed, steps, rate)] = {
+            "method": method, "seed": seed, "inner_steps": steps, "task_steps": 4 * steps, "finetune_lr": rate,
+            "targets": scores,
+            "settings": cell_settings(dataclasses.replace(bench, finetune_lr=rate), Method(method, kind="none")),
+        }
+    return {"experiment": "many_shot", "cells": cells}
+
+
+def test_best_finetune_lr_and_the_validation_report_on_hand_built_results(tmp_path):
+    results = _hand_built({
+        # cts: means over targets 0.75/0.77 at 0.1, 0.80/0.75 at 0.03, 0.78/0.78 at 0.01 -> 0.01 (0.78).
+        ("cts", 0.1, 0, 4000): ([0.80, 0.70], [0.3, 0.3]), ("cts", 0.1, 1, 4000): ([0.82, 0.72], [0.3, 0.3]),
+        ("cts", 0.03, 0, 4000): ([0.85, 0.75], [0.2, 0.2]), ("cts", 0.03, 1, 4000): ([0.80, 0.70], [0.2, 0.2]),
+        ("cts", 0.01, 0, 4000): ([0.78, 0.78], [0.4, 0.4]), ("cts", 0.01, 1, 4000): ([0.70, 0.86], [0.4, 0.4]),
+        # An earlier checkpoint does not count, however good.
+        ("cts", 0.1, 0, 2000): ([0.99, 0.99], [0.1, 0.1]),
+        # leap, partial: 0.1 has seeds 0 and 1 (mean 0.80), 0.03 only seed 0; on seed 0: 0.70 < 0.75 -> 0.03.
+        ("leap", 0.1, 0, 4000): ([0.70, 0.70], [0.5, 0.5]), ("leap", 0.1, 1, 4000): ([0.90, 0.90], [0.5, 0.5]),
+        ("leap", 0.03, 0, 4000): ([0.75, 0.75], [0.5, 0.5]),
+        # reptile: the same accuracy at both rates; the lower loss AUC (0.03) wins.
+        ("reptile", 0.1, 0, 4000): ([0.80, 0.80], [0.5, 0.5]), ("reptile", 0.03, 0, 4000): ([0.90, 0.70], [0.4, 0.4]),
+    })
+    assert many_shot.best_finetune_lr(results) == {"cts": 0.01, "leap": 0.03, "reptile": 0.03}
+    lines = many_shot.rate_table(results).splitlines()
+    assert lines[0] == "| method | lr 0.1 | lr 0.03 | lr 0.01 |"
+    assert lines[2] == "| cts | 0.7600 ± 0.0100 (2) | 0.7750 ± 0.0250 (2) | 0.7800 ± 0.0000 (2) |"
+    assert lines[3] == "| leap | 0.8000 ± 0.1000 (2) | 0.7500 ± 0.0000 (1) | - |"
+    assert many_shot.rate_table(results, "loss_auc").splitlines()[4] == (
+        "| reptile | 0.5000 ± 0.0000 (1) | 0.4000 ± 0.0000 (1) | - |")
+    # The benchmark's tables need one rate per method, and say how to pick it.
+    with pytest.raises(ConfigError, match="several fine-tuning rates .*at_rates"):
+        many_shot.table(results)
+    picked = many_shot.at_rates(results, many_shot.best_finetune_lr(results))
+    assert many_shot.rates_of(picked) == {"cts": [0.01], "leap": [0.03], "reptile": [0.03]}
+    assert "| cts | 0.7400 ± 0.0400 | 0.8200 ± 0.0400 | 0.7800 ± 0.0000 | 2 (16000) |" in many_shot.table(picked)
+
+    # The tool's report of a validation run's file (known by its targets, with or without --validation).
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert tool.main(["--report", "--output_dir", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert lines[2] in summary and "Fine-tuning learning rate per method: cts 0.01, leap 0.03, reptile 0.03" in summary
+    assert "- cts: `Benchmark.finetune_lr = 0.01` in gin/many_shot_cts.gin" in summary
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_a_results_json_of_the_older_layout_loads_and_resumes(tmp_path, fake_training):
+    # docs/figures/many_shot_results.json: one "settings" for all cells, keys without the rate.
+    old = json.loads((REPO / "docs/figures/many_shot_results.json").read_text())
+    assert set(old) == {"settings", "cells"}
+    shutil.copy(REPO / "docs/figures/many_shot_results.json", tmp_path / "results.json")
+    results = many_shot.load_results(tmp_path / "results.json")
+    assert sorted(results["cells"]) == sorted(f"{key}/lr0.1" for key in old["cells"])
+    for key, cell in old["cells"].items():
+        new = results["cells"][f"{key}/lr0.1"]
+        assert new["settings"] == {**old["settings"], "method": cell["method"], "kind": cell["kind"],
+                                   "config": cell["config"]}
+        assert {k: v for k, v in new.items() if k not in ("settings", "finetune_lr")} == cell
+    # The report reads it as before: no pretraining's mean over targets, seeds 0 and 1.
+    means = [np.mean([s["test_accuracy"] for s in old["cells"][f"no pretraining/seed{seed}/0"]["targets"].values()])
+             for seed in (0, 1)]
+    row = [line for line in many_shot.table(results).splitlines() if line.startswith("| no pretraining |")][0]
+    assert f"| {np.mean(means):.4f} ± {np.std(means):.4f} | 2 (0) |" in row
+    assert tool.main(["--report", "--output_dir", str(tmp_path)]) == 0
+    assert row in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text()) == old  # --report converts nothing
+    # Those cells are fine-tuned on the real targets: no rate may be chosen on them.
+    with pytest.raises(ConfigError, match="would tune on the targets"):
+        many_shot.best_finetune_lr(results)
+
+    # Every gin file's method resumes it at lr 0.1, but Leap (its cells are from beta 0.1, its gin file's is 0.01).
+    import gin
+
+    import tfmeta.configurables  # noqa: F401
+
+    gin.add_config_file_search_path(str(REPO / "gin"))
+    for name in tool.METHODS:
+        bench, method = tool.configured(name, [])
+        bench = dataclasses.replace(bench, finetune_lr=0.1)
+        if name == "leap":
+            with pytest.raises(ConfigError, match=r"cell leap/seed0/4000/lr0.1 .*\(config="):
+                many_shot.check_settings(bench, [method], [0, 1, 2], results["cells"])
+        else:
+            many_shot.check_settings(bench, [method], [0, 1, 2], results["cells"])
+    gin.clear_config()
+
+    # Resuming converts the file in place and keeps its cells: seeds 0 and 1 of no pretraining are done.
+    logs = []
+    scratch = Method("no pretraining", kind="none")
+    again = many_shot.run(Benchmark(), [scratch], seeds=[0, 1, 2], output_dir=tmp_path, resume=True, log=logs.append)
+    assert fake_training["pretrain"] == [("no pretraining", 2, 1)]
+    assert "converted to per-cell settings (26 cells kept)" in logs[0]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["experiment"] == "many_shot" and len(on_disk["cells"]) == 27
+    assert {k: again["cells"][k] for k in results["cells"]} == results["cells"]

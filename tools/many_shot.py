@@ -3,19 +3,27 @@
 
     python tools/many_shot.py [--methods cts reptile ...] [--seeds 0 1 2]
                               [--output_dir runs/many_shot] [--resume] [--overwrite]
-                              [--smoke] [--validation] [--gin_param "..."]
+                              [--smoke] [--validation [--finetune_lrs 0.1 0.03 0.01]]
+                              [--gin_param "..."] [--report]
                               [--figure docs/figures/many_shot_convergence.png]
 
 Each method is one gin file, gin/many_shot_<method>.gin (all include
-gin/many_shot.gin). Cells (method x seed x meta-checkpoint) run seed by seed
-and each goes to <output_dir>/results.json as soon as it is finished;
-`--resume` skips finished cells. At the end (and with `--report` alone) it
-writes summary.md (tables, claims) and the meta-convergence PNG.
+gin/many_shot.gin). Cells (method x seed x meta-checkpoint x fine-tuning
+rate) run seed by seed and each goes to <output_dir>/results.json as soon as
+it is finished, with its settings; `--resume` skips finished cells and
+refuses ones computed with other settings. At the end (and with `--report`
+alone) it writes summary.md (tables, claims) and the meta-convergence PNG.
+A results.json of the older layout (docs/figures/many_shot_results.json) is
+read as it is and converted in place by `--resume`.
 
 `--validation` runs on the source-only validation split (meta-train on six
 sources, meta-test on the two others: no target is touched) at a third of
-the budget, for choosing hyperparameters. `--smoke` is a tiny run of every
-method on real data (about a minute per method on 2 cores).
+the budget, for choosing hyperparameters; with `--finetune_lrs` every
+meta-training is fine-tuned at each of those rates, and summary.md has
+each method's validation accuracy and loss AUC per rate and its best rate
+(for `Benchmark.finetune_lr` in its gin file). `--smoke` is a tiny run of
+every method on real data (about a minute per method on 2 cores; with
+`--validation`, on the validation split at smoke sizes).
 """
 
 import argparse
@@ -47,15 +55,13 @@ SMOKE = [
 ]
 
 
-def validation_bindings():
+def validation_bindings(smoke=False):
+    """The source-only split; at a third of the budget, one checkpoint (smoke: the smoke budget)."""
     from tfmeta.experiments.many_shot import VALIDATION_SOURCES, VALIDATION_TARGETS
 
-    return [
-        f"Benchmark.sources = {tuple(VALIDATION_SOURCES)!r}",
-        f"Benchmark.targets = {tuple(VALIDATION_TARGETS)!r}",
-        "Benchmark.budget = 4000",
-        "Benchmark.checkpoints = 1",
-    ]
+    split = [f"Benchmark.sources = {tuple(VALIDATION_SOURCES)!r}",
+             f"Benchmark.targets = {tuple(VALIDATION_TARGETS)!r}"]
+    return split if smoke else split + ["Benchmark.budget = 4000", "Benchmark.checkpoints = 1"]
 
 
 def configured(name, bindings):
@@ -68,11 +74,13 @@ def configured(name, bindings):
     return bench, gin.get_configurable("tfmeta.many_shot.Method")()
 
 
-def report(results, out, figure=None, log=print):
-    from tfmeta import atomic
+def benchmark_lines(results):
+    """summary.md's tables, meta-convergence and claims of `results` (one fine-tuning rate per method)."""
     from tfmeta.experiments import many_shot
 
-    lines = ["## Final test accuracy per target (mean ± std over seeds)", "",
+    rates = ", ".join(f"{m} {r[0]:g}" for m, r in many_shot.rates_of(results).items())
+    lines = [f"Fine-tuning learning rate per method: {rates}.", "",
+             "## Final test accuracy per target (mean ± std over seeds)", "",
              many_shot.table(results, "test_accuracy"), "",
              "## Training-loss AUC per target (lower is better)", "",
              many_shot.table(results, "loss_auc"), "",
@@ -84,9 +92,54 @@ def report(results, out, figure=None, log=print):
     lines += ["", "## Claims", ""]
     for claim, (holds, evidence) in many_shot.claims(results).items():
         lines.append(f"- **{'holds' if holds else 'does not hold'}**: {claim}: `{json.dumps(evidence)}`")
-    text = "\n".join(lines) + "\n"
+    return lines
+
+
+def validation_lines(results, gin_names):
+    """summary.md's choice of the fine-tuning rate: per method and rate, accuracy and loss AUC; the best."""
+    from tfmeta.experiments import many_shot
+
+    best = many_shot.best_finetune_lr(results)
+    lines = ["## Fine-tuning learning rate on the source-only validation split", "",
+             "Mean over the validation targets of the final test accuracy, mean ± std over seeds "
+             "(seeds), at each method's last checkpoint:", "",
+             many_shot.rate_table(results, "test_accuracy"), "",
+             "Training-loss AUC (lower is better):", "",
+             many_shot.rate_table(results, "loss_auc"), "",
+             "Best rate per method (highest mean accuracy over the seeds all its rates have; "
+             "ties: lower AUC):", ""]
+    for method, rate in best.items():
+        where = f"gin/many_shot_{gin_names[method]}.gin" if method in gin_names else "its gin file"
+        lines.append(f"- {method}: `Benchmark.finetune_lr = {rate:g}` in {where}")
+    return lines + [""], best
+
+
+def report(results, out, figure=None, log=print, validation=False, gin_names=None, configured_rates=None):
+    """Write summary.md and the convergence PNG(s) of `results`; print the summary.
+
+    A validation run gets the rate tables and each method's best rate first,
+    then the benchmark's tables at those rates. Otherwise each method is
+    shown at `configured_rates[method]` (its gin file's Benchmark.finetune_lr)
+    where it has cells at that rate, and flagged where it has none.
+    """
+    from tfmeta import atomic
+    from tfmeta.experiments import many_shot
+
+    rates, configured_rates = many_shot.rates_of(results), configured_rates or {}
+    if validation:
+        lines, best = validation_lines(results, gin_names or {})
+        results = many_shot.at_rates(results, best)
+    else:
+        lines = [f"**Note**: the {method} cells were fine-tuned at lr {', '.join(f'{r:g}' for r in found)}; "
+                 f"its gin file says {configured_rates[method]:g}: re-run them."
+                 for method, found in rates.items()
+                 if method in configured_rates and configured_rates[method] not in found]
+        chosen = {m: r for m, r in configured_rates.items() if r in rates.get(m, ())}
+        results = many_shot.at_rates(results, chosen)
+        lines += [""] if lines else []
+    text = "\n".join(lines + benchmark_lines(results)) + "\n"
     atomic.write_text(out / "summary.md", text)
-    for path in {out / "convergence.png", *( [pathlib.Path(figure)] if figure else [])}:
+    for path in {out / "convergence.png", *([pathlib.Path(figure)] if figure else [])}:
         many_shot.plot_convergence(results, path, title=f"{out.name}: {len(results['cells'])} cells")
     log(text)
 
@@ -102,11 +155,18 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one seed (CI scale)")
     parser.add_argument("--validation", action="store_true",
                         help="the source-only validation split at 1/3 of the budget")
+    parser.add_argument("--finetune_lrs", type=float, nargs="+", default=None,
+                        help="with --validation: fine-tune every meta-training at each of these rates")
     parser.add_argument("--gin_param", action="append", default=[],
                         help='extra bindings, e.g. "meta/SGD.learning_rate = 0.01"')
     parser.add_argument("--figure", default=None, help="also write the convergence PNG here")
     parser.add_argument("--report", action="store_true", help="only write summary.md and the PNG")
     args = parser.parse_args(argv)
+    if args.finetune_lrs and not args.validation:
+        print("error: --finetune_lrs chooses the fine-tuning rate, which is done on the source-only "
+              "split only: add --validation (the benchmark uses each gin file's Benchmark.finetune_lr).",
+              file=sys.stderr)
+        return 2
 
     import gin
 
@@ -114,14 +174,22 @@ def main(argv=None):
     from tfmeta.experiments import many_shot
 
     gin.add_config_file_search_path(str(REPO / "gin"))  # for the `include` lines
-    bindings = (SMOKE if args.smoke else []) + (validation_bindings() if args.validation else [])
+    bindings = (SMOKE if args.smoke else []) + (validation_bindings(args.smoke) if args.validation else [])
     bindings += args.gin_param
     seeds = args.seeds[:1] if args.smoke else args.seeds
     suffix = "_smoke" if args.smoke else "_validation" if args.validation else ""
     out = pathlib.Path(args.output_dir or f"runs/many_shot{suffix}")
     results_path = out / "results.json"
+    setups = {name: configured(name, bindings) for name in args.methods}
+    gin_names = {method.name: name for name, (_, method) in setups.items()}
+    rates = {method.name: bench.finetune_lr for bench, method in setups.values()}
+    show = dict(figure=args.figure, validation=args.validation, gin_names=gin_names, configured_rates=rates)
     if args.report:
-        report(json.loads(results_path.read_text()), out, args.figure)
+        results = many_shot.load_results(results_path)
+        # A validation run's file is reported as one, with or without --validation.
+        targets = {tuple(c["settings"]["targets"]) for c in results["cells"].values()}
+        show["validation"] |= targets == {tuple(many_shot.VALIDATION_TARGETS)}
+        report(results, out, **show)
         return 0
     if results_path.exists() and not (args.resume or args.overwrite):
         print(f"error: {results_path} exists: pass --resume to continue it or --overwrite to "
@@ -129,15 +197,20 @@ def main(argv=None):
         return 2
     if args.overwrite and results_path.exists():
         results_path.unlink()
+    if results_path.exists():  # settings first: a mismatch costs seconds, not a run
+        cells = many_shot.load_results(results_path)["cells"]
+        for name in args.methods:
+            bench, method = configured(name, bindings)
+            many_shot.check_settings(bench, [method], seeds, cells, args.finetune_lrs, results_path)
     began = time.perf_counter()
     results = None
     for seed in seeds:
         for name in args.methods:
             bench, method = configured(name, bindings)
             # After the first cell the file holds this run's own cells: always resume.
-            results = many_shot.run(bench, [method], [seed], out, resume=True)
+            results = many_shot.run(bench, [method], [seed], out, resume=True, finetune_lrs=args.finetune_lrs)
     print(f"\nDone in {time.perf_counter() - began:.0f} s; {len(results['cells'])} cells in {results_path}")
-    report(results, out, args.figure)
+    report(results, out, **show)
     return 0
 
 

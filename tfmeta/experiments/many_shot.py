@@ -18,11 +18,17 @@ the same budget of inner steps (task-steps: T tasks x inner steps each):
   every other method of that seed starts from).
 
 Each method x seed is evaluated at `checkpoints` evenly spaced points of its
-budget (the meta-convergence curve); a finished cell (method x seed x
-checkpoint) goes to `results.json` at once (atomically), and `resume=True`
-skips finished cells: a method x seed whose cells are all there is not
-trained again, one with some missing is meta-trained again from its seed
-(deterministic streams) and evaluated only where cells are missing.
+budget (the meta-convergence curve), each checkpoint fine-tuned at one or
+more learning rates (`finetune_lrs`: several only to choose the rate on the
+source-only validation split). A finished cell (method x seed x checkpoint
+x fine-tuning rate) goes to `results.json` at once (atomically, a
+`CellStore`) with the settings it was computed with, and `resume=True` skips
+finished cells: a method x seed whose cells are all there is not trained
+again, one with some missing is meta-trained again from its seed
+(deterministic streams) and evaluated only where cells are missing; a
+finished cell computed with other settings is a `ConfigError` naming them.
+A results.json of the older layout (one settings dict for all cells) is
+read by `load_results` and converted in place on `resume`.
 
 Run it with `python tools/many_shot.py` (gin/many_shot_*.gin, one per method).
 
@@ -33,6 +39,9 @@ Example::
                Method("no pretraining", kind="none")]
     results = run(bench, methods, seeds=[0], output_dir="runs/many_shot_tiny")
     print(table(results))
+    rates = run(bench, methods, seeds=[0], output_dir="runs/many_shot_tiny_lr",
+                finetune_lrs=(0.1, 0.01))   # one meta-training, two fine-tuning rates
+    print(rate_table(rates), best_finetune_lr(rates))
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import keras
 import numpy as np
 
 from tfmeta import atomic
+from tfmeta.experiments.complexity_run import CellStore
 from tfmeta.finetune import finetune, random_initialization
 from tfmeta.heads import with_new_head
 from tfmeta.meta_model import MetaModel
@@ -58,6 +68,8 @@ from tfmeta.validation import ConfigError
 
 __all__ = [
     "Benchmark",
+    "EXPERIMENT",
+    "FINETUNE_LR_GRID",
     "HELD_OUT_DATASETS",
     "KINDS",
     "Method",
@@ -65,10 +77,18 @@ __all__ = [
     "TARGETS",
     "VALIDATION_SOURCES",
     "VALIDATION_TARGETS",
+    "at_rates",
+    "best_finetune_lr",
     "cell_key",
+    "cell_settings",
+    "check_settings",
     "claims",
     "convergence",
+    "finetune_rates",
+    "load_results",
     "plot_convergence",
+    "rate_table",
+    "rates_of",
     "run",
     "split_datasets",
     "table",
@@ -95,6 +115,10 @@ VALIDATION_SOURCES = SOURCES[:3] + SOURCES[4:7]
 VALIDATION_TARGETS = ("mnist/blur", "omniglot/background_d")
 
 KINDS = ("meta", "multitask", "none")
+#: The fine-tuning learning rates the source-only validation chooses among
+#: (`tools/many_shot.py --validation --finetune_lrs 0.1 0.03 0.01`): the
+#: paper's 0.1 and two lower ones.
+FINETUNE_LR_GRID = (0.1, 0.03, 0.01)
 
 
 def split_datasets(names):
@@ -235,9 +259,28 @@ class Benchmark:
         return settings
 
 
-def cell_key(method, seed, inner_steps):
-    """The results.json key of one cell: `"<method>/seed<seed>/<inner steps>"`."""
-    return f"{method}/seed{seed}/{inner_steps}"
+#: The `"experiment"` of a many-shot results.json (a `CellStore`).
+EXPERIMENT = "many_shot"
+#: Settings that are a method's own: the cells of one results.json may differ
+#: in these (each method has its learner, outer rate and fine-tuning rate), and
+#: must agree on every other (one benchmark per file).
+PER_METHOD = ("method", "kind", "config", "finetune_lr")
+
+
+def cell_key(method, seed, inner_steps, finetune_lr):
+    """The results.json key of one cell, e.g. `cell_key("cts", 0, 4000, 0.03)` -> `"cts/seed0/4000/lr0.03"`."""
+    return f"{method}/seed{seed}/{inner_steps}/lr{finetune_lr:g}"
+
+
+def cell_settings(bench, method):
+    """Everything a cell's numbers depend on, JSON-normalised: `bench.to_dict()` and the method.
+
+    Example::
+
+        cell_settings(Benchmark(), Method("no pretraining", kind="none"))["finetune_lr"]   # 0.1
+    """
+    settings = {**bench.to_dict(), "method": method.name, "kind": method.kind, "config": method.describe()}
+    return json.loads(json.dumps(settings))
 
 
 # ------------------------------------------------------------- training
@@ -366,62 +409,190 @@ def meta_test(bench, weights, seed, targets=None):
 
 
 # ------------------------------------------------------------- the run
-def _load(path):
-    return json.loads(path.read_text()) if path.exists() else None
+def load_results(path):
+    """The results dict of a many-shot results.json, `{"experiment": "many_shot", "cells": {...}}`.
+
+    A file of the older layout (`{"settings": ..., "cells": ...}`, one settings
+    dict for every cell, keys without the fine-tuning rate, such as
+    docs/figures/many_shot_results.json) is converted: each cell gets those
+    settings, its `finetune_lr` and a key with it. Nothing is written.
+
+    Example::
+
+        results = load_results("docs/figures/many_shot_results.json")
+        print(table(results))
+    """
+    path = pathlib.Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"{path} cannot be read as JSON ({error}): pass the results.json of a many-shot run."
+        ) from None
+    if isinstance(results, dict) and results.get("experiment") == EXPERIMENT:
+        return results
+    if isinstance(results, dict) and set(results) == {"settings", "cells"}:
+        shared, cells = results["settings"], {}
+        for cell in results["cells"].values():
+            settings = {**shared, "method": cell["method"], "kind": cell["kind"], "config": cell["config"]}
+            key = cell_key(cell["method"], cell["seed"], cell["inner_steps"], shared["finetune_lr"])
+            cells[key] = {**cell, "finetune_lr": shared["finetune_lr"], "settings": settings}
+        return {"experiment": EXPERIMENT, "partial": True, "cells": cells}
+    raise ConfigError(
+        f"{path} is not a results.json of tools/many_shot.py (no \"experiment\": {EXPERIMENT!r}): "
+        "pass another --output_dir."
+    )
 
 
-def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=False, log=print):
-    """Every cell of `methods` x `seeds` x checkpoints; returns the results dict (also in results.json).
+def finetune_rates(bench, finetune_lrs=None):
+    """The fine-tuning rates to evaluate: `finetune_lrs`, or `(bench.finetune_lr,)` when None.
+
+    Example::
+
+        finetune_rates(Benchmark(), [0.1, 0.03])   # (0.1, 0.03)
+    """
+    rates = (bench.finetune_lr,) if finetune_lrs is None else tuple(float(r) for r in finetune_lrs)
+    if not rates or any(not np.isfinite(r) or r <= 0 for r in rates) or len(set(rates)) < len(rates):
+        raise ConfigError(
+            f"finetune_lrs={list(rates)} must be distinct numbers > 0, e.g. --finetune_lrs 0.1 0.03 0.01."
+        )
+    return rates
+
+
+def _plan(bench, method, seed, rates):
+    """`[(inner_steps, rate, key), ...]`: the cells of `method` x `seed`, checkpoint by checkpoint."""
+    steps = [0] if method.kind == "none" else bench.checkpoint_steps()
+    return [(s, r, cell_key(method.name, seed, s, r)) for s in steps for r in rates]
+
+
+def _differ(stored, wanted, skip=()):
+    return sorted(k for k in set(stored) | set(wanted) if k not in skip and stored.get(k) != wanted.get(k))
+
+
+def _refuse(path, key, stored, wanted, names, why=""):
+    shown = ", ".join(f"{n}={stored.get(n)!r} there, {wanted.get(n)!r} now" for n in names)
+    raise ConfigError(
+        f"--resume: cell {key} of {path} was computed with other settings ({shown}){why}: resume "
+        "with the same gin files and bindings, or choose another --output_dir."
+    )
+
+
+def check_settings(bench, methods, seeds, cells, finetune_lrs=None, path="results.json"):
+    """Refuse resuming `cells` (a results dict's) with other settings: a `ConfigError` naming the fields.
+
+    A planned cell already in `cells` must have been computed with exactly
+    this cell's settings; every other cell must share the benchmark's
+    (all but `PER_METHOD`), so that one results.json holds one benchmark.
+
+    Example::
+
+        check_settings(bench, [method], [0, 1], load_results(path)["cells"], (0.1, 0.01))
+    """
+    for method in methods:
+        for rate in finetune_rates(bench, finetune_lrs):
+            wanted = cell_settings(dataclasses.replace(bench, finetune_lr=rate), method)
+            planned = {key for seed in seeds for _, _, key in _plan(bench, method, seed, [rate])}
+            for key, cell in cells.items():
+                mine = key in planned
+                names = _differ(cell["settings"], wanted, skip=() if mine else PER_METHOD)
+                if names:
+                    _refuse(path, key, cell["settings"], wanted, names,
+                            "" if mine else "; one results.json holds one benchmark")
+
+
+def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=False, log=print,
+        finetune_lrs=None):
+    """Every cell of `methods` x `seeds` x checkpoints x `finetune_lrs`; the results dict (also in results.json).
 
     Cells are run seed by seed (so a partial run has whole seeds), each
-    written to `output_dir/results.json` as soon as it is done. `resume`
-    keeps the cells already there (the settings must be the same).
+    written to `output_dir/results.json` as soon as it is done. Each
+    meta-training (method x seed) is fine-tuned at every rate of
+    `finetune_lrs` (default: `bench.finetune_lr` alone). `resume` keeps the
+    cells already there, which must have been computed with the same
+    settings (`check_settings`, before any training); a file of the older
+    layout is converted in place first (`load_results`).
     """
+    rates = finetune_rates(bench, finetune_lrs)
     out = pathlib.Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    settings = bench.to_dict()
-    previous = _load(path) if resume else None
-    if previous is not None and previous["settings"] != json.loads(json.dumps(settings)):
-        raise ConfigError(
-            f"{path} was written with other settings: resume with the same gin files and "
-            "bindings, or choose another --output_dir."
-        )
-    results = previous or {"settings": settings, "cells": {}}
-    cells = results["cells"]
+    if resume and path.is_file():
+        previous = load_results(path)
+        if "experiment" not in json.loads(path.read_text()):
+            atomic.write_text(path, json.dumps(previous, indent=1))
+            log(f"{path}: converted to per-cell settings ({len(previous['cells'])} cells kept)")
+        check_settings(bench, methods, seeds, previous["cells"], rates, path)
+    store = CellStore(out, EXPERIMENT, resume=resume)
     for seed in seeds:
         for method in methods:
-            wanted = [0] if method.kind == "none" else bench.checkpoint_steps()
-            missing = [s for s in wanted if cell_key(method.name, seed, s) not in cells]
-            if not missing:
+            plan = [p for p in _plan(bench, method, seed, rates) if store.get(p[2]) is None]
+            if not plan:
                 continue
+            wanted = [0] if method.kind == "none" else bench.checkpoint_steps()
             began = time.perf_counter()
-            trained = pretrain(bench, method, seed, checkpoints=wanted.index(missing[-1]) + 1)
+            trained = pretrain(bench, method, seed, checkpoints=wanted.index(plan[-1][0]) + 1)
             seconds = time.perf_counter() - began
             for steps, weights in trained:
-                key = cell_key(method.name, seed, steps)
-                if key in cells:
-                    continue
-                began = time.perf_counter()
-                scores = meta_test(bench, weights, seed)
-                cells[key] = {
-                    "method": method.name, "kind": method.kind, "config": method.describe(), "seed": seed,
-                    "inner_steps": steps, "task_steps": steps * bench.tasks_per_batch,
-                    "pretrain_seconds": seconds, "finetune_seconds": time.perf_counter() - began,
-                    "targets": scores,
-                }
-                atomic.write_text(path, json.dumps(results, indent=1))
-                mean = np.mean([s["test_accuracy"] for s in scores.values()])
-                log(f"{key}: mean test accuracy {mean:.4f}")
-    return results
+                for _, rate, key in (p for p in plan if p[0] == steps):
+                    at_rate = dataclasses.replace(bench, finetune_lr=rate)
+                    began = time.perf_counter()
+                    scores = meta_test(at_rate, weights, seed)
+                    store.put(key, {
+                        "method": method.name, "kind": method.kind, "config": method.describe(),
+                        "seed": seed, "inner_steps": steps, "task_steps": steps * bench.tasks_per_batch,
+                        "finetune_lr": rate, "pretrain_seconds": seconds,
+                        "finetune_seconds": time.perf_counter() - began, "targets": scores,
+                        "settings": cell_settings(at_rate, method),
+                    })
+                    mean = np.mean([s["test_accuracy"] for s in scores.values()])
+                    log(f"{key}: mean test accuracy {mean:.4f}")
+    return {"experiment": EXPERIMENT, "partial": True, "cells": dict(store.cells)}
 
 
 # ------------------------------------------------------------- reports
+def rates_of(results):
+    """`{method: sorted fine-tuning rates of its cells}`.
+
+    Example::
+
+        rates_of(load_results("docs/figures/many_shot_results.json"))["cts"]   # [0.1]
+    """
+    found = {}
+    for cell in results["cells"].values():
+        found.setdefault(cell["method"], set()).add(cell["finetune_lr"])
+    return {method: sorted(rates) for method, rates in found.items()}
+
+
+def _benchmark(results):
+    """The benchmark settings the cells share (targets, budget, ...); one rate per method, or a ConfigError."""
+    several = {m: r for m, r in rates_of(results).items() if len(r) > 1}
+    if several:
+        raise ConfigError(
+            f"results hold cells at several fine-tuning rates {several}: the benchmark's tables "
+            "need one per method; pick them with at_rates(results, best_finetune_lr(results)), "
+            "or use rate_table for a validation run."
+        )
+    if not results["cells"]:
+        raise ConfigError("results hold no cells yet: run some first.")
+    return next(iter(results["cells"].values()))["settings"]
+
+
+def at_rates(results, rates):
+    """`results` with, for every method of `rates` (`{method: finetune_lr}`), only its cells at that rate.
+
+    Example::
+
+        table(at_rates(results, best_finetune_lr(results)))
+    """
+    cells = {key: cell for key, cell in results["cells"].items()
+             if cell["method"] not in rates or cell["finetune_lr"] == rates[cell["method"]]}
+    return {**results, "cells": cells}
+
+
 def _final_cells(results):
     """`{method: [cell, ...]}` of each method's last checkpoint (one cell per seed)."""
-    cells = list(results["cells"].values())
+    _benchmark(results)
     last = {}
-    for cell in cells:
+    for cell in results["cells"].values():
         top = last.get((cell["method"], cell["seed"]))
         if top is None or cell["inner_steps"] > top["inner_steps"]:
             last[(cell["method"], cell["seed"])] = cell
@@ -429,6 +600,72 @@ def _final_cells(results):
     for (method, _), cell in sorted(last.items(), key=lambda item: item[0][1]):
         final.setdefault(method, []).append(cell)
     return final
+
+
+def _seed_means(results, metric):
+    """`{method: {rate: {seed: mean over targets of metric}}}` at each method's last checkpoint."""
+    last = {}
+    for cell in results["cells"].values():
+        last[cell["method"]] = max(last.get(cell["method"], 0), cell["inner_steps"])
+    means = {}
+    for cell in results["cells"].values():
+        if cell["inner_steps"] == last[cell["method"]]:
+            value = float(np.mean([s[metric] for s in cell["targets"].values()]))
+            means.setdefault(cell["method"], {}).setdefault(cell["finetune_lr"], {})[cell["seed"]] = value
+    return means
+
+
+def rate_table(results, metric="test_accuracy"):
+    """Markdown: per method, the mean over targets of `metric` at each fine-tuning rate, mean ± std over seeds.
+
+    Each entry is at the method's last checkpoint and says how many seeds it has.
+
+    Example::
+
+        print(rate_table(run(bench, methods, [0, 1], out, finetune_lrs=(0.1, 0.01)), "loss_auc"))
+    """
+    means = _seed_means(results, metric)
+    rates = sorted({r for by_rate in means.values() for r in by_rate}, reverse=True)
+    lines = ["| method | " + " | ".join(f"lr {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    for method, by_rate in means.items():
+        row = [f"{_mean_std(list(by_rate[r].values()))} ({len(by_rate[r])})" if r in by_rate else "-"
+               for r in rates]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def best_finetune_lr(results):
+    """`{method: rate}`: each method's fine-tuning rate of highest mean test accuracy (a validation run's choice).
+
+    The mean is over targets and seeds at the method's last checkpoint, over
+    the seeds that every one of its rates has (a partial run compares like
+    with like); a tie goes to the lower mean training-loss AUC. Methods
+    whose rates share no seed are left out. Results meta-tested on any of
+    the benchmark's `TARGETS` are refused: the rate is chosen on sources only.
+
+    Example::
+
+        best_finetune_lr(load_results("runs/many_shot_validation_lr/results.json"))   # {"cts": 0.03, ...}
+    """
+    tuned = sorted({t for cell in results["cells"].values() for t in cell["targets"]} & set(TARGETS))
+    if tuned:
+        raise ConfigError(
+            f"these results are fine-tuned on the benchmark's targets {tuned}: choosing the rate on them "
+            "would tune on the targets; choose it on the source-only split (tools/many_shot.py --validation)."
+        )
+    accuracy, auc = _seed_means(results, "test_accuracy"), _seed_means(results, "loss_auc")
+    best = {}
+    for method, by_rate in accuracy.items():
+        seeds = set.intersection(*(set(by_seed) for by_seed in by_rate.values()))
+        if not seeds:
+            continue
+
+        def score(rate):
+            return (float(np.mean([by_rate[rate][s] for s in seeds])),
+                    -float(np.mean([auc[method][rate][s] for s in seeds])))
+
+        best[method] = max(sorted(by_rate, reverse=True), key=score)
+    return best
 
 
 def _mean_std(values):
@@ -442,7 +679,7 @@ def table(results, metric="test_accuracy", methods=None):
     The last column says how many seeds the row has and at what budget.
     """
     final = _final_cells(results)
-    targets = list(results["settings"]["targets"])
+    targets = list(_benchmark(results)["targets"])
     order = [m for m in (methods or final) if m in final]
     head = "| method | " + " | ".join(targets) + " | mean | seeds (inner steps) |"
     lines = [head, "|---" * (len(targets) + 3) + "|"]
@@ -509,7 +746,8 @@ def claims(results, best=None):
     "multi-task" and "no pretraining"; claims whose methods are missing are left out.
     """
     final = _final_cells(results)
-    targets = list(results["settings"]["targets"])
+    settings = _benchmark(results)
+    targets = list(settings["targets"])
     held_out = [t for t in targets if t.split("/")[0] in HELD_OUT_DATASETS]
 
     def mean(method, target, metric):
@@ -533,7 +771,7 @@ def claims(results, best=None):
         )
     if "cts" in final and "reptile" in final:
         reptile_final = overall("reptile")
-        third = results["settings"]["budget"] * results["settings"]["tasks_per_batch"] / 3
+        third = settings["budget"] * settings["tasks_per_batch"] / 3
         early = [(s, m) for s, m, _, _ in convergence(results)["cts"] if s <= third]
         steps, value = max(early) if early else (None, None)
         out["CTS reaches Reptile's final accuracy with <= 1/3 of the steps"] = (
