@@ -206,6 +206,10 @@ def test_cell_store_checkpoints_and_resumes(tmp_path):
     assert store.put("a", dict(steps=3)) == dict(steps=3)
     assert CellStore(tmp_path, "kramers", resume=True).get("a") == dict(steps=3)
     assert CellStore(tmp_path, "kramers", resume=False).get("a") is None
+    said = []
+    CellStore(tmp_path, "kramers", resume=True, log=said.append)
+    CellStore(tmp_path, "kramers", resume=False, log=said.append)
+    assert said == ["resuming: 1 cells already done"]
     with pytest.raises(ValueError, match="holds a 'kramers' experiment"):
         CellStore(tmp_path, "relabel", resume=True)
 

@@ -203,6 +203,158 @@ def test_shared_settings_are_declared_once_and_gin_bindings_reach_both_experimen
         reachability_experiment(lamm=0.3)
 
 
+def test_kramers_relabel_and_prediction_take_the_settings_they_share(monkeypatch):
+    # relabel and kramers measure C_beta (ComplexitySettings), prediction
+    # fine-tunes (TransferSettings): each has exactly its class's fields, gin
+    # binds them under the experiment's name, they reach the training and the
+    # complexity call, and a setting an experiment does not have is refused.
+    import dataclasses
+    import inspect
+    from types import SimpleNamespace
+
+    from tfmeta.experiments import (
+        complexity_kramers,
+        complexity_prediction,
+        complexity_relabel,
+        complexity_settings,
+    )
+    from tfmeta.experiments.complexity_settings import ComplexitySettings, TransferSettings
+
+    own = {relabel_experiment: ["output_dir", "fractions", "seeds", "dataset",
+                                "sensitivity_lams", "sensitivity_weight_decays", "resume"],
+           kramers_experiment: ["output_dir", "batch_sizes", "learning_rate", "fractions",
+                                "seeds", "fit_seeds", "fit_batch_sizes", "dataset", "resume"],
+           prediction_experiment: ["output_dir", "targets", "calibration_targets", "sources",
+                                   "initializations", "scratch", "finetune_seeds",
+                                   "probe_steps", "repeats", "max_cost_fraction", "resume"]}
+    classes = {relabel_experiment: ComplexitySettings, kramers_experiment: ComplexitySettings,
+               prediction_experiment: TransferSettings}
+    for function, names in own.items():
+        fields = [(f.name, f.default) for f in dataclasses.fields(classes[function])]
+        params = [(p.name, p.default) for p in inspect.signature(function).parameters.values()]
+        assert [name for name, _ in params] == names + [name for name, _ in fields]
+        assert params[len(names):] == fields
+    assert {f.name for f in dataclasses.fields(ComplexitySettings)} == {
+        "examples", "model_fn", "recipe", "plot", "data_dir", "log",
+        "lam", "weight_decay", "fisher_samples", "fisher_batch_size"}
+    assert {f.name for f in dataclasses.fields(TransferSettings)} == {
+        "examples", "model_fn", "recipe", "plot", "data_dir", "log", "finetune_recipe", "seed"}
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_task(name, examples, seed=0, data_dir=None):
+        seen.setdefault("tasks", []).append((name, examples, seed, data_dir))
+        return np.zeros((4, 28, 28, 1), np.float32), np.arange(4, dtype=np.int32) % 2
+
+    def fake_train(data, recipe, model_fn=None, init=None):
+        seen["recipe"] = recipe
+        if seen["experiment"] == "prediction":
+            raise Stop
+        return SimpleNamespace(model=None)
+
+    def fake_complexity(model, data, beta, lam, **kwargs):
+        seen["complexity"] = dict(beta=beta, lam=lam, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(complexity_settings, "task_arrays", fake_task)
+    for module in (complexity_relabel, complexity_kramers, complexity_prediction):
+        monkeypatch.setattr(module, "train", fake_train)
+    for module in (complexity_relabel, complexity_kramers):
+        monkeypatch.setattr(module, "complexity", fake_complexity)
+    shared = """
+    {name}.examples = 7
+    {name}.data_dir = "/nowhere"
+    {name}.log = None
+    {name}.plot = False
+    """
+    measured = """
+    {name}.lam = 0.3
+    {name}.weight_decay = 1e-3
+    {name}.fisher_samples = 64
+    {name}.fisher_batch_size = 16
+    """
+    try:
+        for name in ("relabel", "kramers"):
+            seen.clear()
+            seen["experiment"] = name
+            gin.clear_config()
+            gin.parse_config((shared + measured).format(name=f"{name}_experiment"))
+            with pytest.raises(Stop):
+                gin.get_configurable(f"tfmeta.complexity.{name}_experiment")(output_dir=None)
+            assert seen["tasks"] == [("mnist", 7, 0, "/nowhere")]
+            assert seen["complexity"] == dict(beta=pytest.approx(2 * 0.3**2 * 1e-3), lam=0.3,
+                                              seed=0, fisher_samples=64, batch_size=16)
+            # the default recipe: SGD with decoupled decay 2 gamma, every step
+            # checked near the threshold
+            assert seen["recipe"].optimizer.keywords["weight_decay"] == 2e-3
+            assert seen["recipe"].fine_check_factor == 2.0
+        seen.clear()
+        seen["experiment"] = "prediction"
+        gin.clear_config()
+        gin.parse_config(shared.format(name="prediction_experiment")
+                         + "prediction_experiment.seed = 3\n"
+                         + "prediction_experiment.sources = ('mnist',)\n")
+        with pytest.raises(Stop):
+            gin.get_configurable("tfmeta.complexity.prediction_experiment")(output_dir=None)
+        assert sorted(seen["tasks"]) == [(t, 7, 3, "/nowhere")
+                                         for t in ("fashion_mnist", "mnist", "omniglot")]
+        assert seen["recipe"].seed == 3 and seen["recipe"].fine_check_factor is None
+        assert seen["recipe"].optimizer.keywords["weight_decay"] == 1e-3
+        for binding in ("kramers_experiment.lamm = 0.3", "relabel_experiment.seed = 1",
+                        "prediction_experiment.lam = 0.1"):
+            with pytest.raises(ValueError, match="parameter named"):
+                gin.parse_config(binding)
+    finally:
+        gin.clear_config()
+    with pytest.raises(ValueError, match="lam must be positive"):
+        relabel_experiment(lam=-1.0)
+
+
+def test_export_baseline_is_a_fresh_model_of_the_exported_architecture(tmp_path):
+    # The random baseline of an export: the same layers, every weight drawn
+    # again (Glorot-uniform kernels within sqrt(6 / (fan_in + fan_out)), zero
+    # biases), the same under the same seed, and a head that replace_head
+    # finds (the new head's output checked against NumPy on the trunk).
+    from tfmeta.experiments.complexity_tasks import export_baseline
+    from tfmeta.export import export_initialization
+
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    functional = keras.Model(inputs, layers.Dense(3, name="head")(
+        layers.Dense(6, activation="relu", name="trunk")(inputs)))
+    sequential = keras.Sequential([keras.Input((4,)), layers.Dense(6, activation="relu",
+                                                                   name="trunk"),
+                                   layers.Dense(3, name="head")])
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    for kind, model in (("functional", functional), ("sequential", sequential)):
+        for name in ("trunk", "head"):  # biases 1: not a fresh initialization
+            layer = model.get_layer(name)
+            layer.set_weights([w + 1.0 for w in layer.get_weights()])
+        export_initialization(model, tmp_path / kind)
+        baseline = export_baseline(tmp_path / kind, 7, seed=1)
+        assert [type(a) for a in baseline.layers] == [type(a) for a in model.layers]
+        assert baseline.output_shape == (None, 7)
+        for layer, (fan_in, fan_out) in zip(baseline.layers[-2:], ((4, 6), (6, 7))):
+            kernel, bias = layer.get_weights()
+            assert kernel.shape == (fan_in, fan_out)
+            assert np.all(np.abs(kernel) <= np.sqrt(6.0 / (fan_in + fan_out)))
+            np.testing.assert_array_equal(bias, 0.0)
+        assert not np.allclose(baseline.get_layer("trunk").kernel.numpy(),
+                               model.get_layer("trunk").kernel.numpy())
+        again = export_baseline(tmp_path / kind, 7, seed=1)
+        for a, b in zip(again.get_weights(), baseline.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        new = cx.replace_head(baseline, 2, seed=0)
+        kernel, bias = baseline.get_layer("trunk").get_weights()
+        w, b = new.layers[-1].get_weights()
+        np.testing.assert_allclose(new(x).numpy(), np.maximum(x @ kernel + bias, 0.0) @ w + b,
+                                   rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------
 # real data
 

@@ -32,21 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from tfmeta.complexity import TrainingRecipe, complexity, train
-from tfmeta.complexity.measure import resolve_beta
+from tfmeta.complexity import complexity, train
 from tfmeta.experiments.complexity_figures import plot_kramers
-from tfmeta.experiments.complexity_run import (
-    CellStore,
-    describe_recipe,
-    print_line,
-    say,
-    write_outputs,
-)
-from tfmeta.experiments.complexity_tasks import default_recipe, mlp_classifier, relabel, task_arrays
+from tfmeta.experiments.complexity_run import CellStore, say
+from tfmeta.experiments.complexity_settings import ComplexitySettings, with_settings
+from tfmeta.experiments.complexity_tasks import relabel
 
 __all__ = ["X_OF", "fit_kramers", "kramers_experiment", "kramers_markdown"]
 
@@ -112,6 +106,7 @@ def _evaluate(rows, fit, x_of):
                 median_ratio=float(np.median(ratio)) if len(rows) else float("nan"))
 
 
+@with_settings(ComplexitySettings)
 def kramers_experiment(
     output_dir=None,
     batch_sizes: Sequence[int] = (8, 16, 32, 64, 128, 256),
@@ -121,21 +116,17 @@ def kramers_experiment(
     fit_seeds: Sequence[int] = (0, 1),
     fit_batch_sizes: Optional[Sequence[int]] = (8, 32, 128),
     dataset: str = "mnist",
-    examples: int = 1000,
-    model_fn: Callable = mlp_classifier,
-    recipe: Optional[TrainingRecipe] = None,
-    lam: float = 0.1,
-    weight_decay: float = 5e-4,
-    fisher_samples: Optional[int] = None,
-    fisher_batch_size: int = 100,
-    plot: bool = True,
-    data_dir=None,
     resume: bool = False,
-    log: Optional[Callable[[str], None]] = print_line,
+    *,
+    settings: ComplexitySettings,
 ) -> dict:
     """Time to converge against batch size at a fixed learning rate, measured
     and predicted by eq. 16 with ``D = k lr / B`` (see the module docstring).
 
+    The other keyword parameters are the fields of
+    :class:`~tfmeta.experiments.complexity_settings.ComplexitySettings`
+    (``examples``, ``model_fn``, ``recipe``, ``plot``, ``data_dir``, ``log``,
+    ``lam``, ``weight_decay``, ``fisher_samples``, ``fisher_batch_size``).
     ``recipe`` (default :func:`default_recipe` with ``fine_check_factor=2``)
     gives the threshold, budget and weight decay; its batch size and learning
     rate are replaced by each run's ``B`` and ``learning_rate``. The fit runs
@@ -143,13 +134,10 @@ def kramers_experiment(
     in ``fit_batch_sizes``; every other run is held out.
     """
     began = time.perf_counter()
-    recipe = recipe or default_recipe(weight_decay, fine_check_factor=2.0)
-    beta, lam = resolve_beta(None, lam, weight_decay)
-    x, y_true = task_arrays(dataset, examples, seed=0, data_dir=data_dir)
+    recipe, model_fn, log = settings.recipe, settings.model_fn, settings.log
+    x, y_true = settings.task(dataset)
     num_classes = int(y_true.max()) + 1
-    store = CellStore(output_dir, "kramers", resume)
-    if store.resumed:
-        say(log, f"resuming: {store.resumed} runs already done")
+    store = CellStore(output_dir, "kramers", resume, log)
     runs = []
     for fraction in fractions:
         for batch in batch_sizes:
@@ -164,8 +152,8 @@ def kramers_experiment(
                         optimizer=_with_learning_rate(recipe.optimizer, learning_rate))
                     result = train((x, y), run_recipe,
                                    model_fn=lambda: model_fn(num_classes=num_classes))
-                    c = complexity(result.model, (x, y), beta, lam, fisher_samples=fisher_samples,
-                                   batch_size=fisher_batch_size, seed=int(seed))
+                    c = complexity(result.model, (x, y), settings.beta, settings.lam,
+                                   seed=int(seed), **settings.complexity_kwargs)
                     row = store.put(key, dict(
                         fraction=float(fraction), batch_size=int(batch), seed=int(seed),
                         learning_rate=float(learning_rate), steps=int(result.steps),
@@ -195,14 +183,12 @@ def kramers_experiment(
     k = 1.0 / fits["kramers"]["b"] if fits["kramers"]["b"] else None
     out = dict(
         experiment="kramers",
-        settings=dict(dataset=dataset, examples=int(examples),
-                      fractions=list(map(float, fractions)),
+        settings=dict(dataset=dataset, fractions=list(map(float, fractions)),
                       batch_sizes=list(map(int, batch_sizes)), learning_rate=float(learning_rate),
                       seeds=list(map(int, seeds)), fit_seeds=list(map(int, fit_seeds)),
                       fit_batch_sizes=(None if fit_batch_sizes is None
                                        else list(map(int, fit_batch_sizes))),
-                      lam=lam, weight_decay=weight_decay, beta=beta, recipe=describe_recipe(recipe),
-                      model=repr(model_fn)),
+                      **settings.describe()),
         runs=runs,
         fit_runs=[runs.index(r) for r in fit_rows],
         fits=fits,
@@ -213,8 +199,8 @@ def kramers_experiment(
         cells=store.cells,
         seconds=time.perf_counter() - began,
     )
-    return write_outputs(out, output_dir, plot and (lambda path: plot_kramers(out, path)),
-                         "kramers.png", kramers_markdown, log)
+    return settings.write_outputs(out, output_dir, lambda path: plot_kramers(out, path),
+                                  "kramers.png", kramers_markdown)
 
 
 def _with_learning_rate(factory, learning_rate):

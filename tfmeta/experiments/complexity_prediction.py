@@ -33,12 +33,12 @@ import dataclasses
 import itertools
 import pathlib
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 
-from tfmeta.complexity import TrainingRecipe, rankdata, replace_head, spearman, train
+from tfmeta.complexity import rankdata, replace_head, spearman, train
 from tfmeta.complexity.distance import shuffled
 from tfmeta.complexity.prediction import (
     DEFAULT_CONSTANTS,
@@ -48,19 +48,9 @@ from tfmeta.complexity.prediction import (
     predict_steps,
 )
 from tfmeta.experiments.complexity_figures import plot_prediction
-from tfmeta.experiments.complexity_run import (
-    CellStore,
-    describe_recipe,
-    print_line,
-    say,
-    write_outputs,
-)
-from tfmeta.experiments.complexity_tasks import (
-    default_recipe,
-    export_baseline,
-    mlp_classifier,
-    task_arrays,
-)
+from tfmeta.experiments.complexity_run import CellStore, say
+from tfmeta.experiments.complexity_settings import TransferSettings, with_settings
+from tfmeta.experiments.complexity_tasks import export_baseline
 
 __all__ = ["ALPHAS", "KAPPAS", "fit_constants", "prediction_experiment", "prediction_markdown"]
 
@@ -159,6 +149,7 @@ def _summary(target, names, cells, constants, max_steps):
     )
 
 
+@with_settings(TransferSettings)
 def prediction_experiment(
     output_dir=None,
     targets: Sequence[str] = ("mnist", "fashion_mnist"),
@@ -167,45 +158,39 @@ def prediction_experiment(
                               "fashion_mnist_inverted", "omniglot", "mnist_random", "mnist_0-4"),
     initializations: Optional[Mapping[str, str]] = None,
     scratch: bool = True,
-    examples: int = 1000,
-    model_fn: Callable = mlp_classifier,
-    recipe: Optional[TrainingRecipe] = None,
-    finetune_recipe: Optional[TrainingRecipe] = None,
     finetune_seeds: Sequence[int] = (0, 1, 2, 3, 4),
     probe_steps: int = 8,
     repeats: int = 3,
     max_cost_fraction: Optional[float] = 0.05,
-    seed: int = 0,
-    plot: bool = True,
-    data_dir=None,
     resume: bool = False,
-    log: Optional[Callable[[str], None]] = print_line,
+    *,
+    settings: TransferSettings,
 ) -> dict:
     """Predicted vs measured fine-tuning steps of candidate initializations
     on ``targets`` (see the module docstring), the predictor's constants
     fitted on ``calibration_targets`` only.
 
-    ``recipe`` trains the sources from scratch (default
-    :func:`default_recipe`); ``finetune_recipe`` (default: the same with a
-    10000-step budget) is the fine-tuning that is predicted and measured.
-    Trained sources are saved in ``output_dir/sources/`` and reused on
-    resume.
+    The other keyword parameters are the fields of
+    :class:`~tfmeta.experiments.complexity_settings.TransferSettings`
+    (``examples``, ``model_fn``, ``recipe``, ``plot``, ``data_dir``, ``log``,
+    ``finetune_recipe``, ``seed``). ``recipe`` trains the sources from
+    scratch (default :func:`default_recipe` with ``seed``);
+    ``finetune_recipe`` (default: the same with a 10000-step budget) is the
+    fine-tuning that is predicted and measured. Trained sources are saved in
+    ``output_dir/sources/`` and reused on resume.
     """
     from tfmeta.export import load_initialization, read_export_info
 
     began = time.perf_counter()
-    recipe = recipe or default_recipe(5e-4, seed=seed)
-    finetune_recipe = finetune_recipe or dataclasses.replace(recipe, steps=10000)
+    recipe, finetune_recipe = settings.recipe, settings.finetune_recipe
+    model_fn, log = settings.model_fn, settings.log
     all_targets = [*calibration_targets, *targets]
     if set(calibration_targets) & set(targets):
         raise ValueError(f"calibration_targets {list(calibration_targets)} and targets "
                          f"{list(targets)} must be disjoint: the constants are fitted on "
                          "tasks the evaluation does not use")
-    store = CellStore(output_dir, "prediction", resume)
-    if store.resumed:
-        say(log, f"resuming: {store.resumed} cells already done")
-    data = {t: task_arrays(t, examples, seed=seed, data_dir=data_dir)
-            for t in {*all_targets, *sources}}
+    store = CellStore(output_dir, "prediction", resume, log)
+    data = settings.task_data({*all_targets, *sources})
     classes = {t: int(data[t][1].max()) + 1 for t in data}
     folder = None if output_dir is None else pathlib.Path(output_dir) / "sources"
     trained = {}
@@ -303,17 +288,15 @@ def prediction_experiment(
         experiment="prediction",
         settings=dict(targets=list(targets), calibration_targets=list(calibration_targets),
                       sources=list(sources), initializations=dict(initializations or {}),
-                      examples=int(examples), model=repr(model_fn), seed=int(seed),
-                      recipe=describe_recipe(recipe),
-                      finetune_recipe=describe_recipe(finetune_recipe),
-                      finetune_seeds=seeds, probe_steps=int(probe_steps), repeats=int(repeats),
+                      **settings.describe(), finetune_seeds=seeds,
+                      probe_steps=int(probe_steps), repeats=int(repeats),
                       max_cost_fraction=max_cost_fraction),
         constants=dataclasses.asdict(constants), fit_error=error,
         targets=per_target, cost=cost, max_steps=int(finetune_recipe.steps),
         cells=store.cells, seconds=time.perf_counter() - began,
     )
-    return write_outputs(out, output_dir, plot and (lambda path: plot_prediction(out, path)),
-                         "prediction.png", prediction_markdown, log)
+    return settings.write_outputs(out, output_dir, lambda path: plot_prediction(out, path),
+                                  "prediction.png", prediction_markdown)
 
 
 def prediction_markdown(out) -> str:

@@ -30,16 +30,15 @@ from tfmeta.complexity import (
     spearman,
     train,
 )
-from tfmeta.complexity.measure import resolve_beta
 from tfmeta.experiments.complexity_figures import plot_ranking
-from tfmeta.experiments.complexity_run import say, write_outputs
+from tfmeta.experiments.complexity_run import say
 from tfmeta.experiments.complexity_settings import FinetuneSettings, with_settings
 from tfmeta.experiments.complexity_tasks import export_baseline, label_space
 
 __all__ = ["ranking_experiment", "ranking_markdown"]
 
 
-@with_settings
+@with_settings(FinetuneSettings)
 def ranking_experiment(
     output_dir=None,
     target: str = "mnist",
@@ -67,11 +66,12 @@ def ranking_experiment(
     head="reset")``; it must take 28x28x1 inputs and end in a Dense head),
     with, if ``initialization_baselines``, a random initialization of the
     same architecture (``"<name>:random"``, ``keras.models.clone_model``
-    under the seed), its own from-scratch baseline. Every candidate's head is replaced by a fresh one with the target's
-    classes, then fine-tuned on the target with ``finetune_recipe`` (steps
-    to the loss threshold), once per seed of ``finetune_seeds`` (the seed
-    draws the new head and the batch order; non-converged runs count as the
-    budget + 1); the measured cost is the mean over those seeds.
+    under the seed, :func:`export_baseline`), its own from-scratch
+    baseline. Every candidate's head is replaced by a fresh one with the
+    target's classes, then fine-tuned on the target with ``finetune_recipe``
+    (steps to the loss threshold), once per seed of ``finetune_seeds`` (the
+    seed draws the new head and the batch order; non-converged runs count as
+    the budget + 1); the measured cost is the mean over those seeds.
 
     Predictors (lower = predicted easier), each compared with the measured
     steps by Spearman's rho:
@@ -97,7 +97,7 @@ def ranking_experiment(
     began = time.perf_counter()
     recipe, finetune_recipe = settings.recipe, settings.finetune_recipe
     model_fn, log, ckw = settings.model_fn, settings.log, settings.complexity_kwargs
-    beta, lam = resolve_beta(None, settings.lam, settings.weight_decay)
+    beta, lam = settings.beta, settings.lam
     names = [target, *sources]
     if len(set(names)) != len(names):
         raise ValueError(f"target and sources must be distinct tasks, got {names}")
@@ -203,9 +203,8 @@ def ranking_experiment(
         max_steps=int(finetune_recipe.steps),
         seconds=time.perf_counter() - began,
     )
-    return write_outputs(out, output_dir,
-                         settings.plot and (lambda path: plot_ranking(out, path)),
-                         "ranking.png", ranking_markdown, log)
+    return settings.write_outputs(out, output_dir, lambda path: plot_ranking(out, path),
+                                  "ranking.png", ranking_markdown)
 
 
 def ranking_markdown(out) -> str:

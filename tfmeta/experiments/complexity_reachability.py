@@ -19,14 +19,13 @@ from typing import Sequence
 
 from tfmeta.complexity import reachability_matrix, spearman
 from tfmeta.experiments.complexity_figures import plot_reachability
-from tfmeta.experiments.complexity_run import write_outputs
 from tfmeta.experiments.complexity_settings import FinetuneSettings, with_settings
 from tfmeta.experiments.complexity_tasks import label_space
 
 __all__ = ["reachability_experiment", "reachability_markdown"]
 
 
-@with_settings
+@with_settings(FinetuneSettings)
 def reachability_experiment(
     output_dir=None,
     tasks: Sequence[str] = ("mnist", "fashion_mnist", "omniglot", "mnist_random"),
@@ -74,9 +73,9 @@ def reachability_experiment(
     out["seconds"] = time.perf_counter() - began
     title = (f"fine-tuning steps to loss {finetune_recipe.loss_threshold} "
              f"(budget {finetune_recipe.steps})")
-    write_outputs(out, output_dir,
-                  settings.plot and (lambda path: plot_reachability(reach, path, title=title)),
-                  "reachability.png", reachability_markdown, settings.log)
+    settings.write_outputs(out, output_dir,
+                           lambda path: plot_reachability(reach, path, title=title),
+                           "reachability.png", reachability_markdown)
     out["_reachability"] = reach
     return out
 

@@ -18,27 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from tfmeta.complexity import (
-    TrainingRecipe,
-    complexity,
-    complexity_terms,
-    spearman,
-    train,
-)
-from tfmeta.complexity.measure import resolve_beta
+from tfmeta.complexity import complexity, complexity_terms, spearman, train
 from tfmeta.experiments.complexity_figures import plot_relabel
-from tfmeta.experiments.complexity_run import (
-    CellStore,
-    describe_recipe,
-    print_line,
-    say,
-    write_outputs,
-)
-from tfmeta.experiments.complexity_tasks import default_recipe, mlp_classifier, relabel, task_arrays
+from tfmeta.experiments.complexity_run import CellStore, say
+from tfmeta.experiments.complexity_settings import ComplexitySettings, with_settings
+from tfmeta.experiments.complexity_tasks import relabel
 
 __all__ = ["relabel_experiment", "relabel_markdown"]
 
@@ -56,27 +44,24 @@ def _stats(values):
                 min=float(v.min()), max=float(v.max()))
 
 
-
+@with_settings(ComplexitySettings)
 def relabel_experiment(
     output_dir=None,
     fractions: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     seeds: Sequence[int] = (0, 1, 2),
     dataset: str = "mnist",
-    examples: int = 1000,
-    model_fn: Callable = mlp_classifier,
-    recipe: Optional[TrainingRecipe] = None,
-    lam: float = 0.1,
-    weight_decay: float = 5e-4,
-    fisher_samples: Optional[int] = None,
-    fisher_batch_size: int = 100,
     sensitivity_lams: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0),
     sensitivity_weight_decays: Sequence[float] = (1e-4, 5e-4, 2e-3),
-    plot: bool = True,
-    data_dir=None,
     resume: bool = False,
-    log: Optional[Callable[[str], None]] = print_line,
+    *,
+    settings: ComplexitySettings,
 ) -> dict:
     """Complexity and time to converge vs. the fraction of random labels.
+
+    The other keyword parameters are the fields of
+    :class:`~tfmeta.experiments.complexity_settings.ComplexitySettings`
+    (``examples``, ``model_fn``, ``recipe``, ``plot``, ``data_dir``, ``log``,
+    ``lam``, ``weight_decay``, ``fisher_samples``, ``fisher_batch_size``).
 
     For every fraction ``f`` and seed: ``round(f N)`` training labels of the
     ``examples``-example subset of ``dataset`` are replaced by uniform random
@@ -114,14 +99,12 @@ def relabel_experiment(
         out["spearman"]["complexity_vs_steps"], out["levels"]
     """
     began = time.perf_counter()
-    recipe = recipe or default_recipe(weight_decay, fine_check_factor=2.0)
-    beta, lam = resolve_beta(None, lam, weight_decay)
-    x, y_true = task_arrays(dataset, examples, seed=0, data_dir=data_dir)
+    recipe, model_fn, log = settings.recipe, settings.model_fn, settings.log
+    beta, lam = settings.beta, settings.lam
+    x, y_true = settings.task(dataset)
     num_classes = int(y_true.max()) + 1
     grid = [(float(lm), float(g)) for lm in sensitivity_lams for g in sensitivity_weight_decays]
-    store = CellStore(output_dir, "relabel", resume)
-    if store.resumed:
-        say(log, f"resuming: {store.resumed} runs already done")
+    store = CellStore(output_dir, "relabel", resume, log)
     runs = []
     for seed in seeds:
         for fraction in fractions:
@@ -135,8 +118,8 @@ def relabel_experiment(
             result = train((x, y), run_recipe,
                            model_fn=lambda: model_fn(num_classes=num_classes))
             t1 = time.perf_counter()
-            c = complexity(result.model, (x, y), beta, lam, fisher_samples=fisher_samples,
-                           batch_size=fisher_batch_size, seed=int(seed))
+            c = complexity(result.model, (x, y), beta, lam, seed=int(seed),
+                           **settings.complexity_kwargs)
             t2 = time.perf_counter()
             fisher = c.fisher.flat()
             # rho for other (lam, gamma) and the dataset-total convention need
@@ -185,10 +168,9 @@ def relabel_experiment(
     out = dict(
         experiment="relabel",
         settings=dict(
-            dataset=dataset, examples=int(examples), fractions=[float(f) for f in fractions],
-            seeds=[int(s) for s in seeds], lam=lam, weight_decay=weight_decay, beta=beta,
-            fisher_samples=fisher_samples, recipe=describe_recipe(recipe),
-            num_params=runs[0]["num_params"], model=repr(model_fn),
+            dataset=dataset, fractions=[float(f) for f in fractions],
+            seeds=[int(s) for s in seeds], num_params=runs[0]["num_params"],
+            **settings.describe(),
         ),
         runs=runs,
         levels=levels,
@@ -207,9 +189,8 @@ def relabel_experiment(
         cells=store.cells,
         seconds=time.perf_counter() - began,
     )
-    return write_outputs(out, output_dir, plot and (lambda path: plot_relabel(out, path)),
-                   "relabel.png", relabel_markdown, log)
-
+    return settings.write_outputs(out, output_dir, lambda path: plot_relabel(out, path),
+                                  "relabel.png", relabel_markdown)
 
 
 def relabel_markdown(out) -> str:

@@ -1,8 +1,9 @@
 """Running a complexity experiment into a folder, and what it writes there.
 
-Every complexity experiment (``complexity_relabel``, ``complexity_reachability``,
-``complexity_ranking``) returns its results as a dict and, given an output
-folder, writes them through :func:`write_outputs`: ``results.json``,
+Every complexity experiment (``complexity_relabel``, ``complexity_kramers``,
+``complexity_reachability``, ``complexity_ranking``, ``complexity_prediction``)
+returns its results as a dict and, given an output folder, writes them
+through :func:`write_outputs`: ``results.json``,
 ``summary.md`` (Markdown tables) and a PNG figure, each atomically
 (``tfmeta.atomic``). :func:`run` is the gin entry point of
 ``tools/complexity.py`` (``run.experiment = @relabel_experiment``).
@@ -101,15 +102,17 @@ class CellStore:
     "cells": {...}}`` after every cell; the experiment's final
     ``results.json`` keeps the ``"cells"`` entry, so resuming a finished run
     recomputes only its summary. With ``resume=False`` (or no folder) nothing
-    is read and every cell is computed again.
+    is read and every cell is computed again. Given a ``log``, a resumed
+    store says how many cells it found.
 
     Example::
 
-        store = CellStore("runs/kramers", "kramers", resume=True)
+        store = CellStore("runs/kramers", "kramers", resume=True, log=print_line)
         row = store.get("b32_s0") or store.put("b32_s0", measure(32, 0))
     """
 
-    def __init__(self, output_dir, experiment: str, resume: bool = False):
+    def __init__(self, output_dir, experiment: str, resume: bool = False,
+                 log: Optional[Callable[[str], None]] = None):
         self.path = None if output_dir is None else pathlib.Path(output_dir) / "results.json"
         self.experiment = experiment
         self.cells = {}
@@ -122,6 +125,7 @@ class CellStore:
                     f"not {experiment!r}; use another --output_dir or drop --resume")
             self.cells = dict(previous.get("cells", {}))
             self.resumed = len(self.cells)
+            say(log, f"resuming: {self.resumed} cells already done")
 
     def get(self, key: str):
         """The finished cell ``key``, or None."""
@@ -140,8 +144,8 @@ class CellStore:
 
 def run(output_dir, experiment: Optional[Callable] = None, resume: bool = False):
     """Run ``experiment`` (gin: ``run.experiment = @relabel_experiment``,
-    ``@reachability_experiment``, ``@ranking_experiment``,
-    ``@ranking_study`` or ``@kramers_experiment``) into ``output_dir`` and
+    ``@kramers_experiment``, ``@reachability_experiment``,
+    ``@ranking_experiment`` or ``@prediction_experiment``) into ``output_dir`` and
     return its results. ``resume=True`` (``tools/complexity.py --resume``)
     continues an interrupted run of an experiment that checkpoints its cells
     (those with a ``resume`` argument); others refuse it.

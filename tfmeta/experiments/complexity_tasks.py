@@ -240,9 +240,8 @@ def default_recipe(weight_decay, **overrides):
 
 def export_baseline(path, num_classes: int, seed: int):
     """A random initialization of an exported initialization's architecture,
-    with a fresh head of ``num_classes``: fresh initializers from
-    ``keras.models.clone_model`` (under ``seed``), in a model loaded the same
-    way as the export, so that its head is found the same way.
+    with a head of ``num_classes``: ``keras.models.clone_model`` of the
+    loaded export (every layer's initializers run again, under ``seed``).
 
     Example::
 
@@ -252,7 +251,4 @@ def export_baseline(path, num_classes: int, seed: int):
 
     loaded = load_initialization(path, num_classes=int(num_classes), head="reset")
     keras.utils.set_random_seed(int(seed))
-    fresh = keras.models.clone_model(loaded)
-    fresh.build(loaded.input_shape)
-    loaded.set_weights(fresh.get_weights())
-    return loaded
+    return keras.models.clone_model(loaded)
