@@ -128,6 +128,16 @@ def test_gin_files_parse_and_select_their_experiment():
             gin.clear_config()
 
 
+def test_run_without_an_experiment_names_every_experiment(tmp_path):
+    from tfmeta.experiments.complexity_run import run
+
+    with pytest.raises(ValueError, match="no experiment selected") as error:
+        run(str(tmp_path))
+    for name in ("relabel", "kramers", "reachability", "ranking", "prediction"):
+        assert f"@{name}_experiment" in str(error.value)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_shared_settings_are_declared_once_and_gin_bindings_reach_both_experiments(
         monkeypatch):
     import dataclasses

@@ -157,7 +157,8 @@ def run(output_dir, experiment: Optional[Callable] = None, resume: bool = False)
     if experiment is None:
         raise ValueError(
             "no experiment selected: bind 'run.experiment = @relabel_experiment' "
-            "(or @reachability_experiment, @ranking_experiment)"
+            "(or @kramers_experiment, @reachability_experiment, @ranking_experiment, "
+            "@prediction_experiment) in the gin file, e.g. gin/complexity_relabel.gin"
         )
     if not callable(experiment):
         raise TypeError(

@@ -269,7 +269,8 @@ def _multiheaded(config, cell):
                   steps_per_execution=math.gcd(steps, 10))
     stream = pretrain.as_dataset(tasks_per_batch=T, inner_steps=1, batch_size=config.batch_size,
                                  steps_per_chunk=1, seed=cell.seed, with_task_ids=True)
-    model.fit(stream, steps_per_epoch=steps, epochs=1, verbose=0)
+    # The stream is already shuffled; Keras would warn that shuffle=True is ignored.
+    model.fit(stream, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0)
     return net
 
 
