@@ -82,7 +82,7 @@ def test_fit_refuses_a_steps_per_epoch_keras_would_round_up_before_any_step():
     assert str(error.value) == (
         "steps_per_epoch=10 is not a multiple of steps_per_execution=4: Keras runs whole "
         "executions of 4 train steps, so fit would run 12 train steps (task batches) per epoch "
-        "instead of 10, with more inner steps and meta-updates than asked. Choose "
+        "instead of 10: more inner steps, and maybe meta-updates, than asked. Choose "
         "steps_per_epoch a multiple of 4 (e.g. 8 or 12), or compile with steps_per_execution "
         "dividing 10 (e.g. 2)."
     )

@@ -72,7 +72,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
     With `steps_per_execution=N` (a `compile` argument), `fit`'s
     `steps_per_epoch` must be a multiple of N: Keras runs every execution
     whole, so `steps_per_epoch=10` with N=4 would run 12 train steps per
-    epoch (more inner steps and meta-updates than asked). `fit` raises a
+    epoch (more inner steps, and maybe meta-updates, than asked). `fit` raises a
     `ConfigError` before any step instead; a stream that ends within the
     epoch (a finite dataset of at most `steps_per_epoch` task batches, or no
     `steps_per_epoch`) runs exactly its task batches and is accepted.
@@ -523,8 +523,8 @@ def check_whole_executions(steps_per_epoch, steps_per_execution, batches=None):
     raise ConfigError(
         f"steps_per_epoch={steps_per_epoch} is not a multiple of steps_per_execution="
         f"{per_call}: Keras runs whole executions of {per_call} train steps, so fit would run "
-        f"{runs} train steps (task batches) per epoch instead of {steps_per_epoch}, with more "
-        f"inner steps and meta-updates than asked. Choose steps_per_epoch a multiple of "
+        f"{runs} train steps (task batches) per epoch instead of {steps_per_epoch}: more inner "
+        f"steps, and maybe meta-updates, than asked. Choose steps_per_epoch a multiple of "
         f"{per_call} (e.g. {multiples}), or compile with steps_per_execution dividing "
         f"{steps_per_epoch} (e.g. {math.gcd(steps_per_epoch, per_call)})."
     )
