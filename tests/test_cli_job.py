@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tfmeta
+from tfmeta import failpoints
 from tfmeta.cli import history, job
 from tfmeta.models import mlp
 from tfmeta.tasks import digits_tasks
@@ -48,24 +49,38 @@ def _phi(run):
 def test_the_steps_one_by_one_are_the_train_call(tmp_path):
     whole = job.train(tmp_path / "whole", **vars(_parts()), **SETTINGS)
 
-    parts = _parts()
-    settings = job.configure(parts, **{**_defaults(), **SETTINGS})
-    steps = job.TrainingJob(tmp_path / "steps", settings, parts)
-    steps.folder.check(overwrite=False, resume=False)
-    steps.build()
+    steps = _built(tmp_path / "steps", **SETTINGS)
     assert (steps.total, steps.per_epoch) == (6 * 4, 6 * 4 // 2)
     start = steps.resume()
     assert start == 0  # not --resume
-    with steps.folder.claimed(replace=False):
-        logged, _ = steps.fit(start)
-    steps.export()
-    results = steps.evaluate(logged, 0.0, start)
+    results = _finish(steps, start)
 
     assert results["meta_updates"] == whole["meta_updates"] == 6
     assert results["history"] == whole["history"]
-    for a, b in zip(_phi(tmp_path / "steps"), _phi(tmp_path / "whole")):
-        np.testing.assert_array_equal(a, b)
+    _assert_same_phi(tmp_path / "steps", tmp_path / "whole")
     assert json.loads((tmp_path / "steps" / "results.json").read_text())["train_steps"] == 24
+
+
+def _built(output_dir, **settings):
+    """A `TrainingJob` with `settings` (`train`'s defaults for the rest), checked and built."""
+    parts = _parts()
+    steps = job.TrainingJob(output_dir, job.configure(parts, **{**_defaults(), **settings}), parts)
+    steps.folder.check(overwrite=False, resume=steps.settings.resume)
+    steps.build()
+    return steps
+
+
+def _finish(steps, start):
+    """Fit from train step `start`, export and evaluate, as `train` does; return the results."""
+    with steps.folder.claimed(replace=False):
+        logged, _ = steps.fit(start)
+    steps.export()
+    return steps.evaluate(logged, 0.0, start)
+
+
+def _assert_same_phi(run, other):
+    for a, b in zip(_phi(run), _phi(other)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_configure_names_the_binding_to_fix():
@@ -128,3 +143,51 @@ def test_heads_binding_trains_per_task_heads_and_exports_an_untrained_head(tmp_p
         np.testing.assert_array_equal(a, b)  # the head of phi is never meta-learned
     info = json.loads((tmp_path / "run" / "initialization" / "tfmeta.json").read_text())
     assert info["head_meta_learned"] is False
+
+
+def test_a_resume_may_change_steps_per_execution(tmp_path, monkeypatch):
+    """Killed at step 3 of a 12-step epoch run in executions of 3, resumed with steps_per_execution=4.
+
+    The rest of that epoch (9 steps) runs in executions of 3, the next epoch
+    in executions of 4 (the checkpoints, one per execution, show it); phi and
+    the history are the uninterrupted run's, bit for bit.
+    """
+    run = {**SETTINGS, "steps_per_execution": 3, "checkpoint_every": 1, "keep_checkpoints": 10}
+    whole = job.train(tmp_path / "whole", **vars(_parts()), **run)
+
+    # The 2nd execution's end (step 6) raises, before its checkpoint: step 3 is the last one.
+    monkeypatch.setenv(failpoints.ENV, "train.step@2=error")
+    failpoints.reset()
+    with pytest.raises(OSError, match="failpoint train.step"):
+        job.train(tmp_path / "run", **vars(_parts()), **run)
+    assert _checkpoint_steps(tmp_path / "run") == [3]
+    monkeypatch.delenv(failpoints.ENV)
+
+    steps = _built(tmp_path / "run", **{**run, "steps_per_execution": 4}, resume=True)
+    start = steps.resume()
+    assert start == 3
+    resumed = _finish(steps, start)
+    assert steps.meta.steps_per_execution == 4  # the compiled size again after the fits
+    assert _checkpoint_steps(tmp_path / "run") == [3, 6, 9, 12, 16, 20, 24]
+    assert resumed["meta_updates"] == whole["meta_updates"] == 6
+    assert resumed["history"] == whole["history"]
+    _assert_same_phi(tmp_path / "run", tmp_path / "whole")
+    assert (tmp_path / "run" / "history.csv").read_text() == (tmp_path / "whole" / "history.csv").read_text()
+
+    # A fresh run with steps_per_execution=5, which divides no epoch: executions of 4, same phi.
+    job.train(tmp_path / "five", **vars(_parts()), **{**run, "steps_per_execution": 5})
+    assert _checkpoint_steps(tmp_path / "five") == [4, 8, 12, 16, 20, 24]
+    _assert_same_phi(tmp_path / "five", tmp_path / "whole")
+
+
+def _checkpoint_steps(run):
+    return [step for step, _ in tfmeta.checkpoint.list_checkpoints(run / "checkpoints")]
+
+
+def test_execution_size_is_the_largest_divisor_not_above_steps_per_execution():
+    for steps in range(1, 25):
+        for per_call in (1, 2, 3, 5, 10, 30):
+            size = tfmeta.checkpoint.execution_size(steps, per_call)
+            assert steps % size == 0 and size <= per_call, (steps, per_call)
+            # no larger divisor fits
+            assert not [d for d in range(size + 1, per_call + 1) if steps % d == 0], (steps, per_call)

@@ -20,7 +20,8 @@ The package has four parts:
   (`save_checkpoint`, `latest_checkpoint`, `restore_checkpoint`, ...);
 - `tfmeta.checkpoint.callback`: `MetaCheckpoint`, the Keras callback;
 - `tfmeta.checkpoint.resume`: `resumable_fit`, the epoch bookkeeping of a
-  run resumed in the middle of an epoch.
+  run resumed in the middle of an epoch, in whole executions of any
+  `steps_per_execution` (`execution_size`).
 
 Everything is importable from `tfmeta.checkpoint` itself.
 
@@ -40,7 +41,7 @@ from tfmeta.checkpoint.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
-from tfmeta.checkpoint.resume import resumable_fit
+from tfmeta.checkpoint.resume import execution_size, resumable_fit
 from tfmeta.checkpoint.state import metric_variables, training_variables
 from tfmeta.checkpoint.store import (
     FORMAT_NAME,
@@ -65,6 +66,7 @@ __all__ = [
     "MANIFEST_FILE",
     "MetaCheckpoint",
     "STATE_FILE",
+    "execution_size",
     "latest_checkpoint",
     "list_checkpoints",
     "metric_variables",

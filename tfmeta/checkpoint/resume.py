@@ -12,9 +12,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 from tfmeta.checkpoint.errors import IncompatibleCheckpointError
 
-__all__ = ["resumable_fit"]
+__all__ = ["execution_size", "resumable_fit"]
 
 
 def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks=(), **fit_kwargs):
@@ -24,7 +26,12 @@ def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks
     run resumed in the middle of epoch e first finishes that epoch (a fit of
     the remaining steps with `initial_epoch=e`), then runs the later epochs,
     so epoch boundaries, and hence logs, fall where the uninterrupted run's
-    do. Returns the merged `history.history` dict.
+    do. Each fit runs in whole executions of `execution_size(steps,
+    meta.steps_per_execution)` train steps, so a checkpoint written under
+    any `steps_per_execution` resumes under any other (the execution size
+    changes how many train steps one call runs, not what they compute);
+    `meta.steps_per_execution` is the compiled one again afterwards.
+    Returns the merged `history.history` dict.
     """
     if total_steps % epochs:
         raise ValueError(f"total_steps={total_steps} does not split into epochs={epochs}.")
@@ -38,14 +45,15 @@ def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks
     merged: dict = {}
 
     def fit(steps, first, last, begin):
-        history = meta.fit(
-            make_dataset(begin),
-            steps_per_epoch=steps,
-            initial_epoch=first,
-            epochs=last,
-            callbacks=list(callbacks),
-            **fit_kwargs,
-        )
+        with _executions_of(meta, execution_size(steps, getattr(meta, "steps_per_execution", 1))):
+            history = meta.fit(
+                make_dataset(begin),
+                steps_per_epoch=steps,
+                initial_epoch=first,
+                epochs=last,
+                callbacks=list(callbacks),
+                **fit_kwargs,
+            )
         for key, values in history.history.items():
             merged.setdefault(key, []).extend(values)
 
@@ -55,3 +63,36 @@ def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks
     if epoch < epochs:
         fit(per_epoch, epoch, epochs, epoch * per_epoch)
     return merged
+
+
+def execution_size(steps, steps_per_execution):
+    """The largest number of train steps per execution, at most `steps_per_execution`, that divides `steps`.
+
+    Keras runs whole executions, so a fit of `steps` train steps per epoch
+    needs an execution size that divides them (`MetaModel.fit` refuses
+    another); the largest one makes the fewest calls.
+
+    Example::
+
+        execution_size(12, 5)   # 4: three executions of 4
+        execution_size(9, 10)   # 9: one execution
+        execution_size(7, 3)    # 1: 7 is prime
+    """
+    per_call = max(1, int(steps_per_execution or 1))
+    return next(size for size in range(min(per_call, steps), 0, -1) if steps % size == 0)
+
+
+@contextlib.contextmanager
+def _executions_of(meta, size):
+    """`meta.steps_per_execution = size` within the block, the compiled value again after it."""
+    compiled = getattr(meta, "steps_per_execution", 1)
+    if size == compiled:
+        yield
+        return
+    # Keras traces steps_per_execution into its train function and reuses that
+    # function in every later fit: drop it whenever the size changes.
+    meta.steps_per_execution, meta.train_function = size, None
+    try:
+        yield
+    finally:
+        meta.steps_per_execution, meta.train_function = compiled, None

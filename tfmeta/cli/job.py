@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 
 import keras
@@ -180,11 +179,8 @@ class TrainingJob:
                 f"{s.meta_updates} meta-updates take {self.total} train steps, which do not "
                 f"split into epochs={s.epochs}: choose a divisor of {self.total}."
             )
+        # Each fit runs in whole executions that divide its steps (`resumable_fit`).
         self.per_epoch = self.total // s.epochs
-        if self.per_epoch % self.meta.steps_per_execution:
-            # Keras runs whole executions: the last one of an epoch would run
-            # steps past the epoch's end (and past the requested meta-updates).
-            self.meta.steps_per_execution = math.gcd(self.per_epoch, self.meta.steps_per_execution)
 
     def _checkpointer(self):
         s = self.settings
