@@ -27,12 +27,14 @@ import pathlib
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+EPOCHS_TOLERANCE = dict(rtol=1e-6, atol=1e-6)  # several epochs of a finite stream
 TIMEOUT = 240  # seconds, per subprocess
 
 T, K, S = 4, 4, 2  # tasks, inner steps, steps per chunk
@@ -86,8 +88,8 @@ def dataset(x, y):
 
 
 def meta_train(strategy, learner, x, y, steps_per_execution=1, jit_compile="auto", dropout=True,
-               loss=None):
-    """Meta-train from the fixed phi on (x, y); every value as NumPy."""
+               loss=None, epochs=1, steps_per_epoch=None):
+    """Meta-train from the fixed phi on (x, y) for `epochs` epochs; every value as NumPy."""
     import keras
 
     import tfmeta
@@ -104,7 +106,14 @@ def meta_train(strategy, learner, x, y, steps_per_execution=1, jit_compile="auto
             steps_per_execution=steps_per_execution,
             jit_compile=jit_compile,
         )
-    meta.fit(dataset(x, y), verbose=0)
+    after_epoch = []  # meta-updates done at each epoch's end
+    count = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: after_epoch.append(int(meta.meta_updates.numpy()))
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta.fit(dataset(x, y), epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=[count],
+                 verbose=0)
 
     def tasks(variable):  # every task's state, replicas concatenated
         parts = strategy.experimental_local_results(variable.value)
@@ -116,6 +125,8 @@ def meta_train(strategy, learner, x, y, steps_per_execution=1, jit_compile="auto
         "task_params": [tasks(v) for v in meta.task_params],
         "meta_updates": int(meta.meta_updates.numpy()),
         "jit_compile": bool(meta.inner_jit_compile),
+        "after_epoch": after_epoch,
+        "ran_out": [str(w.message) for w in caught if "ran out of data" in str(w.message)],
     }
 
 
@@ -163,10 +174,10 @@ def digits_meta_train(strategy):
     }
 
 
-def assert_same(actual, expected, what):
+def assert_same(actual, expected, what, tolerance=TOLERANCE):
     assert len(actual) == len(expected), what
     for i, (a, e) in enumerate(zip(actual, expected)):
-        np.testing.assert_allclose(a, e, **TOLERANCE, err_msg=f"{what} [{i}]")
+        np.testing.assert_allclose(a, e, **tolerance, err_msg=f"{what} [{i}]")
 
 
 # --------------------------------------------------------------------------
@@ -200,6 +211,12 @@ def _replicas_main():
         def call(self, y_true, y_pred):
             return keras.ops.mean(keras.ops.square(y_true - y_pred))
 
+    # 4 chunks (2 trajectories of K), 3 epochs; 3 steps per execution: each epoch's last is partial
+    x4, y4 = task_data(steps=2 * K)
+    out["epochs"] = {
+        "one": meta_train(one, "cts", x4, y4, epochs=3),
+        "two": meta_train(two, "cts", x4, y4, steps_per_execution=3, epochs=3),
+    }
     out["scalar_loss"] = {
         "one": meta_train(one, "reptile", x, y, loss=ScalarMSE()),
         "two": meta_train(two, "reptile", x, y, loss=ScalarMSE()),
@@ -325,6 +342,42 @@ def test_two_replicas_give_the_phi_of_one(replicas, learner):
 
 def _initial_phi():
     return [v.numpy() for v in make_model().trainable_variables]
+
+
+def _assert_epochs_like_no_strategy(run, reference, chunks_per_epoch, epochs):
+    """`run` did each epoch over the finite stream as `reference` (no strategy) did."""
+    # CTS with every=S: one meta-update per chunk, every epoch
+    assert reference["after_epoch"] == [chunks_per_epoch * (e + 1) for e in range(epochs)]
+    assert run["after_epoch"] == reference["after_epoch"]
+    assert run["ran_out"] == reference["ran_out"] == []
+    assert_same(run["phi"], reference["phi"], "phi", EPOCHS_TOLERANCE)
+    assert_same(run["state"], reference["state"], "non-trainable state", EPOCHS_TOLERANCE)
+    assert_same(run["task_params"], reference["task_params"], "task parameters", EPOCHS_TOLERANCE)
+
+
+def test_two_replicas_run_every_epoch_of_a_finite_stream(replicas):
+    """Keras keeps one iterator across epochs when steps_per_epoch is given
+    and the length unknown: each epoch must still be one pass over the stream."""
+    _assert_epochs_like_no_strategy(replicas["epochs"]["two"], replicas["epochs"]["one"], 4, 3)
+
+
+@pytest.mark.parametrize("steps_per_execution, steps_per_epoch", [(1, None), (3, None), (1, 2)],
+                         ids=["one_pass", "partial_execution", "half_pass"])
+def test_a_strategy_runs_every_epoch_of_a_finite_stream(steps_per_execution, steps_per_epoch):
+    """A one-device MirroredStrategy (in process) does the epochs of no strategy
+    over 4 chunks: also when the epoch's last execution is partial (3 per
+    execution), and with 2 steps per epoch (Keras starts a new pass every 2 epochs)."""
+    import tensorflow as tf
+
+    from tfmeta import distribute
+
+    x, y = task_data(steps=2 * K)  # 4 chunks
+    mirrored = distribute.get_strategy("mirrored", ["/cpu:0"])
+    settings = dict(steps_per_execution=steps_per_execution, steps_per_epoch=steps_per_epoch,
+                    epochs=3)
+    run = meta_train(mirrored, "cts", x, y, **settings)
+    reference = meta_train(tf.distribute.get_strategy(), "cts", x, y, **settings)
+    _assert_epochs_like_no_strategy(run, reference, steps_per_epoch or 4, 3)
 
 
 def test_inner_losses_are_not_divided_by_the_replicas(replicas):

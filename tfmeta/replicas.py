@@ -28,6 +28,7 @@ import contextlib
 
 import keras
 import tensorflow as tf
+from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
 
 from tfmeta.distribute import distribute_task_batches
 from tfmeta.validation import ConfigError
@@ -171,6 +172,32 @@ def worker_logs(logs, strategy):
     return logs
 
 
+class _KnownLength(TFDatasetAdapter):
+    """A distributed stream of task batches, for `fit`, whose length is `batches` per pass.
+
+    TensorFlow gives a dataset distributed from a function the cardinality of
+    its per-worker stream, counted in per-replica elements (unknown here:
+    they come from `flat_map`). Keras' `EpochIterator` starts a fresh pass
+    each epoch only over a stream of known length; over one of unknown
+    length with `steps_per_epoch` it keeps one iterator across epochs, which
+    runs out after the first. With the length, Keras runs the distributed
+    stream as the undistributed dataset. A Keras data adapter is what
+    `fit` takes in place of a dataset to get it.
+
+    Example::
+
+        fit(_KnownLength(distribute_task_batches(dataset, strategy), 4), epochs=3)
+    """
+
+    def __init__(self, dataset, batches):
+        super().__init__(dataset)
+        self._batches = batches
+
+    @property
+    def num_batches(self):
+        return self._batches
+
+
 class SplitTaskBatches:
     """`keras.Model` mixin: under a strategy, `fit` splits task batches over the replicas.
 
@@ -179,21 +206,21 @@ class SplitTaskBatches:
     (T must be a multiple of R), and the model is built on that per-replica
     shape. On several workers, a task distribution's stream is made on each
     worker for that worker's tasks only (`tfmeta.distribute.task_sharded`).
-    Without a strategy nothing changes.
+    A finite dataset's epochs are those of no strategy: each is one pass over
+    it (`steps_per_epoch` counts as without a strategy). Without a strategy
+    nothing changes.
     """
 
     def fit(self, x=None, *args, **kwargs):
         strategy = self.distribute_strategy
         if self._distribute_strategy is not None or strategy.num_replicas_in_sync > 1:
             if isinstance(x, tf.data.Dataset):
-                # The distributed stream's cardinality is unknown: an epoch
-                # is still the dataset once.
                 size = int(x.cardinality())
-                if size > 0 and kwargs.get("steps_per_epoch") is None:
-                    kwargs["steps_per_epoch"] = size
                 replicas = strategy.num_replicas_in_sync
                 spec = x.element_spec
                 x = distribute_task_batches(x, strategy)  # checks T % R
+                if size >= 0:
+                    x = _KnownLength(x, size)
                 self._replica_spec = tf.nest.map_structure(
                     lambda s: tf.TensorSpec((s.shape[0] // replicas, *s.shape[1:]), s.dtype),
                     spec,
