@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tfmeta
-from tfmeta.meta_model import batches_per_pass, check_whole_executions
+from tfmeta.replicas import batches_per_pass, check_whole_executions
 from tfmeta.validation import ConfigError
 
 T, B, D = 2, 3, 4  # tasks, examples per inner step, input features

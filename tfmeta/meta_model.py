@@ -12,7 +12,7 @@ accumulators, the position in the trajectory), so Keras
 `steps_per_execution` fuses many chunks into one call and checkpoints
 capture everything. Keras runs whole executions, so `fit` refuses a
 `steps_per_epoch` that is not a multiple of `steps_per_execution`
-(`check_whole_executions`): the last execution would run train steps past
+(`tfmeta.replicas.check_whole_executions`): the last execution would run train steps past
 the epoch's end.
 
 Task batch format (what `fit` consumes): `(x, y)` with
@@ -26,8 +26,6 @@ the T tasks of a task batch are split along the task axis, T / R per
 replica; each runs its tasks' inner loops alone, and a meta-update averages
 over all T tasks (`tfmeta.replicas`, `tfmeta.distribute`, docs/performance.md).
 """
-
-import math
 
 import keras
 import tensorflow as tf
@@ -420,19 +418,14 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         of R. A `tfmeta.divergence.DivergenceGuard` is added to the callbacks
         (unless one is there): training stops with `DivergenceError` when
         every task of a meta-update diverged. `steps_per_epoch` must be a
-        multiple of `steps_per_execution` (`check_whole_executions`).
+        multiple of `steps_per_execution` (`replicas.check_whole_executions`).
         """
         if shuffle:
             raise ConfigError(
                 "MetaModel.fit consumes each trajectory's chunks in order: leave "
                 "shuffle=False and let the task distribution shuffle tasks."
             )
-        steps = kwargs.get("steps_per_epoch")
-        check_whole_executions(
-            steps,
-            getattr(self, "steps_per_execution", 1),
-            batches_per_pass(x, kwargs.get("batch_size"), steps),
-        )
+        replicas.check_fit_executions(self, x, kwargs)
         callbacks = kwargs.get("callbacks")
         if callbacks is None or isinstance(callbacks, (list, tuple)):
             callbacks = list(callbacks or [])
@@ -464,67 +457,3 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
             "MetaModel has no test_step: evaluate an initialization by fine-tuning "
             "it on held-out tasks (tfmeta.finetune)."
         )
-
-
-def batches_per_pass(x, batch_size=None, steps_per_epoch=None):
-    """How many task batches one pass over `x` gives, counted as Keras' data adapters do.
-
-    None when the stream is infinite or its length unknown (a repeated or
-    filtered `tf.data.Dataset`, a generator, a distributed dataset).
-
-    Example::
-
-        batches_per_pass(dataset.take(10))                           # 10
-        batches_per_pass(np.zeros((100, 5, 2, 3, 4)), batch_size=8)  # 13
-    """
-    if isinstance(x, tf.data.Dataset):
-        size = int(x.cardinality())
-        return size if size >= 0 else None
-    leaves = tf.nest.flatten(x) if x is not None else []
-    shape = getattr(leaves[0], "shape", None) if leaves else None
-    if shape is None or len(shape) == 0 or shape[0] is None:
-        return None
-    examples = int(shape[0])
-    if not batch_size:
-        # Keras' ArrayDataAdapter: split into `steps_per_epoch` batches, else 32 a batch.
-        batch_size = math.ceil(examples / steps_per_epoch) if steps_per_epoch else 32
-    return math.ceil(examples / batch_size)
-
-
-def check_whole_executions(steps_per_epoch, steps_per_execution, batches=None):
-    """Refuse a `steps_per_epoch` that Keras would round up to whole executions.
-
-    Keras' `fit` runs ceil(steps_per_epoch / steps_per_execution) executions
-    of `steps_per_execution` train steps each, stopping early only where the
-    data ends: with a stream longer than the epoch, the last execution runs
-    past `steps_per_epoch`, and every extra train step is a chunk of inner
-    steps, and meta-updates, nobody asked for. `batches` is the stream's
-    length (`batches_per_pass`, None: infinite or unknown); a stream of at
-    most `steps_per_epoch` batches ends first, so it passes. Without
-    `steps_per_epoch` Keras runs exactly the stream's batches: nothing to check.
-    `keras.config.max_steps_per_epoch()` caps the epoch as Keras does.
-
-    Example::
-
-        check_whole_executions(12, 4)   # fine: 3 executions of 4
-        check_whole_executions(10, 4)   # ConfigError: fit would run 12 train steps per epoch
-    """
-    cap = keras.config.max_steps_per_epoch()
-    if cap and (not steps_per_epoch or cap < steps_per_epoch):
-        steps_per_epoch = cap
-    per_call = int(steps_per_execution or 1)
-    if not steps_per_epoch or steps_per_epoch % per_call == 0:
-        return
-    if batches is not None and batches <= steps_per_epoch:
-        return
-    runs = math.ceil(steps_per_epoch / per_call) * per_call
-    lower, higher = runs - per_call, runs
-    multiples = f"{higher}" if lower == 0 else f"{lower} or {higher}"
-    raise ConfigError(
-        f"steps_per_epoch={steps_per_epoch} is not a multiple of steps_per_execution="
-        f"{per_call}: Keras runs whole executions of {per_call} train steps, so fit would run "
-        f"{runs} train steps (task batches) per epoch instead of {steps_per_epoch}: more inner "
-        f"steps, and maybe meta-updates, than asked. Choose steps_per_epoch a multiple of "
-        f"{per_call} (e.g. {multiples}), or compile with steps_per_execution dividing "
-        f"{steps_per_epoch} (e.g. {math.gcd(steps_per_epoch, per_call)})."
-    )

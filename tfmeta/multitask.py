@@ -34,10 +34,14 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.heads import features_model, find_head
+from tfmeta.replicas import check_fit_executions
 from tfmeta.task_heads import UNUSED_CLASS_BIAS
 from tfmeta.validation import ConfigError
 
 __all__ = ["MultiTaskModel"]
+
+# What the train steps past an epoch are (the budget counts task-steps).
+_OVERRUN = "more multi-task steps (T task-steps each) than asked"
 
 
 class MultiTaskModel(keras.Model):
@@ -92,6 +96,17 @@ class MultiTaskModel(keras.Model):
         kernel = tf.gather(self.heads_kernel, task_ids)
         logits = tf.einsum("nf,nfc->nc", features, kernel)
         return logits + tf.gather(self.heads_bias + self._mask, task_ids)
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`; `steps_per_epoch` must be a multiple of `steps_per_execution`.
+
+        Keras runs whole executions: with `steps_per_execution=4`,
+        `steps_per_epoch=10` on a longer stream would run 12 multi-task steps
+        an epoch. `fit` raises a `ConfigError` before any step instead
+        (`tfmeta.replicas.check_whole_executions`, as `MetaModel.fit` does).
+        """
+        check_fit_executions(self, x, kwargs, overrun=_OVERRUN)
+        return super().fit(x, y, *args, **kwargs)
 
     def train_step(self, data):
         x, y, task_ids = keras.utils.unpack_x_y_sample_weight(data)

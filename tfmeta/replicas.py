@@ -12,8 +12,11 @@ the same code runs and every function here is the identity on one copy.
 What Keras does for ordinary models and a MetaModel must undo lives here too:
 the division of mean losses by R (`task_loss`: a task's inner loss is not a
 shard of a global batch), the build on the replicas' averaged first batch
-(`SplitTaskBatches._maybe_symbolic_build`) and the reduction of scalar logs
-across workers (`worker_logs`).
+(`SplitTaskBatches._maybe_symbolic_build`), the reduction of scalar logs
+across workers (`worker_logs`), the length of a distributed finite stream
+(`SplitTaskBatches.fit`), and the check that Keras' whole executions of
+`steps_per_execution` train steps end with the epoch (`check_fit_executions`,
+also `MultiTaskModel`'s).
 
 Example (what `MetaModel` does)::
 
@@ -25,6 +28,7 @@ Example (what `MetaModel` does)::
 from __future__ import annotations
 
 import contextlib
+import math
 
 import keras
 import tensorflow as tf
@@ -34,9 +38,13 @@ from tfmeta.distribute import distribute_task_batches
 from tfmeta.validation import ConfigError
 
 __all__ = [
+    "META_OVERRUN",
     "SplitTaskBatches",
     "all_reduce_sum",
+    "batches_per_pass",
     "check_created_in_scope",
+    "check_fit_executions",
+    "check_whole_executions",
     "finite_sum",
     "first_task",
     "in_strategy",
@@ -170,6 +178,92 @@ def worker_logs(logs, strategy):
         # lack (tensorflow/tensorflow#72388): give them one.
         return {k: v[None] for k, v in logs.items()}
     return logs
+
+
+def batches_per_pass(x, batch_size=None, steps_per_epoch=None):
+    """How many task batches one pass over `x` gives, counted as Keras' data adapters do.
+
+    None when the stream is infinite or its length unknown (a repeated or
+    filtered `tf.data.Dataset`, a generator, a distributed dataset).
+
+    Example::
+
+        batches_per_pass(dataset.take(10))                           # 10
+        batches_per_pass(np.zeros((100, 5, 2, 3, 4)), batch_size=8)  # 13
+    """
+    if isinstance(x, tf.data.Dataset):
+        size = int(x.cardinality())
+        return size if size >= 0 else None
+    leaves = tf.nest.flatten(x) if x is not None else []
+    shape = getattr(leaves[0], "shape", None) if leaves else None
+    if shape is None or len(shape) == 0 or shape[0] is None:
+        return None
+    examples = int(shape[0])
+    if not batch_size:
+        # Keras' ArrayDataAdapter: split into `steps_per_epoch` batches, else 32 a batch.
+        batch_size = math.ceil(examples / steps_per_epoch) if steps_per_epoch else 32
+    return math.ceil(examples / batch_size)
+
+
+#: What the train steps past the epoch are, in a MetaModel.
+META_OVERRUN = "more inner steps, and maybe meta-updates, than asked"
+
+
+def check_whole_executions(steps_per_epoch, steps_per_execution, batches=None,
+                           overrun=META_OVERRUN):
+    """Refuse a `steps_per_epoch` that Keras would round up to whole executions.
+
+    Keras' `fit` runs ceil(steps_per_epoch / steps_per_execution) executions
+    of `steps_per_execution` train steps each, stopping early only where the
+    data ends: with a stream longer than the epoch, the last execution runs
+    past `steps_per_epoch`, and every extra train step is a chunk of inner
+    steps, and meta-updates, nobody asked for. `batches` is the stream's
+    length (`batches_per_pass`, None: infinite or unknown); a stream of at
+    most `steps_per_epoch` batches ends first, so it passes. Without
+    `steps_per_epoch` Keras runs exactly the stream's batches: nothing to check.
+    `keras.config.max_steps_per_epoch()` caps the epoch as Keras does.
+    `overrun` says in the error what the extra train steps are.
+
+    Example::
+
+        check_whole_executions(12, 4)   # fine: 3 executions of 4
+        check_whole_executions(10, 4)   # ConfigError: fit would run 12 train steps per epoch
+    """
+    cap = keras.config.max_steps_per_epoch()
+    if cap and (not steps_per_epoch or cap < steps_per_epoch):
+        steps_per_epoch = cap
+    per_call = int(steps_per_execution or 1)
+    if not steps_per_epoch or steps_per_epoch % per_call == 0:
+        return
+    if batches is not None and batches <= steps_per_epoch:
+        return
+    runs = math.ceil(steps_per_epoch / per_call) * per_call
+    lower, higher = runs - per_call, runs
+    multiples = f"{higher}" if lower == 0 else f"{lower} or {higher}"
+    raise ConfigError(
+        f"steps_per_epoch={steps_per_epoch} is not a multiple of steps_per_execution="
+        f"{per_call}: Keras runs whole executions of {per_call} train steps, so fit would run "
+        f"{runs} train steps (task batches) per epoch instead of {steps_per_epoch}: {overrun}. "
+        f"Choose steps_per_epoch a multiple of "
+        f"{per_call} (e.g. {multiples}), or compile with steps_per_execution dividing "
+        f"{steps_per_epoch} (e.g. {math.gcd(steps_per_epoch, per_call)})."
+    )
+
+
+def check_fit_executions(model, x, fit_kwargs, overrun=META_OVERRUN):
+    """`check_whole_executions` for `model.fit(x, **fit_kwargs)`, before any train step.
+
+    Example::
+
+        check_fit_executions(meta, stream, {"steps_per_epoch": 10})  # ConfigError under spe=4
+    """
+    steps = fit_kwargs.get("steps_per_epoch")
+    check_whole_executions(
+        steps,
+        getattr(model, "steps_per_execution", 1),
+        batches_per_pass(x, fit_kwargs.get("batch_size"), steps),
+        overrun,
+    )
 
 
 class _KnownLength(TFDatasetAdapter):
