@@ -62,6 +62,56 @@ def test_benchmark_refuses_a_target_among_the_sources():
         Benchmark(inner_steps=1000, budget=1500, checkpoints=1)
 
 
+def test_benchmark_refuses_a_chunk_that_does_not_divide_the_steps_between_evaluations():
+    with pytest.raises(ConfigError) as error:
+        Benchmark(inner_steps=25, budget=50, checkpoints=2)
+    assert str(error.value) == (
+        "Benchmark(steps_per_chunk=10) does not divide the 25 inner steps between evaluations "
+        "(budget / checkpoints = 50 / 2): training runs in Keras executions of 10 inner steps, "
+        "so an evaluation would fall inside one. Choose steps_per_chunk dividing 25 (e.g. 5), "
+        "or budget a multiple of checkpoints x lcm(inner_steps, steps_per_chunk) = 100."
+    )
+    # both fixes it names are benchmarks
+    Benchmark(inner_steps=25, budget=50, checkpoints=2, steps_per_chunk=5)
+    Benchmark(inner_steps=25, budget=100, checkpoints=2)
+    with pytest.raises(ConfigError, match=r"Benchmark.steps_per_chunk=0 must be an integer >= 1"):
+        Benchmark(steps_per_chunk=0)
+
+
+@pytest.mark.parametrize("inner_steps, budget, checkpoints, steps_per_chunk", [
+    (25, 50, 2, 10), (25, 50, 2, 5), (25, 100, 2, 10), (20, 40, 2, 10), (12, 36, 3, 8), (12, 36, 3, 6),
+])
+def test_benchmark_accepts_exactly_what_both_training_paths_fit_whole(inner_steps, budget, checkpoints,
+                                                                      steps_per_chunk):
+    """The Benchmark's verdict is the fit check's on what `pretrain` hands fit (an endless stream)."""
+    from tfmeta.replicas import check_whole_executions
+
+    per = budget // checkpoints
+    chunk = int(np.gcd(Reptile().schedule.period(inner_steps), steps_per_chunk))
+    fits = [(per // chunk, steps_per_chunk // chunk),  # a meta-learner: task batches of `chunk`
+            (per, steps_per_chunk)]                    # multi-task steps
+
+    def fit_accepts(steps_per_epoch, steps_per_execution):
+        try:
+            check_whole_executions(steps_per_epoch, steps_per_execution)
+        except ConfigError:
+            return False
+        return True
+
+    settings = dict(inner_steps=inner_steps, budget=budget, checkpoints=checkpoints,
+                    steps_per_chunk=steps_per_chunk)
+    try:
+        bench = Benchmark(**settings)
+    except ConfigError as error:
+        assert "does not divide" in str(error)
+        bench = None
+    assert (bench is not None) == all(fit_accepts(*f) for f in fits) == (per % steps_per_chunk == 0)
+    if bench is not None:
+        method = Method("reptile", learner=Reptile, meta_optimizer=keras.optimizers.SGD)
+        assert many_shot.steps_per_chunk_of(bench, method) == chunk
+        assert many_shot.chunks_per_checkpoint(bench, chunk) == per // chunk
+
+
 # ------------------------------------------------------------ the budget
 @pytest.fixture(scope="module")
 def configured_methods():

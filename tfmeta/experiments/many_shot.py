@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import time
 from typing import Callable, Optional, Sequence
@@ -64,7 +65,7 @@ from tfmeta.models import convnet
 from tfmeta.multitask import MultiTaskModel
 from tfmeta.task_heads import TaskHeads
 from tfmeta.tasks.domains import load_task, task_family
-from tfmeta.validation import ConfigError
+from tfmeta.validation import ConfigError, check_positive_int
 
 __all__ = [
     "Benchmark",
@@ -190,8 +191,9 @@ class Benchmark:
         checkpoints: evaluations along the budget (evenly spaced).
         inner_optimizer: factory of the inner optimizer (also multi-task
             pretraining's optimizer).
-        steps_per_chunk: inner steps per task batch (it must divide every
-            learner's meta-update period; CTS with `every=1` needs 1).
+        steps_per_chunk: inner steps per Keras execution (it must divide
+            budget / checkpoints); a meta-learner's task batches hold its
+            gcd with the learner's meta-update period (CTS with `every=1`: 1).
         finetune_steps, finetune_lr, finetune_decay, finetune_milestones,
         finetune_weight_decay, finetune_batch_size: meta-test, SGD with
             Nesterov momentum 0.9 whose rate is multiplied by `finetune_decay`
@@ -236,6 +238,22 @@ class Benchmark:
                 f"Benchmark(budget={self.budget}) must be a multiple of inner_steps x "
                 f"checkpoints = {self.inner_steps * self.checkpoints}, so that every "
                 "checkpoint ends on a Reptile/Leap/FOMAML meta-update."
+            )
+        # Training runs in Keras executions of steps_per_chunk inner steps (a
+        # meta-learner's task batches of steps_per_chunk_of steps, or as many
+        # multi-task steps): an evaluation must fall between two of them, or
+        # fit stops with tfmeta.replicas.check_whole_executions after setup.
+        chunk = check_positive_int("Benchmark.steps_per_chunk", self.steps_per_chunk)
+        per = self.budget // self.checkpoints
+        if per % chunk:
+            raise ConfigError(
+                f"Benchmark(steps_per_chunk={chunk}) does not divide the {per} inner steps "
+                f"between evaluations (budget / checkpoints = {self.budget} / "
+                f"{self.checkpoints}): training runs in Keras executions of {chunk} inner "
+                f"steps, so an evaluation would fall inside one. Choose steps_per_chunk "
+                f"dividing {per} (e.g. {math.gcd(per, chunk)}), or budget a multiple of "
+                f"checkpoints x lcm(inner_steps, steps_per_chunk) = "
+                f"{self.checkpoints * math.lcm(self.inner_steps, chunk)}."
             )
 
     @property
