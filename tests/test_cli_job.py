@@ -103,6 +103,29 @@ def test_only_how_a_run_logs_and_checkpoints_may_change_on_resume():
         job.check_same_bindings({}, {"mlp.units": "(8,)"}, "ckpt")
 
 
+def test_a_resume_may_change_steps_per_execution_even_of_an_older_checkpoint(tmp_path):
+    """An earlier tfmeta saved train.steps_per_execution among the bindings; a resume may change it now."""
+    older = {"train.meta_updates": "300", "train.steps_per_execution": "10", "meta/SGD.learning_rate": "0.1"}
+    current = {**older, "train.steps_per_execution": "4"}
+    assert job.fixed_bindings(older) == {"train.meta_updates": "300", "meta/SGD.learning_rate": "0.1"}
+    job.check_same_bindings(job.fixed_bindings(older), job.fixed_bindings(current), "ckpt")
+    with pytest.raises(tfmeta.checkpoint.IncompatibleCheckpointError) as refused:
+        job.check_same_bindings(job.fixed_bindings(older), job.fixed_bindings({**current, "train.meta_updates": "600"}), "ckpt")
+    assert str(refused.value).startswith(
+        'checkpoint ckpt was written with train.meta_updates = 300, this run has 600: resume with '
+        '--gin_param "train.meta_updates = 300"'
+    )  # the only difference named: no "more differ"
+    assert job.fixed_bindings(None) is None  # a checkpoint or run without bindings: not compared
+
+    # The checkpoint leaves the bindings to that check; the rest of its metadata it still compares.
+    checkpoint = tfmeta.checkpoint.MetaCheckpoint(
+        tmp_path, metadata={"seed": 0, "bindings": job.fixed_bindings(current)}, unchecked_metadata=("bindings",)
+    )
+    checkpoint.check_metadata({"metadata": {"seed": 0, "bindings": older}}, "ckpt")
+    with pytest.raises(tfmeta.checkpoint.IncompatibleCheckpointError, match=r"written with seed=1 but this run has seed=0"):
+        checkpoint.check_metadata({"metadata": {"seed": 1, "bindings": older}}, "ckpt")
+
+
 HEADER = "epoch,loss,meta_updates"
 
 

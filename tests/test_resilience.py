@@ -52,9 +52,9 @@ FAST = [
 ]
 
 
-def _command(output_dir, resume=False):
+def _command(output_dir, resume=False, bindings=()):
     args = [sys.executable, str(REPO / "tools" / "train.py"), "--gin_file", str(REPO / "gin" / "digits.gin")]
-    for binding in FAST:
+    for binding in (*FAST, *bindings):  # a later binding of the same parameter wins
         args += ["--gin_param", binding]
     args += ["--output_dir", str(output_dir)]
     return args + (["--resume"] if resume else [])
@@ -68,9 +68,9 @@ def _env(fault=None):
     return env
 
 
-def _train(output_dir, fault=None, resume=False):
+def _train(output_dir, fault=None, resume=False, bindings=()):
     return subprocess.run(
-        _command(output_dir, resume), env=_env(fault), capture_output=True, text=True, timeout=600
+        _command(output_dir, resume, bindings), env=_env(fault), capture_output=True, text=True, timeout=600
     )
 
 
@@ -142,6 +142,61 @@ def test_killed_runs_resume_to_the_uninterrupted_phi(tmp_path):
     assert results["meta_updates"] == 12 and results["train_steps"] == 48
     assert results["resumed_from_step"] > 0
     assert _steps(run)[-1] == 48 and len(_steps(run)) == 2
+
+
+def test_a_killed_run_resumes_under_another_steps_per_execution(tmp_path):
+    """tools/train.py killed at step 6 of 48 (executions of 3), resumed with steps_per_execution = 8.
+
+    The rest of the first epoch (21 steps from the checkpoint at 3) runs in
+    executions of 7, the second epoch in executions of 8, to the
+    uninterrupted run's phi and history bit for bit. A checkpoint of an
+    earlier tfmeta, whose saved bindings still hold train.steps_per_execution,
+    resumes the same way; a binding a resume may not change is still refused
+    with the command line's message.
+    """
+    reference = tmp_path / "reference"
+    uninterrupted = subprocess.Popen(
+        _command(reference), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    run, older = tmp_path / "killed", tmp_path / "older"
+    eight = ["train.steps_per_execution = 8", "train.keep_checkpoints = 20"]
+    try:
+        # Killed at the end of its 2nd execution (step 6), before that step's checkpoint.
+        proc = _train(run, fault="train.step@2")
+        assert proc.returncode == KILLED, proc.stderr[-3000:]
+        assert _steps(run) == [3]
+        shutil.copytree(run, older)
+
+        proc = _train(run, resume=True, bindings=eight)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _steps(run) == [3, 10, 17, 24, 32, 40, 48]  # executions of 7, then of 8
+
+        # The same checkpoint as an earlier tfmeta wrote it: steps_per_execution among its bindings.
+        manifest = older / "checkpoints" / "ckpt-000000003" / "manifest.json"
+        written = json.loads(manifest.read_text())
+        assert "train.steps_per_execution" not in written["metadata"]["bindings"]  # resumable: not saved
+        written["metadata"]["bindings"]["train.steps_per_execution"] = "3"
+        manifest.write_text(json.dumps(written))
+        refused = _train(older, resume=True, bindings=[*eight, "meta/SGD.learning_rate = 0.5"])
+        assert refused.returncode != 0
+        assert (
+            'was written with meta/SGD.learning_rate = 0.1, this run has 0.5: resume with '
+            '--gin_param "meta/SGD.learning_rate = 0.1"'
+        ) in refused.stderr, refused.stderr[-3000:]
+        assert "steps_per_execution" not in refused.stderr  # one message, naming only the real change
+        proc = _train(older, resume=True, bindings=eight)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _steps(older) == [3, 10, 17, 24, 32, 40, 48]
+    finally:
+        out, err = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, err[-3000:]
+
+    for folder in (run, older):
+        for resumed, straight in zip(_phi(folder), _phi(reference), strict=True):
+            np.testing.assert_array_equal(resumed, straight)
+        assert (folder / "history.csv").read_text() == (reference / "history.csv").read_text()
+        results = json.loads((folder / "results.json").read_text())
+        assert results["resumed_from_step"] == 3 and results["train_steps"] == 48
 
 
 # --------------------------------------------------------------- in-process

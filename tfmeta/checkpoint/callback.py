@@ -46,6 +46,10 @@ class MetaCheckpoint(keras.callbacks.Callback):
             removed once the new one is complete).
         metadata: JSON-serializable dict stored in every manifest (e.g. the
             run's seed and task-batch shape, checked on resume).
+        unchecked_metadata: keys of `metadata` stored but not compared on
+            restore, because the caller checks them itself with its own
+            rules (`tools/train.py`'s gin bindings, some of which a resume
+            may change: `tfmeta.cli.settings.check_same_bindings`).
 
     Example::
 
@@ -55,7 +59,8 @@ class MetaCheckpoint(keras.callbacks.Callback):
                  callbacks=[checkpoint])
     """
 
-    def __init__(self, directory, every_steps=None, every_seconds=None, keep=2, metadata=None):
+    def __init__(self, directory, every_steps=None, every_seconds=None, keep=2, metadata=None,
+                 unchecked_metadata=()):
         super().__init__()
         if every_steps is not None and int(every_steps) < 1:
             raise ValueError(f"every_steps={every_steps} must be >= 1 (or None).")
@@ -68,6 +73,7 @@ class MetaCheckpoint(keras.callbacks.Callback):
         self.every_seconds = None if every_seconds is None else float(every_seconds)
         self.keep = int(keep)
         self.metadata = dict(metadata or {})
+        self.unchecked_metadata = frozenset(unchecked_metadata)
         self.step = 0
         self._saved_step = 0
         self._begin = 0
@@ -106,10 +112,10 @@ class MetaCheckpoint(keras.callbacks.Callback):
         return self.step
 
     def check_metadata(self, manifest, path):
-        """Refuse a checkpoint whose run metadata differs from this run's."""
+        """Refuse a checkpoint whose run metadata differs from this run's (but `unchecked_metadata`)."""
         saved = manifest.get("metadata", {})
         for key, value in self.metadata.items():
-            if key in saved and saved[key] != value:
+            if key in saved and key not in self.unchecked_metadata and saved[key] != value:
                 raise IncompatibleCheckpointError(
                     f"checkpoint {path} was written with {key}={saved[key]!r} but this run "
                     f"has {key}={value!r}: resume with the original setting (the task "

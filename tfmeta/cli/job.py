@@ -198,6 +198,7 @@ class TrainingJob:
             every_seconds=None if s.workers > 1 else s.checkpoint_seconds,
             keep=s.keep_checkpoints,
             metadata=metadata,
+            unchecked_metadata=("bindings",),  # checked first by resume, with RESUMABLE_CHANGES
         )
 
     # ------------------------------------------------------------ resume
@@ -210,8 +211,10 @@ class TrainingJob:
         if found is None:
             return 0
         path, manifest = found
-        saved = manifest.get("metadata", {}).get("bindings")
-        check_same_bindings(saved, fixed_bindings(s.bindings) if s.bindings else None, path)
+        # Saved bindings go through fixed_bindings too: an earlier tfmeta saved
+        # some that a resume may now change (train.steps_per_execution).
+        saved = fixed_bindings(manifest.get("metadata", {}).get("bindings"))
+        check_same_bindings(saved, fixed_bindings(s.bindings or None), path)
         start = self.checkpoint.restore(self.meta, self.shape)
         if start > self.total:
             raise ValueError(

@@ -26,12 +26,15 @@ from tfmeta.checkpoint import IncompatibleCheckpointError
 __all__ = ["Parts", "RESUMABLE_CHANGES", "Settings", "check_same_bindings", "configure", "fixed_bindings"]
 
 #: Bindings a resumed run may change: how it logs, checkpoints, compiles and is
-#: evaluated. Everything else must be the run's own, its length included
-#: (other meta_updates or steps_per_execution would move its epoch and
-#: execution boundaries away from the checkpoint's).
+#: evaluated, and how many train steps one execution runs (`resumable_fit`
+#: finishes the epoch in whole executions that divide its remaining steps,
+#: `tfmeta.checkpoint.execution_size`: the steps compute the same). Everything
+#: else must be the run's own, its length included (other meta_updates would
+#: move its epoch boundaries away from the checkpoint's).
 RESUMABLE_CHANGES = (
     "train.verbose", "train.evaluation", "train.checkpoint_every", "train.checkpoint_seconds",
     "train.keep_checkpoints", "train.overwrite", "train.jit_compile", "train.deterministic",
+    "train.steps_per_execution",
 )
 RESUMABLE_PREFIXES = ("heldout_finetuning.", "himmelblau_adaptation.", "finetune.")
 
@@ -200,9 +203,21 @@ def _check_seconds(seconds):
 
 
 def fixed_bindings(bindings):
-    """The bindings a resumed run must share with its checkpoint (all but `RESUMABLE_CHANGES`)."""
+    """The bindings a resumed run must share with its checkpoint (all but `RESUMABLE_CHANGES`).
+
+    None (a run started outside the command line, a checkpoint of a tfmeta
+    that saved no bindings) stays None. Applied to a checkpoint's saved
+    bindings too, which an earlier tfmeta saved with bindings it now lets a
+    resume change.
+
+    Example::
+
+        fixed_bindings({"train.verbose": "1", "train.meta_updates": "300"})   # {"train.meta_updates": "300"}
+    """
+    if bindings is None:
+        return None
     return {
-        key: value for key, value in (bindings or {}).items()
+        key: value for key, value in bindings.items()
         if key not in RESUMABLE_CHANGES and not key.startswith(RESUMABLE_PREFIXES)
     }
 
