@@ -83,7 +83,8 @@ class Settings:
             `MetaModel.compile` (a task whose inner loss exceeds `max_task_loss`
             counts as diverged; None turns the check off).
             `steps_per_execution` is lowered to a divisor of the steps per
-            epoch if needed (Keras would otherwise run extra steps).
+            epoch if needed (Keras would otherwise run extra steps;
+            `tfmeta.checkpoint.execution_size`), so a resume may change it.
         overwrite: start afresh in an output folder that holds an earlier
             run: it is removed (one atomic step) when training starts.
         seed: seeds Keras, NumPy, Python and the task stream (the command
