@@ -48,6 +48,9 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tfmeta.cli import errors  # noqa: E402
+
+PROG = "bench.py"
 BATCH = 20
 CLASSES = 20
 
@@ -888,26 +891,28 @@ TORCH_SMOKE = dict(steps=4, inner_steps=4, chunk=2, filters=4, blocks=1, repeats
 TORCH_FULL = dict(steps=100, inner_steps=100, chunk=10, filters=64, blocks=4, repeats=8, kernels=["on", "off"])
 
 
-def main(argv=None):
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_graph_probe":
-        _graph_probe(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+def run(argv):
+    """The command line `argv`; errors propagate (`main` reports them)."""
+    if argv[:1] == ["_graph_probe"]:
+        _graph_probe(int(argv[1]), int(argv[2]), int(argv[3]))
         return 0
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        _worker(json.loads(sys.argv[2]))
+    if argv[:1] == ["_worker"]:
+        _worker(json.loads(argv[1]))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    count = errors.at_least(1)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inner", help="inner-loop throughput vs fit and a fused loop")
-    p.add_argument("--tasks", type=int, default=4)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--filters", type=int, default=64)
+    p.add_argument("--tasks", type=count, default=4)
+    p.add_argument("--steps", type=count, default=300)
+    p.add_argument("--repeats", type=count, default=5)
+    p.add_argument("--filters", type=count, default=64)
     p = sub.add_parser("graph", help="graph-build time and memory, K long vs short")
-    p.add_argument("--short", type=int, default=10)
-    p.add_argument("--long", type=int, default=1000)
-    p.add_argument("--chunk", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--filters", type=int, default=64)
+    p.add_argument("--short", type=count, default=10)
+    p.add_argument("--long", type=count, default=1000)
+    p.add_argument("--chunk", type=count, default=10)
+    p.add_argument("--repeats", type=count, default=3)
+    p.add_argument("--filters", type=count, default=64)
     sub.add_parser("fisher", help="Fisher diagonal vs one training epoch", add_help=False)
     for name, helptext in (
         ("replicas", "1 vs 2 replicas (logical CPUs without GPUs) and XLA on/off"),
@@ -915,36 +920,36 @@ def main(argv=None):
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--learner", default="leap", choices=LEARNERS)
-        p.add_argument("--tasks", type=int, default=4)
-        p.add_argument("--steps", type=int, default=100)
-        p.add_argument("--chunk", type=int, default=10)
-        p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--filters", type=int, default=32)
+        p.add_argument("--tasks", type=count, default=4)
+        p.add_argument("--steps", type=count, default=100)
+        p.add_argument("--chunk", type=count, default=10)
+        p.add_argument("--repeats", type=count, default=3)
+        p.add_argument("--filters", type=count, default=32)
         if name == "replicas":
             p.add_argument("--no_jit", action="store_true", help="skip the XLA run")
     p = sub.add_parser("gpu", help="per learner and T: XLA on/off, 1 vs all GPUs, vs Keras fit")
     p.add_argument("--smoke", action="store_true",
                    help=f"small: T in {SMOKE['tasks']}, {SMOKE['steps']} steps, {SMOKE['blocks']} "
                         f"block of {SMOKE['filters']} filters, {SMOKE['repeats']} repeats")
-    p.add_argument("--tasks", type=int, nargs="+", help="T values (default 4 16 64)")
-    p.add_argument("--steps", type=int, help="inner steps per task per call (default 100)")
-    p.add_argument("--chunk", type=int, default=10)
-    p.add_argument("--repeats", type=int, help="default 3")
-    p.add_argument("--filters", type=int, help="default 64")
-    p.add_argument("--blocks", type=int, help="convnet blocks (default 4, Leap's)")
+    p.add_argument("--tasks", type=count, nargs="+", help="T values (default 4 16 64)")
+    p.add_argument("--steps", type=count, help="inner steps per task per call (default 100)")
+    p.add_argument("--chunk", type=count, default=10)
+    p.add_argument("--repeats", type=count, help="default 3")
+    p.add_argument("--filters", type=count, help="default 64")
+    p.add_argument("--blocks", type=count, help="convnet blocks (default 4, Leap's)")
     for name, helptext in (
         ("pytorch", "plain PyTorch next to plain TensorFlow, Keras fit and tfmeta (issue 15)"),
         ("settings", "TensorFlow settings (oneDNN, thread pools, XLA, BatchNorm, layout) per process"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--smoke", action="store_true", help=f"tiny sizes, to check it runs: {TORCH_SMOKE}")
-        p.add_argument("--tasks", type=int, default=4, help="T (default 4)")
-        p.add_argument("--steps", type=int, help="steps per task per call (default 100 = K)")
-        p.add_argument("--inner_steps", type=int, help="K (default 100)")
-        p.add_argument("--chunk", type=int, help="inner steps per train step (default 10)")
-        p.add_argument("--filters", type=int, help="default 64")
-        p.add_argument("--blocks", type=int, help="convnet blocks (default 4, Leap's)")
-        p.add_argument("--repeats", "--rounds", type=int, dest="repeats", help="alternating rounds (default 8)")
+        p.add_argument("--tasks", type=count, default=4, help="T (default 4)")
+        p.add_argument("--steps", type=count, help="steps per task per call (default 100 = K)")
+        p.add_argument("--inner_steps", type=count, help="K (default 100)")
+        p.add_argument("--chunk", type=count, help="inner steps per train step (default 10)")
+        p.add_argument("--filters", type=count, help="default 64")
+        p.add_argument("--blocks", type=count, help="convnet blocks (default 4, Leap's)")
+        p.add_argument("--repeats", "--rounds", type=count, dest="repeats", help="alternating rounds (default 8)")
         p.add_argument("--kernels", nargs="+", choices=list(KERNELS),
                        help="TensorFlow workers: oneDNN on (TF_ENABLE_ONEDNN_OPTS=1), off (=0), avx2 "
                             "(on, ONEDNN_MAX_CPU_ISA=AVX2; adds PyTorch capped at AVX2) (default: on off)")
@@ -983,11 +988,16 @@ def main(argv=None):
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
         import bench_fisher
 
-        return bench_fisher.main(rest)
+        return bench_fisher.run(rest)
     commands = {"inner": inner, "graph": graph, "replicas": replicas, "jit": jit, "gpu": gpu,
                 "pytorch": pytorch, "settings": settings}
     commands[args.command](args)
     return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: one line, 130 (tfmeta.cli.errors)."""
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":

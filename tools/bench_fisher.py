@@ -21,11 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tfmeta.cli import errors  # noqa: E402
+
+PROG = "bench_fisher.py"
 
 
 def build_convnet(keras, num_classes=10):
@@ -43,22 +49,23 @@ def build_convnet(keras, num_classes=10):
     )
 
 
-def main(argv=None):
+def run(argv):
+    """The command line `argv` (also `tools/bench.py fisher`); errors propagate (`main` reports them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=2048, help="N")
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--examples", type=errors.at_least(1), default=2048, help="N")
+    parser.add_argument("--batch-size", type=errors.at_least(1), default=32,
                         help="fit batch size and Fisher chunk size")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--label-samples", type=int, default=1)
+    parser.add_argument("--repeats", type=errors.at_least(1), default=5)
+    parser.add_argument("--label-samples", type=errors.at_least(1), default=1)
     parser.add_argument("--no-stderr", action="store_true",
                         help="skip per-parameter standard errors")
     parser.add_argument("--exact", action="store_true",
                         help="exact expectation over labels (10x the rows)")
     parser.add_argument("--path", choices=("auto", "vectorized", "per_example"), default="auto",
                         help="per-example gradient path of diagonal_fisher (auto: the rule)")
-    parser.add_argument("--jit-compile", default="auto",
-                        help="model.compile jit_compile for the epoch (auto/true/false)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jit-compile", default="auto", type=str.lower, choices=("auto", "true", "false"),
+                        help="model.compile jit_compile for the epoch")
+    parser.add_argument("--seed", type=errors.at_least(0), default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON line too")
     args = parser.parse_args(argv)
 
@@ -72,7 +79,7 @@ def main(argv=None):
     x = rng.normal(size=(args.examples, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, size=args.examples).astype("int32")
     model = build_convnet(keras)
-    jit = {"auto": "auto", "true": True, "false": False}[str(args.jit_compile).lower()]
+    jit = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     model.compile(
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -113,9 +120,13 @@ def main(argv=None):
               "params": int(model.count_params())}
     if args.json:
         print(json.dumps(result))
-    return result
+    return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: one line, 130 (tfmeta.cli.errors)."""
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfmeta  # noqa: E402
+from tfmeta.cli import errors  # noqa: E402
 from tfmeta.inner_loop import InnerLoop, mean_loss  # noqa: E402
 from tfmeta.inner_optimizer import make_stateless  # noqa: E402
 from tfmeta.models import convnet  # noqa: E402
@@ -43,6 +44,7 @@ from tfmeta.task_batched import TaskBatchedStep  # noqa: E402
 from tfmeta.task_state import TaskState  # noqa: E402
 from tfmeta.tasks.digits import digits_arrays  # noqa: E402
 
+PROG = "bench_tasks.py"
 BATCH = 20
 CLASSES = 20
 
@@ -121,23 +123,31 @@ def build(task_counts, filters, steps, conv):
         )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--filters", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
+def run(argv):
+    """The command line `argv`; errors propagate (`main` reports them)."""
+    count = errors.at_least(1)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=count, default=8)
+    parser.add_argument("--filters", type=count, nargs="+", default=[16, 64])
+    parser.add_argument("--steps", type=count, default=10)
+    parser.add_argument("--rounds", type=count, default=5)
     parser.add_argument("--conv", default="auto", choices=("auto", "grouped", "map"))
-    parser.add_argument("--build_tasks", type=int, nargs=2, default=[4, 32])
+    parser.add_argument("--build_tasks", type=count, nargs=2, default=[4, 32])
     parser.add_argument("--skip", choices=("speed", "build"), default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     tf.get_logger().setLevel("ERROR")  # every runner is a new tf.function: no retracing notes
     if args.skip != "speed":
         for filters in args.filters:
             speed(args.tasks, filters, args.steps, args.rounds, args.conv)
     if args.skip != "build":
         build(args.build_tasks, args.filters[0], args.steps, args.conv)
+    return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: one line, 130 (tfmeta.cli.errors)."""
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,6 +23,8 @@ The datasets must be prepared offline first
 """
 
 import argparse
+import contextlib
+import inspect
 import os
 import pathlib
 import sys
@@ -31,11 +33,25 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+PROG = "complexity.py"
 EXPERIMENTS = ("relabel", "reachability", "ranking", "kramers", "prediction")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def checkpoints_cells(experiment):
+    """Whether the gin-selected `experiment` writes its cells to results.json as they finish.
+
+    Those take `resume` (relabel, kramers, prediction), as `tfmeta.complexity.run` checks.
+    """
+    function = getattr(getattr(experiment, "configurable", None), "wrapped", None)
+    try:
+        return "resume" in inspect.signature(inspect.unwrap(function)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def run(argv):
+    """The command line `argv`; errors propagate (`main` reports them)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin config file(s), e.g. gin/complexity_relabel.gin")
     parser.add_argument("--gin_param", action="append", default=[],
@@ -55,21 +71,19 @@ def main(argv=None):
     import gin
 
     import tfmeta.configurables  # noqa: F401  (registers the experiments with gin)
+    from tfmeta.cli import errors, ginconfig
+    from tfmeta.validation import ConfigError
 
-    repo_gin = pathlib.Path(__file__).resolve().parents[1] / "gin"
-    if repo_gin.is_dir():
-        gin.add_config_file_search_path(str(repo_gin))
     bindings = list(args.gin_param)
     if args.experiment:
         bindings.append(f"tfmeta.complexity.run.experiment = "
                         f"@tfmeta.complexity.{args.experiment}_experiment")
-    gin.parse_config_files_and_bindings(args.gin_file, bindings)
-    try:
-        gin.query_parameter("tfmeta.complexity.run.experiment")
-    except ValueError:
-        print("error: no experiment selected. Bind it in the gin file (e.g. 'run.experiment = "
-              "@relabel_experiment') or pass --experiment.", file=sys.stderr)
-        return 2
+    # A missing gin file or a mistyped binding: one line naming it and the fix.
+    ginconfig.load(args.gin_file, bindings)
+    if not ginconfig.is_bound("tfmeta.complexity.run.experiment"):
+        raise ConfigError("no experiment selected: bind it in the gin file (e.g. 'run.experiment = "
+                          "@relabel_experiment') or pass --experiment.")
+    experiment = ginconfig.query("tfmeta.complexity.run.experiment")
     if args.output_dir:
         output_dir = args.output_dir
     elif args.gin_file:
@@ -77,14 +91,23 @@ def main(argv=None):
     else:
         output_dir = os.path.join("runs", f"complexity_{args.experiment}")
     began = time.perf_counter()
-    # The gin-configured `run` (the plain function would see no bindings).
-    gin.get_configurable("tfmeta.complexity.run")(output_dir, resume=args.resume)
+    saved = errors.resumable(output_dir) if checkpoints_cells(experiment) else contextlib.nullcontext()
+    with saved:
+        # The gin-configured `run` (the plain function would see no bindings).
+        gin.get_configurable("tfmeta.complexity.run")(output_dir, resume=args.resume)
     from tfmeta import atomic
 
     atomic.write_text(pathlib.Path(output_dir) / "operative_config.gin", gin.operative_config_str())
     print(f"\nDone in {time.perf_counter() - began:.0f} s; outputs in {output_dir}/ "
           "(results.json, summary.md, PNG, operative_config.gin)")
     return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
+    from tfmeta.cli import errors
+
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+PROG = "cts_approximation.py"
+
 
 def _parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=10, help="draws of phi and mini-batches")
     parser.add_argument("--max_k", type=int, default=20, help="the largest trajectory length k")
     parser.add_argument("--inner_lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3],
@@ -44,7 +46,24 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def _measured(path):
+    """The results already in `path` (this tool's results.json), by setting; a ConfigError if it is not one."""
+    from tfmeta.validation import ConfigError
+
+    fix = "choose another --output_dir, or drop --resume to measure again"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--resume: {path} cannot be read as JSON ({error}): {fix}.") from None
+    results = stored.get("results") if isinstance(stored, dict) else None
+    if not isinstance(results, dict):
+        raise ConfigError(f"--resume: {path} is not a results.json of tools/cts_approximation.py "
+                          f"(no \"results\" by setting): {fix}.")
+    return results
+
+
+def run(argv):
+    """The command line `argv`; errors propagate (`main` reports them)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.draws < 2:
@@ -56,6 +75,7 @@ def main(argv=None):
         parser.error(f"learning rates must be > 0, got {min(rates):g}")
 
     from tfmeta import atomic
+    from tfmeta.cli import errors
     from tfmeta.experiments import cts_approximation as cts
 
     ks = tuple(k for k in (1, 2, 5, 10, 15, 20, 50, 100) if k < args.max_k) + (args.max_k,)
@@ -64,16 +84,15 @@ def main(argv=None):
     out = pathlib.Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    done = {}
-    if args.resume and path.exists():
-        done = json.loads(path.read_text())["results"]
+    done = _measured(path) if args.resume and path.exists() else {}
     measured = dict(done)
 
     def save(result):
         measured[cts.key(result["setting"])] = result
         atomic.write_text(path, cts.to_json(list(measured.values()), grid, args.draws))
 
-    results = cts.run(grid, draws=args.draws, done=done, on_result=save)
+    with errors.resumable(out):  # results.json is rewritten after every setting
+        results = cts.run(grid, draws=args.draws, done=done, on_result=save)
     atomic.write_text(path, cts.to_json(results, grid, args.draws))
     table = cts.table(results, grid)
     atomic.write_text(out / "table.md", table + "\n")
@@ -82,6 +101,13 @@ def main(argv=None):
     print(table)
     print(f"\nWrote {out / 'cts_approximation.png'}, {path} and {out / 'table.md'}")
     return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
+    from tfmeta.cli import errors
+
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":

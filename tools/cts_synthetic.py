@@ -29,11 +29,12 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+PROG = "cts_synthetic.py"
 DEFAULT_METHODS = ["reptile", "cts", "cts_no_shift", "cts_random_shift", "cts_accurate"]
 
 
 def _parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     parser.add_argument("--task_seeds", type=int, nargs="+", default=[0],
                         help="seeds of the task rotations")
@@ -56,7 +57,8 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def run(argv):
+    """The command line `argv`; errors propagate (`main` reports them)."""
     parser = _parser()
     args = parser.parse_args(argv)
     from tfmeta.experiments import cts_synthetic as cts
@@ -72,11 +74,13 @@ def main(argv=None):
         parser.error("--figure compares reptile and cts: include both in --methods")
 
     from tfmeta import atomic
+    from tfmeta.cli import errors
 
     config = cts.Config(meta_lr=args.meta_lr, budget=args.budget, template=args.template)
     out = pathlib.Path(args.output_dir)
-    cells = cts.sweep(args.methods, args.inner_steps, args.task_seeds, config,
-                      processes=args.processes, output_dir=out, resume=args.resume)
+    with errors.resumable(out):  # each cell is in results.json as soon as it is measured
+        cells = cts.sweep(args.methods, args.inner_steps, args.task_seeds, config,
+                          processes=args.processes, output_dir=out, resume=args.resume)
     methods, ks, seeds = args.methods, args.inner_steps, args.task_seeds
     parts = ["## Loss after 100 Adam steps (the score)", cts.sweep_table(cells, methods, ks, seeds)]
     for metric, title in (("loss_authors_test", "the authors' test(): Adam, K steps"),
@@ -98,6 +102,13 @@ def main(argv=None):
         atomic.write_text(out / "landscape_counts.json", json.dumps(counts, indent=1))
         print(f"Wrote {args.figure} and {out / 'landscape_counts.json'}")
     return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
+    from tfmeta.cli import errors
+
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":

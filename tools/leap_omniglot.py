@@ -65,7 +65,7 @@ def train_learner(gin_file, bindings, run_dir, resume):
 def parse_args(argv):
     from tfmeta.experiments import leap_omniglot as experiment
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--alphabets", type=int, nargs="+", default=list(experiment.ALPHABETS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(experiment.METHODS), choices=experiment.METHODS)
@@ -85,35 +85,37 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def run(argv):
+    """The command line `argv`; errors propagate (`main` reports them)."""
     from tfmeta.cli import errors
     from tfmeta.experiments import leap_omniglot as experiment
 
     args = parse_args(argv)
     out = pathlib.Path(args.output_dir)
-    try:
-        if args.plot_only:
-            results = experiment.load_results(out / "results.json")
-        else:
-            config = experiment.Config(**{f.name: getattr(args, f.name)
-                                          for f in dataclasses.fields(experiment.Config)})
-            cells = experiment.plan(args.methods, args.alphabets, args.seeds, args.stages)
+    if args.plot_only:
+        results = experiment.load_results(out / "results.json")
+    else:
+        config = experiment.Config(**{f.name: getattr(args, f.name)
+                                      for f in dataclasses.fields(experiment.Config)})
+        cells = experiment.plan(args.methods, args.alphabets, args.seeds, args.stages)
+        # A meta-learner stopped by Ctrl-C has just written a checkpoint; --resume continues it.
+        with errors.resumable(out):
             results = experiment.run(config, cells, out, train_learner,
                                      resume=args.resume, overwrite=args.overwrite)
-        if args.figure_right:
-            print(f"Wrote {experiment.plot_auc(results, args.figure_right)}")
-        if args.figure_left:
-            print(f"Wrote {experiment.plot_stages(results, args.figure_left)}")
-    except errors.expected() as error:
-        return errors.report(PROG, error)
-    except (errors.Interrupted, KeyboardInterrupt):
-        # A meta-learner stopped by Ctrl-C (SIGINT) has just written a checkpoint.
-        print(f"{PROG}: interrupted; the finished cells are in {out / 'results.json'}: continue "
-              "with the same command and --resume.", file=sys.stderr)
-        return errors.EXIT_INTERRUPTED
+    if args.figure_right:
+        print(f"Wrote {experiment.plot_auc(results, args.figure_right)}")
+    if args.figure_left:
+        print(f"Wrote {experiment.plot_stages(results, args.figure_left)}")
     print()
     print(experiment.table(results))
     return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
+    from tfmeta.cli import errors
+
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+PROG = "many_shot.py"
 #: gin/many_shot_<name>.gin, in the order they run (and appear in tables).
 METHODS = ("scratch", "cts", "reptile", "cts_no_shift", "leap", "fomaml", "multitask")
 
@@ -68,8 +69,11 @@ def configured(name, bindings):
     """`(Benchmark, Method)` of gin/many_shot_<name>.gin with `bindings`."""
     import gin
 
+    from tfmeta.cli import ginconfig
+
     gin.clear_config()
-    gin.parse_config_files_and_bindings([str(REPO / "gin" / f"many_shot_{name}.gin")], bindings)
+    # `load` names a mistyped --gin_param and its fix in one line.
+    ginconfig.load([str(REPO / "gin" / f"many_shot_{name}.gin")], bindings)
     bench = gin.get_configurable("tfmeta.many_shot.Benchmark")()
     return bench, gin.get_configurable("tfmeta.many_shot.Method")()
 
@@ -144,8 +148,11 @@ def report(results, out, figure=None, log=print, validation=False, gin_names=Non
     log(text)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(argv):
+    """The command line `argv`; errors propagate (`main` reports them)."""
+    from tfmeta.validation import ConfigError
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output_dir", default=None,
@@ -163,17 +170,14 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="only write summary.md and the PNG")
     args = parser.parse_args(argv)
     if args.finetune_lrs and not args.validation:
-        print("error: --finetune_lrs chooses the fine-tuning rate, which is done on the source-only "
-              "split only: add --validation (the benchmark uses each gin file's Benchmark.finetune_lr).",
-              file=sys.stderr)
-        return 2
-
-    import gin
+        raise ConfigError("--finetune_lrs chooses the fine-tuning rate, which is done on the source-only "
+                          "split only: add --validation (the benchmark uses each gin file's "
+                          "Benchmark.finetune_lr).")
 
     import tfmeta.configurables  # noqa: F401  (registers Benchmark and Method)
+    from tfmeta.cli import errors
     from tfmeta.experiments import many_shot
 
-    gin.add_config_file_search_path(str(REPO / "gin"))  # for the `include` lines
     bindings = (SMOKE if args.smoke else []) + (validation_bindings(args.smoke) if args.validation else [])
     bindings += args.gin_param
     seeds = args.seeds[:1] if args.smoke else args.seeds
@@ -192,9 +196,8 @@ def main(argv=None):
         report(results, out, **show)
         return 0
     if results_path.exists() and not (args.resume or args.overwrite):
-        print(f"error: {results_path} exists: pass --resume to continue it or --overwrite to "
-              "start over.", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{results_path} exists: pass --resume to continue it or --overwrite to "
+                          "start over.")
     if args.overwrite and results_path.exists():
         results_path.unlink()
     if results_path.exists():  # settings first: a mismatch costs seconds, not a run
@@ -204,14 +207,23 @@ def main(argv=None):
             many_shot.check_settings(bench, [method], seeds, cells, args.finetune_lrs, results_path)
     began = time.perf_counter()
     results = None
-    for seed in seeds:
-        for name in args.methods:
-            bench, method = configured(name, bindings)
-            # After the first cell the file holds this run's own cells: always resume.
-            results = many_shot.run(bench, [method], [seed], out, resume=True, finetune_lrs=args.finetune_lrs)
+    with errors.resumable(out):  # each cell is in results.json as soon as it is finished
+        for seed in seeds:
+            for name in args.methods:
+                bench, method = configured(name, bindings)
+                # After the first cell the file holds this run's own cells: always resume.
+                results = many_shot.run(bench, [method], [seed], out, resume=True,
+                                        finetune_lrs=args.finetune_lrs)
     print(f"\nDone in {time.perf_counter() - began:.0f} s; {len(results['cells'])} cells in {results_path}")
     report(results, out, **show)
     return 0
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
+    from tfmeta.cli import errors
+
+    return errors.run_tool(PROG, run, argv)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Usage (from the repository root)::
     python tools/prepare_data.py --from ../shared/data
     python tools/prepare_data.py --from ../shared/data --names mnist --data_dir /tmp/tfds
 
-All logic lives in ``tfmeta.prepare``; this is only the entry point.
+All logic lives in ``tfmeta.prepare``; this is only the entry point (bad
+input ends in one line, exit code 2, as in every tool: ``tfmeta.cli.errors``).
 """
 
 import os
@@ -16,7 +17,16 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfmeta.prepare import main  # noqa: E402
+from tfmeta import prepare  # noqa: E402
+from tfmeta.cli import errors  # noqa: E402
+
+PROG = "prepare_data.py"
+
+
+def main(argv=None):
+    """Bad input: one line on stderr, exit code 2 (tfmeta.cli.errors)."""
+    return errors.run_tool(PROG, prepare.main, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

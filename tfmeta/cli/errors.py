@@ -6,20 +6,33 @@ traceback). Operating-system errors from deep inside a write (a full disk, a
 file-size limit, a read-only folder) carry no advice of their own;
 `describe` adds it. `explain_gin_error` does the same for gin's parse errors.
 
+`run_tool(prog, run, argv)` is every tool's entry point around its `run(argv)`:
+bad input is `report`ed, Ctrl-C ends in one line with exit code 130, and
+inside `resumable(directory)` (an experiment that writes each cell as it
+finishes) that line says where the cells are and the command that continues.
+`at_least(n)` is an argparse type for counts (``--steps 0`` is a usage error).
+
 Example::
 
-    try:
-        results = run(argv)
-    except errors.EXPECTED as error:
-        return errors.report("tfmeta-train", error)
+    def run(argv):
+        args = parser.parse_args(argv)
+        with errors.resumable(args.output_dir):
+            experiment.run(args.output_dir, resume=args.resume)
+        return 0
+
+    def main(argv=None):
+        return errors.run_tool("many_shot.py", run, argv)
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import difflib
 import errno
 import inspect
 import re
+import shlex
 import sys
 
 from tfmeta.cli.startup import debug_enabled
@@ -38,6 +51,116 @@ class Interrupted(Exception):
         self.message = f"interrupted at train step {step}, checkpoint saved in {directory}"
         super().__init__(self.message)
         self.step, self.directory = step, directory
+
+
+class Stopped(Exception):
+    """Ctrl-C (or a training job's `Interrupted`, `during`) inside `resumable(directory)`."""
+
+    def __init__(self, directory, during=None):
+        self.directory, self.during = directory, during
+        super().__init__(f"interrupted; finished cells are saved in {directory}")
+
+
+@contextlib.contextmanager
+def resumable(directory):
+    """Within the block, Ctrl-C ends as `Stopped(directory)`: the experiment's cells are there.
+
+    For an experiment that writes each cell to `directory` as it finishes and
+    continues with ``--resume``; `run_tool` turns it into one line and exit
+    code 130. A training job stopped at a step boundary (`Interrupted`, with
+    its checkpoint) is `Stopped` too, its checkpoint named.
+
+    Example::
+
+        with errors.resumable(out):
+            results = experiment.run(config, cells, out, resume=args.resume)
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as stop:
+        raise Stopped(directory, unwrap(stop) if isinstance(stop, Interrupted) else None) from stop
+
+
+def continue_command(argv, program=None):
+    """The command line that continues an interrupted experiment run with `argv`, and a note.
+
+    The same arguments with ``--resume`` and without ``--overwrite`` (which
+    would start over); the note says so when ``--overwrite`` was dropped.
+
+    Example::
+
+        continue_command(["--seeds", "0", "--overwrite"], "tools/many_shot.py")
+        # ("python tools/many_shot.py --seeds 0 --resume", " instead of --overwrite")
+    """
+    program = program or (sys.argv[0] if sys.argv and sys.argv[0] else "tool.py")
+    kept = [arg for arg in argv if not _spells(arg, "--overwrite")]
+    note = " instead of --overwrite" if len(kept) < len(argv) else ""
+    if not any(_spells(arg, "--resume") for arg in kept):
+        kept.append("--resume")
+    return shlex.join(["python", program, *kept]), note
+
+
+def _spells(arg, flag):
+    # argparse takes an unambiguous prefix ("--over"); "--o" is ambiguous in every tool.
+    return len(arg) > 3 and flag.startswith(arg)
+
+
+def _interrupted_line(stop, argv):
+    if isinstance(stop, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(stop, Interrupted):
+        return unwrap(stop).message
+    command, note = continue_command(argv)
+    during = f"; the cell in progress was {stop.during.message}" if stop.during else ""
+    return (f"interrupted; finished cells are saved in {stop.directory}{during}; continue with the "
+            f"same command and --resume{note}: {command}")
+
+
+def run_tool(prog, run, argv=None):
+    """`run(argv)`'s exit code, with bad input and Ctrl-C each ended by one line on stderr.
+
+    Bad input (`expected()`) is `report`ed (exit code 2); Ctrl-C exits 130
+    with "interrupted", and inside `resumable` with where the finished cells
+    are and the command that continues. Other errors are bugs: they
+    propagate, traceback and all. With TFMETA_DEBUG=1 everything propagates.
+
+    Example::
+
+        def main(argv=None):
+            return errors.run_tool("cts_synthetic.py", run, argv)
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except (KeyboardInterrupt, Interrupted, Stopped) as stop:
+        if debug_enabled():
+            raise
+        print(f"{prog}: {_interrupted_line(stop, argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - only bad input is reported in one line
+        if not isinstance(error, expected()):
+            raise
+        return report(prog, error)
+
+
+def at_least(minimum):
+    """An argparse `type`: a whole number >= `minimum`, else a usage error naming the flag.
+
+    Example::
+
+        parser.add_argument("--steps", type=errors.at_least(1), default=100)
+        # --steps 0: "error: argument --steps: 0 is not a whole number >= 1"
+    """
+    def whole(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is not a whole number >= {minimum}")
+        return value
+
+    return whole
 
 
 def expected():

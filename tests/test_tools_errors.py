@@ -1,0 +1,209 @@
+"""Every tool in tools/ ends bad input in one line, `<prog>: error: ...`, exit code 2, no traceback.
+
+Each tool runs as a user runs it (a subprocess, PYTHONPATH the repository)
+with one realistic mistake it catches before any training: a flag value out
+of range, `--resume` into a results.json of other settings or of another
+tool, contradicting flags, a dataset that does not exist. `TFMETA_DEBUG=1`
+brings the traceback back. Ctrl-C during a resumable experiment ends in one
+line saying where the finished cells are and the command that continues,
+exit code 130 (`tfmeta.cli.errors.run_tool`, `resumable`).
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tfmeta.cli import errors
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
+    if "TFMETA_DEBUG" not in extra:
+        env.pop("TFMETA_DEBUG", None)
+    return env
+
+
+def _tool(name, *args, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / name), *map(str, args)], cwd=REPO,
+        env=env or _env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _write(folder, content):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(content))
+    return folder
+
+
+# Each case: the tool's prog (as its error line starts), its arguments given a
+# fresh folder, and what the line must say (the problem and the fix).
+CASES = {
+    "many_shot: --resume into a results.json of other settings": (
+        "many_shot.py",
+        lambda tmp: ["--smoke", "--methods", "scratch", "--resume", "--output_dir", _write(tmp, {
+            "experiment": "many_shot", "cells": {"x": {
+                "method": "no pretraining", "finetune_lr": 0.1, "settings": {"targets": ["digits"]}}}})],
+        ["ConfigError: --resume: cell x of", "computed with other settings",
+         "targets=['digits'] there, ['fashion_mnist', 'digits'] now",
+         "resume with the same gin files and bindings, or choose another --output_dir"],
+    ),
+    "cts_synthetic: --resume into a results.json of another meta_lr": (
+        "cts_synthetic.py",
+        lambda tmp: ["--methods", "reptile", "--resume", "--output_dir", _write(tmp, {
+            "experiment": "cts_synthetic", "partial": True, "cells": {"reptile/K100/seed0": {
+                "settings": {"method": "reptile", "meta_lr": 0.5}}}})],
+        ["ConfigError: --resume: cell reptile/K100/seed0 of", "meta_lr=0.5 there, 0.1 now",
+         "resume with the same flags, or choose another --output_dir"],
+    ),
+    "cts_approximation: --resume into another tool's results.json": (
+        "cts_approximation.py",
+        lambda tmp: ["--resume", "--output_dir", _write(tmp, {"experiment": "cts_synthetic", "cells": {}})],
+        ["ConfigError: --resume:", "is not a results.json of tools/cts_approximation.py",
+         "choose another --output_dir, or drop --resume"],
+    ),
+    "complexity: --resume of an experiment that keeps no cells": (
+        "complexity.py",
+        lambda tmp: ["--experiment", "reachability", "--resume", "--output_dir", tmp],
+        ["ValueError: --resume: reachability_experiment does not checkpoint its cells",
+         "rerun it without --resume"],
+    ),
+    "complexity: a mistyped gin binding": (
+        "complexity.py",
+        lambda tmp: ["--experiment", "relabel", "--gin_param", "relabel_experiment.seedz = (0,)",
+                     "--output_dir", tmp],
+        ["ConfigError: gin binding relabel_experiment.seedz", "did you mean relabel_experiment.seeds?"],
+    ),
+    "leap_omniglot: --resume and --overwrite together": (
+        "leap_omniglot.py",
+        lambda tmp: ["--resume", "--overwrite", "--output_dir", tmp],
+        ["ConfigError: resume and overwrite contradict each other", "pass --resume or --overwrite, not both"],
+    ),
+    "bench: --steps 0": (
+        "bench.py inner",  # argparse names the subcommand
+        lambda tmp: ["inner", "--steps", "0"],
+        ["argument --steps: 0 is not a whole number >= 1"],
+    ),
+    "bench_fisher: --examples 0": (
+        "bench_fisher.py",
+        lambda tmp: ["--examples", "0"],
+        ["argument --examples: 0 is not a whole number >= 1"],
+    ),
+    "bench_tasks: --tasks 0": (
+        "bench_tasks.py",
+        lambda tmp: ["--tasks", "0"],
+        ["argument --tasks: 0 is not a whole number >= 1"],
+    ),
+    "prepare_data: a dataset name TFDS does not know": (
+        "prepare_data.py",
+        lambda tmp: ["--from", tmp, "--data_dir", tmp / "tfds", "--names", "mnsit"],
+        ["DatasetNotFoundError: Dataset mnsit not found"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_ends_in_one_line_naming_the_problem_and_the_fix(case, tmp_path):
+    prog, argv, says = CASES[case]
+    proc = _tool(prog.split()[0], *argv(tmp_path / "out"))
+    assert proc.returncode == 2, (case, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{prog}: error: "), last
+    for words in says:
+        assert words in last, (words, last)
+
+
+@pytest.mark.xfail(strict=True, reason="tfmeta/prepare.py's main prints 'error: ...' and returns 1 for a "
+                                       "missing archive folder itself, before run_tool sees the error")
+def test_prepare_data_names_a_missing_archive_folder_in_one_line(tmp_path):
+    proc = _tool("prepare_data.py", "--from", tmp_path / "nowhere", "--data_dir", tmp_path / "tfds")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("prepare_data.py: error: FileNotFoundError: "), last
+    assert f"{tmp_path / 'nowhere' / 'SHA256SUMS'} not found" in last and "--no-verify" in last
+
+
+def test_tfmeta_debug_brings_the_traceback_back(tmp_path):
+    argv = ["--from", tmp_path, "--data_dir", tmp_path / "tfds", "--names", "mnsit"]
+    proc = _tool("prepare_data.py", *argv, env=_env(TFMETA_DEBUG="1"))
+    assert proc.returncode == 1, proc.stderr[-3000:]  # Python's own exit code for an uncaught error
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "DatasetNotFoundError" in proc.stderr
+    assert "prepare_data.py: error:" not in proc.stderr
+
+
+# ------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_in_an_experiment_says_where_the_cells_are_and_how_to_continue(tmp_path):
+    """cts_synthetic at toy sizes, SIGINT once its first cell is in results.json."""
+    out = tmp_path / "sweep"
+    argv = ["--methods", "reptile", "--inner_steps", "2", "--processes", "1",
+            "--task_seeds", *range(40), "--output_dir", out]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tools" / "cts_synthetic.py"), *map(str, argv)], cwd=REPO, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == errors.EXIT_INTERRUPTED, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    command = f"python {REPO / 'tools' / 'cts_synthetic.py'} " + " ".join(map(str, argv)) + " --resume"
+    assert last == (f"cts_synthetic.py: interrupted; finished cells are saved in {out}; continue with the "
+                    f"same command and --resume: {command}"), last
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert 1 <= len(cells) < 40 and "reptile/K2/seed0" in cells
+
+
+def _stopped(raised, argv, directory="runs/x"):
+    def run(argv):
+        with errors.resumable(directory):
+            raise raised
+
+    return errors.run_tool("tool.py", run, argv)
+
+
+def test_the_continue_command_resumes_instead_of_overwriting(capsys, monkeypatch):
+    monkeypatch.delenv("TFMETA_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tools/tool.py"])
+    assert _stopped(KeyboardInterrupt(), ["--seeds", "0", "--overwrite"]) == 130
+    assert capsys.readouterr().err == (
+        "tool.py: interrupted; finished cells are saved in runs/x; continue with the same command and "
+        "--resume instead of --overwrite: python tools/tool.py --seeds 0 --resume\n")
+    # An abbreviated --resume is kept as it is; an abbreviated --overwrite is dropped.
+    assert errors.continue_command(["--res", "--over"], "t.py") == ("python t.py --res", " instead of --overwrite")
+    # A training job stopped at a step boundary names its checkpoint too.
+    assert _stopped(errors.Interrupted(12, "runs/x/leap/a1/s0"), ["--resume"]) == 130
+    assert capsys.readouterr().err == (
+        "tool.py: interrupted; finished cells are saved in runs/x; the cell in progress was interrupted at "
+        "train step 12, checkpoint saved in runs/x/leap/a1/s0; continue with the same command and --resume: "
+        "python tools/tool.py --resume\n")
+
+
+def test_ctrl_c_outside_an_experiment_and_bugs(capsys, monkeypatch):
+    monkeypatch.delenv("TFMETA_DEBUG", raising=False)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def buggy(argv):
+        raise KeyError("a bug")
+
+    assert errors.run_tool("tool.py", interrupted, []) == 130
+    assert capsys.readouterr().err == "tool.py: interrupted\n"
+    with pytest.raises(KeyError):  # not bad input: the traceback shows
+        errors.run_tool("tool.py", buggy, [])
+    monkeypatch.setenv("TFMETA_DEBUG", "1")
+    with pytest.raises(errors.Stopped):
+        _stopped(KeyboardInterrupt(), [])
