@@ -411,7 +411,7 @@ def test_resume_refuses_cells_of_other_settings_naming_the_fields(tmp_path, fake
     (tmp_path / "results.json").write_text(json.dumps({"experiment": "many_shot", "cells": {
         "x": {"method": "no pretraining", "finetune_lr": 0.1, "settings": {"targets": ["digits"]}}}}))
     with pytest.raises(ConfigError, match="targets=.*one results.json holds one benchmark"):
-        tool.main(["--smoke", "--validation", "--finetune_lrs", "0.1", "0.01", "--methods", "scratch",
+        tool.run(["--smoke", "--validation", "--finetune_lrs", "0.1", "0.01", "--methods", "scratch",
                    "--output_dir", str(tmp_path), "--resume"])
     assert calls["pretrain"] == []
     for rates in ([0.1, 0.1], [0.1, -0.01], []):

@@ -154,10 +154,15 @@ def test_corrupted_archive_names_the_file(archive_dir, tmp_path, capsys):
         prepare_datasets(archives, data_dir=data_dir, names=["mnist"])
     assert not (data_dir / "mnist").exists()  # Verified before building.
 
-    assert prepare.main(
-        ["--from", str(archives), "--data_dir", str(data_dir), "--names", "mnist"]
-    ) == 1
-    assert "mnist/train-labels-idx1-ubyte.gz" in capsys.readouterr().err
+    from tfmeta.cli import errors
+
+    assert errors.run_tool(
+        "prepare_data.py", prepare.main,
+        ["--from", str(archives), "--data_dir", str(data_dir), "--names", "mnist"],
+    ) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("prepare_data.py: error: ArchiveChecksumError: ")
+    assert "mnist/train-labels-idx1-ubyte.gz" in last
 
 
 @pytest.mark.data

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -121,7 +122,15 @@ def _builder(name: str, data_dir: pathlib.Path):
     # Imported here: tensorflow_datasets is only needed when data is touched.
     import tensorflow_datasets as tfds
 
-    return tfds.builder(name, data_dir=os.fspath(data_dir))
+    try:
+        return tfds.builder(name, data_dir=os.fspath(data_dir))
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name, DEFAULT_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"TFDS has no dataset named {name!r}: {hint}the archives in ../shared/data "
+            f"are for {', '.join(DEFAULT_NAMES)} (--names {' '.join(DEFAULT_NAMES)})"
+        ) from None
 
 
 def _is_prepared(builder) -> bool:
@@ -394,9 +403,8 @@ def main(argv=None) -> int:
         data_dir = prepare_datasets(
             args.archive_dir, args.data_dir, args.names, verify=args.verify
         )
-    except (ArchiveChecksumError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # A bad archive folder raises: tools/prepare_data.py reports it in one line
+    # (tfmeta.cli.errors.run_tool), callers of main() get the exception.
     finally:
         log.removeHandler(handler)
         log.setLevel(saved[0])
