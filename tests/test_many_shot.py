@@ -78,6 +78,15 @@ def test_benchmark_refuses_a_chunk_that_does_not_divide_the_steps_between_evalua
         Benchmark(steps_per_chunk=0)
 
 
+def test_the_benchmark_suggests_the_largest_steps_per_chunk_not_above_the_one_given():
+    # 12 inner steps between evaluations: divisors 1 2 3 4 6 12. Not above 5: 4 (the gcd is 1);
+    # not above 18: 12 (the gcd is 6).
+    for steps_per_chunk, divisor in ((5, 4), (18, 12)):
+        with pytest.raises(ConfigError, match=rf"Choose steps_per_chunk dividing 12 \(e.g. {divisor}\)"):
+            Benchmark(inner_steps=12, budget=24, checkpoints=2, steps_per_chunk=steps_per_chunk)
+        Benchmark(inner_steps=12, budget=24, checkpoints=2, steps_per_chunk=divisor)
+
+
 @pytest.mark.parametrize("inner_steps, budget, checkpoints, steps_per_chunk", [
     (25, 50, 2, 10), (25, 50, 2, 5), (25, 100, 2, 10), (20, 40, 2, 10), (12, 36, 3, 8), (12, 36, 3, 6),
 ])
@@ -419,6 +428,29 @@ def test_resume_refuses_cells_of_other_settings_naming_the_fields(tmp_path, fake
             many_shot.finetune_rates(TINY, rates)
 
 
+def test_rates_that_would_share_a_cell_key_are_refused():
+    with pytest.raises(ConfigError) as error:
+        many_shot.finetune_rates(TINY, [0.1234567, 0.03, 0.1234568])
+    assert str(error.value) == (
+        "finetune_lrs 0.1234567 and 0.1234568 would share the cell key lr0.123457 (keys hold 6 significant "
+        "digits): choose rates that differ within them, e.g. 0.1 0.03 0.01.")
+    # Rates that differ within 6 digits keep their own cells; the keys of existing files are unchanged.
+    assert many_shot.finetune_rates(TINY, [0.123456, 0.123457]) == (0.123456, 0.123457)
+    assert [cell_key("m", 0, 10, r) for r in many_shot.finetune_rates(TINY, many_shot.FINETUNE_LR_GRID)] == [
+        "m/seed0/10/lr0.1", "m/seed0/10/lr0.03", "m/seed0/10/lr0.01"]
+
+
+def test_a_refused_resume_leaves_a_file_of_the_older_layout_as_it_was(tmp_path, fake_training):
+    shutil.copy(REPO / "docs/figures/many_shot_results.json", tmp_path / "results.json")
+    before = (tmp_path / "results.json").read_bytes()
+    logs = []
+    with pytest.raises(ConfigError, match=r"other settings \(finetune_steps=1000 there, 10 now\)"):
+        many_shot.run(dataclasses.replace(Benchmark(), finetune_steps=10), [Method("no pretraining", kind="none")],
+                      seeds=[0], output_dir=tmp_path, resume=True, log=logs.append)
+    assert (tmp_path / "results.json").read_bytes() == before and logs == []
+    assert fake_training["pretrain"] == []
+
+
 def test_the_tool_takes_finetune_lrs_only_for_validation(tmp_path, capsys):
     assert tool.main(["--finetune_lrs", "0.1", "0.01", "--output_dir", str(tmp_path)]) == 2
     assert "add --validation" in capsys.readouterr().err
@@ -473,6 +505,46 @@ def test_best_finetune_lr_and_the_validation_report_on_hand_built_results(tmp_pa
     assert lines[2] in summary and "Fine-tuning learning rate per method: cts 0.01, leap 0.03, reptile 0.03" in summary
     assert "- cts: `Benchmark.finetune_lr = 0.01` in gin/many_shot_cts.gin" in summary
     assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+def test_an_interrupted_validation_run_gives_its_incomplete_methods_no_rate(tmp_path):
+    results = _hand_built({
+        # cts: lr 0.1 and 0.03 reached the last checkpoint (4000 steps), 0.01 stopped at 2000, however good.
+        ("cts", 0.1, 0, 4000): ([0.80, 0.70], [0.3, 0.3]), ("cts", 0.03, 0, 4000): ([0.85, 0.75], [0.2, 0.2]),
+        ("cts", 0.1, 0, 2000): ([0.60, 0.60], [0.5, 0.5]), ("cts", 0.03, 0, 2000): ([0.60, 0.60], [0.5, 0.5]),
+        ("cts", 0.01, 0, 2000): ([0.99, 0.99], [0.1, 0.1]),
+        # reptile: both rates there, seed 0: 0.90 > 0.80 -> 0.01.
+        ("reptile", 0.1, 0, 4000): ([0.80, 0.80], [0.5, 0.5]), ("reptile", 0.01, 0, 4000): ([0.90, 0.90], [0.4, 0.4]),
+        # leap: both rates there, but on different seeds: nothing to compare like with like.
+        ("leap", 0.1, 0, 4000): ([0.70, 0.70], [0.5, 0.5]), ("leap", 0.03, 1, 4000): ([0.75, 0.75], [0.5, 0.5]),
+    })
+    assert many_shot.incomplete(results) == {"cts": "lr 0.01 has no cell at 4000 steps",
+                                             "leap": "its rates share no seed at 4000 steps"}
+    assert many_shot.best_finetune_lr(results) == {"reptile": 0.01}
+    assert many_shot.rate_table(results).splitlines() == [
+        "| method | lr 0.1 | lr 0.03 | lr 0.01 |", "|---|---|---|---|",
+        "| cts | 0.7500 ± 0.0000 (1) | 0.8000 ± 0.0000 (1) | incomplete |",
+        "| reptile | 0.8000 ± 0.0000 (1) | - | 0.9000 ± 0.0000 (1) |",
+        "| leap | 0.7000 ± 0.0000 (1) | 0.7500 ± 0.0000 (1) | - |",
+    ]
+    # The tool's report says so and shows the benchmark's tables of the others.
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert tool.main(["--report", "--output_dir", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert ("- cts: no rate chosen, incomplete: lr 0.01 has no cell at 4000 steps (continue the run with "
+            "--resume); left out of the tables below") in summary
+    assert "- leap: no rate chosen, incomplete: its rates share no seed at 4000 steps" in summary
+    assert "Fine-tuning learning rate per method: reptile 0.01." in summary
+    final = summary.split("## Final test accuracy per target")[1].split("##")[0]
+    assert "| reptile | 0.9000 ± 0.0000 |" in final and "| cts |" not in final and "| leap |" not in final
+    # No method with a rate yet: the rate tables alone, no figure.
+    (tmp_path / "convergence.png").unlink()
+    only_cts = {**results, "cells": {k: c for k, c in results["cells"].items() if c["method"] == "cts"}}
+    (tmp_path / "results.json").write_text(json.dumps(only_cts))
+    assert tool.main(["--report", "--output_dir", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- cts: no rate chosen, incomplete" in summary and "## Final test accuracy" not in summary
+    assert not (tmp_path / "convergence.png").exists()
 
 
 def test_a_results_json_of_the_older_layout_loads_and_resumes(tmp_path, fake_training):

@@ -5,6 +5,7 @@ are cached in ``default_data_dir()`` by the session fixture ``tfds_dir``.
 """
 
 import logging
+import pathlib
 import shutil
 import time
 
@@ -182,6 +183,32 @@ def test_missing_dataset_error_says_how_to_prepare(tmp_path):
     command = "python tools/prepare_data.py --from ../shared/data"
     assert f"{command} --data_dir {tmp_path.resolve()}" in message
     assert "prepare_datasets(" in message
+
+
+def test_an_unknown_name_names_the_archive_folder_it_was_given(tmp_path):
+    archives = tmp_path / "my archives"
+    with pytest.raises(ValueError) as err:
+        prepare_datasets(archives, data_dir=tmp_path / "tfds", names=["mnsit"])
+    assert str(err.value) == (
+        "TFDS has no dataset named 'mnsit': did you mean 'mnist'? tfmeta prepares "
+        f"mnist, fashion_mnist, omniglot from the archives in {archives} "
+        "(--names mnist fashion_mnist omniglot)")
+    with pytest.raises(ValueError, match="'zzz': tfmeta prepares .* from local archives"):
+        load("zzz", "train", data_dir=tmp_path)
+
+
+def test_python_m_tfmeta_prepare_points_to_the_tool(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "tfmeta.prepare", "--from", str(tmp_path / "missing")],
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+    assert proc.stderr == ("python -m tfmeta.prepare is no command: run python tools/prepare_data.py with "
+                           "the same arguments (e.g. --from ../shared/data)\n")
 
 
 def test_default_data_dir(monkeypatch, tmp_path):

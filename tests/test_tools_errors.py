@@ -189,6 +189,77 @@ def test_the_continue_command_resumes_instead_of_overwriting(capsys, monkeypatch
         "python tools/tool.py --resume\n")
 
 
+def test_the_continue_command_runs_the_tool_not_the_interpreter(capsys, monkeypatch, tmp_path):
+    """`python -c ...` (sys.argv[0] "-c") or a tool run from elsewhere: the command names the tool's script."""
+    monkeypatch.delenv("TFMETA_DEBUG", raising=False)
+    monkeypatch.chdir(REPO)
+    script = str(REPO / "tools" / "many_shot.py")  # a tool's __file__
+
+    def stopped(argv):
+        raise errors.Stopped("runs/x")
+
+    end = "interrupted; finished cells are saved in runs/x; continue with the same command and --resume: "
+    for argv0, passed, command in [
+        ("-c", script, "python tools/many_shot.py --seeds 0 --resume"),
+        ("-c", None, "python tools/many_shot.py --seeds 0 --resume"),  # a tool that does not say
+        ("tools/many_shot.py", script, "python tools/many_shot.py --seeds 0 --resume"),  # as typed
+        (script, script, f"python {script} --seeds 0 --resume"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert errors.run_tool("many_shot.py", stopped, ["--seeds", "0"], script=passed) == 130
+        assert capsys.readouterr().err == f"many_shot.py: {end}{command}\n", argv0
+    monkeypatch.chdir(tmp_path)  # outside the checkout: the script's absolute path
+    monkeypatch.setattr(sys, "argv", ["-c"])
+    assert errors.continue_command(["--seeds", "0"], script)[0] == f"python {script} --seeds 0 --resume"
+
+
+def test_train_continues_with_its_own_rules_through_run_tool(capsys, monkeypatch, tmp_path):
+    """The training job's Ctrl-C line: its console script by name, train.overwrite bindings dropped."""
+    from tfmeta.cli import train
+
+    monkeypatch.delenv("TFMETA_DEBUG", raising=False)
+    console = tmp_path / "bin" / "tfmeta-train"
+    console.parent.mkdir()
+    console.write_text("#!/bin/sh\n")
+    argv = ["--gin_file", "gin/digits.gin", "--gin_param", "train.overwrite = True",
+            "--gin_param=train.overwrite=True", "--gin_param", "train.seed = 1"]
+    monkeypatch.setattr(sys, "argv", [str(console)])
+    assert train.resume_command(argv) == (
+        "tfmeta-train --gin_file gin/digits.gin --gin_param 'train.seed = 1' --resume")
+    monkeypatch.setattr(sys, "argv", ["tools/train.py"])
+    assert train.resume_command(["--gin_file", "g.gin", "--resume"]) == "python tools/train.py --gin_file g.gin --resume"
+
+    def interrupted(argv):
+        raise errors.Interrupted(7, "runs/d/checkpoints")
+
+    monkeypatch.setattr(train, "run", interrupted)
+    assert train.main(["--gin_file", "g.gin"]) == 130
+    assert capsys.readouterr().err == ("tfmeta-train: interrupted at train step 7, checkpoint saved in "
+                                       "runs/d/checkpoints: continue with: python tools/train.py --gin_file "
+                                       "g.gin --resume\n")
+    monkeypatch.setattr(train, "run", lambda argv: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert train.main([]) == 130
+    assert capsys.readouterr().err == "tfmeta-train: aborted; --resume continues from the newest checkpoint, if any.\n"
+
+
+def test_complexity_knows_which_experiments_checkpoint_their_cells_from_gin():
+    """tools/complexity.py wraps only those in `resumable`: the same helper `complexity.run` checks --resume with."""
+    import gin
+
+    import tfmeta.configurables  # noqa: F401
+    from tfmeta.experiments import complexity_run
+    from tfmeta.experiments.complexity_reachability import reachability_experiment
+    from tfmeta.experiments.complexity_relabel import relabel_experiment
+
+    assert complexity_run.checkpoints_cells(relabel_experiment)
+    assert not complexity_run.checkpoints_cells(reachability_experiment)
+    for name, checkpoints in (("relabel", True), ("kramers", True), ("prediction", True),
+                              ("reachability", False), ("ranking", False)):
+        configured = gin.get_configurable(f"tfmeta.complexity.{name}_experiment")
+        assert complexity_run.checkpoints_cells(configured) is checkpoints, name
+    assert not complexity_run.checkpoints_cells(None)
+
+
 def test_ctrl_c_outside_an_experiment_and_bugs(capsys, monkeypatch):
     monkeypatch.delenv("TFMETA_DEBUG", raising=False)
 

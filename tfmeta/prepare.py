@@ -118,18 +118,19 @@ def _prepare_command(data_dir: pathlib.Path) -> str:
     return f"{PREPARE_COMMAND} --data_dir {data_dir}"
 
 
-def _builder(name: str, data_dir: pathlib.Path):
+def _builder(name: str, data_dir: pathlib.Path, archive_dir=None):
     # Imported here: tensorflow_datasets is only needed when data is touched.
     import tensorflow_datasets as tfds
 
     try:
         return tfds.builder(name, data_dir=os.fspath(data_dir))
-    except tfds.core.registered.DatasetNotFoundError:
+    except tfds.core.DatasetNotFoundError:
         close = difflib.get_close_matches(name, DEFAULT_NAMES, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
+        where = f"the archives in {archive_dir}" if archive_dir is not None else "local archives"
         raise ValueError(
-            f"TFDS has no dataset named {name!r}: {hint}the archives in ../shared/data "
-            f"are for {', '.join(DEFAULT_NAMES)} (--names {' '.join(DEFAULT_NAMES)})"
+            f"TFDS has no dataset named {name!r}: {hint}tfmeta prepares {', '.join(DEFAULT_NAMES)} "
+            f"from {where} (--names {' '.join(DEFAULT_NAMES)})"
         ) from None
 
 
@@ -258,7 +259,7 @@ def prepare_datasets(
     data_dir = resolve_data_dir(data_dir)
     todo = []
     for name in names:
-        builder = _builder(name, data_dir)
+        builder = _builder(name, data_dir, archive_dir)
         if _is_prepared(builder):
             log.info("%s: already prepared in %s", name, builder.data_path)
         else:
@@ -362,7 +363,12 @@ def load(name: str, split=None, data_dir=None, **kwargs):
 
 
 def main(argv=None) -> int:
-    """Command line: ``python tools/prepare_data.py --from ../shared/data``."""
+    """The command line of ``python tools/prepare_data.py --from ../shared/data``; errors propagate.
+
+    Run it through the tool, which ends bad input in one line
+    (``tfmeta.cli.errors.run_tool``; this module stands below ``cli/`` in
+    docs/design.md's floors, so it has no ``python -m tfmeta.prepare``).
+    """
     parser = argparse.ArgumentParser(
         prog="prepare_data.py",
         description="Prepare TFDS datasets offline from local archives.",
@@ -414,4 +420,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The command line is tools/prepare_data.py's: it ends bad input in one line,
+    # with tfmeta.cli, which this module may not import (docs/design.md's floors).
+    print("python -m tfmeta.prepare is no command: run python tools/prepare_data.py with the same "
+          "arguments (e.g. --from ../shared/data)", file=sys.stderr)
+    sys.exit(2)

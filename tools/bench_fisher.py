@@ -125,7 +125,7 @@ def run(argv):
 
 def main(argv=None):
     """Bad input: one line on stderr, exit code 2; Ctrl-C: one line, 130 (tfmeta.cli.errors)."""
-    return errors.run_tool(PROG, run, argv)
+    return errors.run_tool(PROG, run, argv, script=__file__)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ The datasets must be prepared offline first
 
 import argparse
 import contextlib
-import inspect
 import os
 import pathlib
 import sys
@@ -35,18 +34,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROG = "complexity.py"
 EXPERIMENTS = ("relabel", "reachability", "ranking", "kramers", "prediction")
-
-
-def checkpoints_cells(experiment):
-    """Whether the gin-selected `experiment` writes its cells to results.json as they finish.
-
-    Those take `resume` (relabel, kramers, prediction), as `tfmeta.complexity.run` checks.
-    """
-    function = getattr(getattr(experiment, "configurable", None), "wrapped", None)
-    try:
-        return "resume" in inspect.signature(inspect.unwrap(function)).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def run(argv):
@@ -72,6 +59,7 @@ def run(argv):
 
     import tfmeta.configurables  # noqa: F401  (registers the experiments with gin)
     from tfmeta.cli import errors, ginconfig
+    from tfmeta.experiments import complexity_run
     from tfmeta.validation import ConfigError
 
     bindings = list(args.gin_param)
@@ -83,7 +71,10 @@ def run(argv):
     if not ginconfig.is_bound("tfmeta.complexity.run.experiment"):
         raise ConfigError("no experiment selected: bind it in the gin file (e.g. 'run.experiment = "
                           "@relabel_experiment') or pass --experiment.")
-    experiment = ginconfig.query("tfmeta.complexity.run.experiment")
+    # The bound function (gin holds a reference to it; its selector names it).
+    reference = ginconfig.query("tfmeta.complexity.run.experiment")
+    selector = getattr(reference, "selector", None)
+    experiment = gin.get_configurable(selector) if selector else reference
     if args.output_dir:
         output_dir = args.output_dir
     elif args.gin_file:
@@ -91,7 +82,8 @@ def run(argv):
     else:
         output_dir = os.path.join("runs", f"complexity_{args.experiment}")
     began = time.perf_counter()
-    saved = errors.resumable(output_dir) if checkpoints_cells(experiment) else contextlib.nullcontext()
+    resumable = complexity_run.checkpoints_cells(experiment)
+    saved = errors.resumable(output_dir) if resumable else contextlib.nullcontext()
     with saved:
         # The gin-configured `run` (the plain function would see no bindings).
         gin.get_configurable("tfmeta.complexity.run")(output_dir, resume=args.resume)
@@ -107,7 +99,7 @@ def main(argv=None):
     """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
     from tfmeta.cli import errors
 
-    return errors.run_tool(PROG, run, argv)
+    return errors.run_tool(PROG, run, argv, script=__file__)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def main(argv=None):
     """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
     from tfmeta.cli import errors
 
-    return errors.run_tool(PROG, run, argv)
+    return errors.run_tool(PROG, run, argv, script=__file__)
 
 
 if __name__ == "__main__":

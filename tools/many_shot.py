@@ -115,6 +115,9 @@ def validation_lines(results, gin_names):
     for method, rate in best.items():
         where = f"gin/many_shot_{gin_names[method]}.gin" if method in gin_names else "its gin file"
         lines.append(f"- {method}: `Benchmark.finetune_lr = {rate:g}` in {where}")
+    for method, why in many_shot.incomplete(results).items():
+        lines.append(f"- {method}: no rate chosen, incomplete: {why} (continue the run with --resume); "
+                     "left out of the tables below")
     return lines + [""], best
 
 
@@ -122,7 +125,8 @@ def report(results, out, figure=None, log=print, validation=False, gin_names=Non
     """Write summary.md and the convergence PNG(s) of `results`; print the summary.
 
     A validation run gets the rate tables and each method's best rate first,
-    then the benchmark's tables at those rates. Otherwise each method is
+    then the benchmark's tables at those rates (an incomplete method, given
+    no rate, is listed and left out of them). Otherwise each method is
     shown at `configured_rates[method]` (its gin file's Benchmark.finetune_lr)
     where it has cells at that rate, and flagged where it has none.
     """
@@ -132,7 +136,9 @@ def report(results, out, figure=None, log=print, validation=False, gin_names=Non
     rates, configured_rates = many_shot.rates_of(results), configured_rates or {}
     if validation:
         lines, best = validation_lines(results, gin_names or {})
-        results = many_shot.at_rates(results, best)
+        # A method given no rate (incomplete) has cells at several: the tables need one.
+        picked = many_shot.at_rates(results, best)
+        results = {**picked, "cells": {k: c for k, c in picked["cells"].items() if c["method"] in best}}
     else:
         lines = [f"**Note**: the {method} cells were fine-tuned at lr {', '.join(f'{r:g}' for r in found)}; "
                  f"its gin file says {configured_rates[method]:g}: re-run them."
@@ -141,9 +147,10 @@ def report(results, out, figure=None, log=print, validation=False, gin_names=Non
         chosen = {m: r for m, r in configured_rates.items() if r in rates.get(m, ())}
         results = many_shot.at_rates(results, chosen)
         lines += [""] if lines else []
-    text = "\n".join(lines + benchmark_lines(results)) + "\n"
+    shown = bool(results["cells"])  # no cells: no method of a validation run has a rate chosen yet
+    text = "\n".join(lines + (benchmark_lines(results) if shown else [])) + "\n"
     atomic.write_text(out / "summary.md", text)
-    for path in {out / "convergence.png", *([pathlib.Path(figure)] if figure else [])}:
+    for path in {out / "convergence.png", *([pathlib.Path(figure)] if figure else [])} if shown else ():
         many_shot.plot_convergence(results, path, title=f"{out.name}: {len(results['cells'])} cells")
     log(text)
 
@@ -223,7 +230,7 @@ def main(argv=None):
     """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
     from tfmeta.cli import errors
 
-    return errors.run_tool(PROG, run, argv)
+    return errors.run_tool(PROG, run, argv, script=__file__)
 
 
 if __name__ == "__main__":

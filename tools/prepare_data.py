@@ -25,7 +25,7 @@ PROG = "prepare_data.py"
 
 def main(argv=None):
     """Bad input: one line on stderr, exit code 2 (tfmeta.cli.errors)."""
-    return errors.run_tool(PROG, prepare.main, argv)
+    return errors.run_tool(PROG, prepare.main, argv, script=__file__)
 
 
 if __name__ == "__main__":

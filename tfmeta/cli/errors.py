@@ -6,7 +6,7 @@ traceback). Operating-system errors from deep inside a write (a full disk, a
 file-size limit, a read-only folder) carry no advice of their own;
 `describe` adds it. `explain_gin_error` does the same for gin's parse errors.
 
-`run_tool(prog, run, argv)` is every tool's entry point around its `run(argv)`:
+`run_tool(prog, run, argv, script=__file__)` is every tool's entry point around its `run(argv)`:
 bad input is `report`ed, Ctrl-C ends in one line with exit code 130, and
 inside `resumable(directory)` (an experiment that writes each cell as it
 finishes) that line says where the cells are and the command that continues.
@@ -21,7 +21,7 @@ Example::
         return 0
 
     def main(argv=None):
-        return errors.run_tool("many_shot.py", run, argv)
+        return errors.run_tool("many_shot.py", run, argv, script=__file__)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import contextlib
 import difflib
 import errno
 import inspect
+import os
 import re
 import shlex
 import sys
@@ -81,23 +82,40 @@ def resumable(directory):
         raise Stopped(directory, unwrap(stop) if isinstance(stop, Interrupted) else None) from stop
 
 
-def continue_command(argv, program=None):
-    """The command line that continues an interrupted experiment run with `argv`, and a note.
+def continue_command(argv, program=None, prog="tool.py"):
+    """The command line that continues an interrupted run with `argv`, and a note.
 
     The same arguments with ``--resume`` and without ``--overwrite`` (which
     would start over); the note says so when ``--overwrite`` was dropped.
+    `program` is the tool's script (`__file__`), written as the user typed it
+    when that is what runs; without it, the running script (`sys.argv[0]`:
+    ``python x.py``, or a console script by its name), else ``tools/<prog>``.
 
     Example::
 
         continue_command(["--seeds", "0", "--overwrite"], "tools/many_shot.py")
         # ("python tools/many_shot.py --seeds 0 --resume", " instead of --overwrite")
     """
-    program = program or (sys.argv[0] if sys.argv and sys.argv[0] else "tool.py")
     kept = [arg for arg in argv if not _spells(arg, "--overwrite")]
     note = " instead of --overwrite" if len(kept) < len(argv) else ""
     if not any(_spells(arg, "--resume") for arg in kept):
         kept.append("--resume")
-    return shlex.join(["python", program, *kept]), note
+    return shlex.join([*_command_head(program, prog), *kept]), note
+
+
+def _command_head(program, prog):
+    typed = sys.argv[0] if sys.argv else ""
+    if program is None:
+        if typed.endswith(".py"):
+            return ["python", typed]
+        if os.path.isfile(typed):  # a console script (tfmeta-train): on PATH by its name
+            return [os.path.basename(typed)]
+        # `python -c ...` or an embedding: the tool's script by its usual place.
+        return ["python", f"tools/{prog}"] if prog.endswith(".py") else [prog]
+    if os.path.isfile(typed) and os.path.isfile(program) and os.path.samefile(typed, program):
+        return ["python", typed]
+    relative = os.path.relpath(program)  # __file__ is absolute: shorter from the working folder
+    return ["python", program if relative.startswith("..") else relative]
 
 
 def _spells(arg, flag):
@@ -105,29 +123,31 @@ def _spells(arg, flag):
     return len(arg) > 3 and flag.startswith(arg)
 
 
-def _interrupted_line(stop, argv):
+def _interrupted_line(stop, argv, script, prog):
     if isinstance(stop, KeyboardInterrupt):
         return "interrupted"
     if isinstance(stop, Interrupted):
         return unwrap(stop).message
-    command, note = continue_command(argv)
+    command, note = continue_command(argv, script, prog)
     during = f"; the cell in progress was {stop.during.message}" if stop.during else ""
     return (f"interrupted; finished cells are saved in {stop.directory}{during}; continue with the "
             f"same command and --resume{note}: {command}")
 
 
-def run_tool(prog, run, argv=None):
+def run_tool(prog, run, argv=None, script=None, stopped=None):
     """`run(argv)`'s exit code, with bad input and Ctrl-C each ended by one line on stderr.
 
     Bad input (`expected()`) is `report`ed (exit code 2); Ctrl-C exits 130
     with "interrupted", and inside `resumable` with where the finished cells
-    are and the command that continues. Other errors are bugs: they
+    are and the command that continues (`continue_command` of `script`, the
+    tool's `__file__`). `stopped(stop, argv)`, when given, is that line
+    instead (the training job's own). Other errors are bugs: they
     propagate, traceback and all. With TFMETA_DEBUG=1 everything propagates.
 
     Example::
 
         def main(argv=None):
-            return errors.run_tool("cts_synthetic.py", run, argv)
+            return errors.run_tool("cts_synthetic.py", run, argv, script=__file__)
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -135,7 +155,8 @@ def run_tool(prog, run, argv=None):
     except (KeyboardInterrupt, Interrupted, Stopped) as stop:
         if debug_enabled():
             raise
-        print(f"{prog}: {_interrupted_line(stop, argv)}", file=sys.stderr)
+        line = stopped(stop, argv) if stopped else _interrupted_line(stop, argv, script, prog)
+        print(f"{prog}: {line}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - only bad input is reported in one line
         if not isinstance(error, expected()):

@@ -35,7 +35,6 @@ import inspect
 import os
 import pathlib
 import re
-import shlex
 import sys
 
 import gin
@@ -121,9 +120,16 @@ _OVERWRITE = re.compile(r"^\s*train\.overwrite\s*=")
 
 
 def resume_command(argv):
-    """The command line that continues the run of `argv`: the same, with --resume, without overwrite."""
-    program = sys.argv[0] if sys.argv and sys.argv[0] else PROG
-    head = ["python", program] if program.endswith(".py") else [os.path.basename(program)]
+    """The command line that continues the run of `argv`: the same, with --resume, without overwrite.
+
+    `errors.continue_command` with train's own rule: a `train.overwrite`
+    binding is dropped too (it would start over).
+
+    Example::
+
+        resume_command(["--gin_file", "gin/digits.gin", "--gin_param", "train.overwrite = True"])
+        # "python tools/train.py --gin_file gin/digits.gin --resume"
+    """
     kept, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
@@ -135,30 +141,25 @@ def resume_command(argv):
         if arg.startswith("--gin_param=") and _OVERWRITE.match(arg.split("=", 1)[1]):
             continue
         kept.append(arg)
-    if "--resume" not in kept:
-        kept.append("--resume")
-    return shlex.join(head + kept)
+    return errors.continue_command(kept, prog=PROG)[0]
+
+
+def _stopped_line(stop, argv):
+    if isinstance(stop, errors.Interrupted):
+        return f"{stop.message}: continue with: {resume_command(argv)}"
+    return "aborted; --resume continues from the newest checkpoint, if any."
+
+
+def _train_and_summarise(argv):
+    from tfmeta.cli.report import training_summary
+
+    print(training_summary(run(argv)))
+    return 0
 
 
 def main(argv=None):
-    """Command line entry: bad input prints one line and returns 2 (TFMETA_DEBUG=1: the traceback)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        results = run(argv)
-    except errors.Interrupted as stop:
-        print(f"{PROG}: {stop.message}: continue with: {resume_command(argv)}", file=sys.stderr)
-        return errors.EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print(f"{PROG}: aborted; --resume continues from the newest checkpoint, if any.", file=sys.stderr)
-        return errors.EXIT_INTERRUPTED
-    except Exception as error:  # noqa: BLE001 - only bad input is reported in one line
-        if not isinstance(error, errors.expected()):
-            raise
-        return errors.report(PROG, error)
-    from tfmeta.cli.report import training_summary
-
-    print(training_summary(results))
-    return 0
+    """Command line entry: bad input prints one line and returns 2 (TFMETA_DEBUG=1: the traceback); Ctrl-C 130."""
+    return errors.run_tool(PROG, _train_and_summarise, argv, stopped=_stopped_line)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import pathlib
@@ -27,7 +28,7 @@ import numpy as np
 
 from tfmeta import atomic
 
-__all__ = ["CellStore", "describe_recipe", "print_line", "run", "say", "write_outputs"]
+__all__ = ["CellStore", "checkpoints_cells", "describe_recipe", "print_line", "run", "say", "write_outputs"]
 
 
 def print_line(message):
@@ -142,6 +143,23 @@ class CellStore:
         return cell
 
 
+def checkpoints_cells(experiment) -> bool:
+    """Whether ``experiment`` writes its cells to results.json as they finish: it takes ``resume``.
+
+    Such experiments (relabel, kramers, prediction) continue with
+    ``resume=True``; gin's configured function counts as the function.
+
+    Example::
+
+        checkpoints_cells(relabel_experiment)        # True
+        checkpoints_cells(reachability_experiment)   # False
+    """
+    try:
+        return "resume" in inspect.signature(inspect.unwrap(experiment)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def run(output_dir, experiment: Optional[Callable] = None, resume: bool = False):
     """Run ``experiment`` (gin: ``run.experiment = @relabel_experiment``,
     ``@kramers_experiment``, ``@reachability_experiment``,
@@ -167,16 +185,8 @@ def run(output_dir, experiment: Optional[Callable] = None, resume: bool = False)
         )
     os.makedirs(output_dir, exist_ok=True)
     if resume:
-        import inspect
-
-        target = inspect.unwrap(experiment)
-        try:
-            accepts = "resume" in inspect.signature(target).parameters
-        except (TypeError, ValueError):
-            accepts = False
-        if not accepts:
-            raise ValueError(
-                f"--resume: {getattr(target, '__name__', experiment)} does not checkpoint its "
-                "cells; rerun it without --resume")
+        if not checkpoints_cells(experiment):
+            name = getattr(inspect.unwrap(experiment), "__name__", experiment)
+            raise ValueError(f"--resume: {name} does not checkpoint its cells; rerun it without --resume")
         return experiment(output_dir=output_dir, resume=True)
     return experiment(output_dir=output_dir)

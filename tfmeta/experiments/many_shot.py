@@ -86,6 +86,7 @@ __all__ = [
     "claims",
     "convergence",
     "finetune_rates",
+    "incomplete",
     "load_results",
     "plot_convergence",
     "rate_table",
@@ -251,7 +252,8 @@ class Benchmark:
                 f"between evaluations (budget / checkpoints = {self.budget} / "
                 f"{self.checkpoints}): training runs in Keras executions of {chunk} inner "
                 f"steps, so an evaluation would fall inside one. Choose steps_per_chunk "
-                f"dividing {per} (e.g. {math.gcd(per, chunk)}), or budget a multiple of "
+                f"dividing {per} (e.g. {next(d for d in range(min(chunk, per), 0, -1) if per % d == 0)}), "
+                f"or budget a multiple of "
                 f"checkpoints x lcm(inner_steps, steps_per_chunk) = "
                 f"{self.checkpoints * math.lcm(self.inner_steps, chunk)}."
             )
@@ -287,7 +289,12 @@ PER_METHOD = ("method", "kind", "config", "finetune_lr")
 
 def cell_key(method, seed, inner_steps, finetune_lr):
     """The results.json key of one cell, e.g. `cell_key("cts", 0, 4000, 0.03)` -> `"cts/seed0/4000/lr0.03"`."""
-    return f"{method}/seed{seed}/{inner_steps}/lr{finetune_lr:g}"
+    return f"{method}/seed{seed}/{inner_steps}/{_rate_label(finetune_lr)}"
+
+
+def _rate_label(rate):
+    # 6 significant digits: the keys of every results.json so far (lr0.1, lr0.03).
+    return f"lr{rate:g}"
 
 
 def cell_settings(bench, method):
@@ -309,14 +316,8 @@ def initial_model(bench, num_classes, seed):
 
 
 def chunks_per_checkpoint(bench, steps_per_chunk):
-    """Task batches (train steps) between two evaluations."""
-    per = bench.budget // bench.checkpoints
-    if per % steps_per_chunk:
-        raise ConfigError(
-            f"steps_per_chunk={steps_per_chunk} does not divide the {per} inner steps "
-            "between evaluations: choose a divisor."
-        )
-    return per // steps_per_chunk
+    """Task batches (train steps) between two evaluations (`Benchmark` makes them whole)."""
+    return bench.budget // bench.checkpoints // steps_per_chunk
 
 
 class _Snapshots(keras.callbacks.Callback):
@@ -440,6 +441,11 @@ def load_results(path):
         results = load_results("docs/figures/many_shot_results.json")
         print(table(results))
     """
+    return _read_results(path)[0]
+
+
+def _read_results(path):
+    """`(load_results(path), whether it was of the older layout)`, reading the file once."""
     path = pathlib.Path(path)
     try:
         results = json.loads(path.read_text())
@@ -448,14 +454,14 @@ def load_results(path):
             f"{path} cannot be read as JSON ({error}): pass the results.json of a many-shot run."
         ) from None
     if isinstance(results, dict) and results.get("experiment") == EXPERIMENT:
-        return results
+        return results, False
     if isinstance(results, dict) and set(results) == {"settings", "cells"}:
         shared, cells = results["settings"], {}
         for cell in results["cells"].values():
             settings = {**shared, "method": cell["method"], "kind": cell["kind"], "config": cell["config"]}
             key = cell_key(cell["method"], cell["seed"], cell["inner_steps"], shared["finetune_lr"])
             cells[key] = {**cell, "finetune_lr": shared["finetune_lr"], "settings": settings}
-        return {"experiment": EXPERIMENT, "partial": True, "cells": cells}
+        return {"experiment": EXPERIMENT, "partial": True, "cells": cells}, True
     raise ConfigError(
         f"{path} is not a results.json of tools/many_shot.py (no \"experiment\": {EXPERIMENT!r}): "
         "pass another --output_dir."
@@ -465,6 +471,9 @@ def load_results(path):
 def finetune_rates(bench, finetune_lrs=None):
     """The fine-tuning rates to evaluate: `finetune_lrs`, or `(bench.finetune_lr,)` when None.
 
+    Rates whose cells would share a key (`cell_key` writes 6 significant
+    digits, e.g. 0.1234567 and 0.1234568) are refused.
+
     Example::
 
         finetune_rates(Benchmark(), [0.1, 0.03])   # (0.1, 0.03)
@@ -473,6 +482,14 @@ def finetune_rates(bench, finetune_lrs=None):
     if not rates or any(not np.isfinite(r) or r <= 0 for r in rates) or len(set(rates)) < len(rates):
         raise ConfigError(
             f"finetune_lrs={list(rates)} must be distinct numbers > 0, e.g. --finetune_lrs 0.1 0.03 0.01."
+        )
+    labels = [_rate_label(r) for r in rates]
+    shared = {label: [r for r in rates if _rate_label(r) == label] for label in labels if labels.count(label) > 1}
+    if shared:
+        raise ConfigError(
+            "finetune_lrs " + "; ".join(f"{' and '.join(map(repr, same))} would share the cell key {label}"
+                                        for label, same in shared.items())
+            + " (keys hold 6 significant digits): choose rates that differ within them, e.g. 0.1 0.03 0.01."
         )
     return rates
 
@@ -528,17 +545,18 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
     `finetune_lrs` (default: `bench.finetune_lr` alone). `resume` keeps the
     cells already there, which must have been computed with the same
     settings (`check_settings`, before any training); a file of the older
-    layout is converted in place first (`load_results`).
+    layout is then converted in place (`load_results`): a refused resume
+    leaves the file as it was.
     """
     rates = finetune_rates(bench, finetune_lrs)
     out = pathlib.Path(output_dir)
     path = out / "results.json"
     if resume and path.is_file():
-        previous = load_results(path)
-        if "experiment" not in json.loads(path.read_text()):
+        previous, older = _read_results(path)
+        check_settings(bench, methods, seeds, previous["cells"], rates, path)
+        if older:
             atomic.write_text(path, json.dumps(previous, indent=1))
             log(f"{path}: converted to per-cell settings ({len(previous['cells'])} cells kept)")
-        check_settings(bench, methods, seeds, previous["cells"], rates, path)
     store = CellStore(out, EXPERIMENT, resume=resume)
     for seed in seeds:
         for method in methods:
@@ -620,23 +638,55 @@ def _final_cells(results):
     return final
 
 
-def _seed_means(results, metric):
-    """`{method: {rate: {seed: mean over targets of metric}}}` at each method's last checkpoint."""
+def _last_steps(results):
+    """`{method: inner steps of its last checkpoint}` (the largest of its cells, over all its rates)."""
     last = {}
     for cell in results["cells"].values():
         last[cell["method"]] = max(last.get(cell["method"], 0), cell["inner_steps"])
+    return last
+
+
+def _seed_means(results, metric):
+    """`{method: {rate: {seed: mean over targets of metric}}}` at each method's last checkpoint.
+
+    Every rate of a method's cells is there: `{}` when it has no cell at that checkpoint.
+    """
+    last = _last_steps(results)
     means = {}
     for cell in results["cells"].values():
+        by_seed = means.setdefault(cell["method"], {}).setdefault(cell["finetune_lr"], {})
         if cell["inner_steps"] == last[cell["method"]]:
-            value = float(np.mean([s[metric] for s in cell["targets"].values()]))
-            means.setdefault(cell["method"], {}).setdefault(cell["finetune_lr"], {})[cell["seed"]] = value
+            by_seed[cell["seed"]] = float(np.mean([s[metric] for s in cell["targets"].values()]))
     return means
+
+
+def incomplete(results):
+    """`{method: why}`: methods whose rates cannot all be compared at their last checkpoint.
+
+    A rate with no cell there (an interrupted run: its cells stop at an
+    earlier checkpoint), or rates that share no seed there. `best_finetune_lr`
+    gives these methods no rate; resuming the run completes them.
+
+    Example::
+
+        incomplete(results)   # {"cts": "lr 0.01 has no cell at 4000 steps"}
+    """
+    last, out = _last_steps(results), {}
+    for method, by_rate in _seed_means(results, "test_accuracy").items():
+        missing = sorted((r for r, by_seed in by_rate.items() if not by_seed), reverse=True)
+        if missing:
+            out[method] = "; ".join(f"lr {r:g} has no cell at {last[method]} steps" for r in missing)
+        elif not set.intersection(*(set(by_seed) for by_seed in by_rate.values())):
+            out[method] = f"its rates share no seed at {last[method]} steps"
+    return out
 
 
 def rate_table(results, metric="test_accuracy"):
     """Markdown: per method, the mean over targets of `metric` at each fine-tuning rate, mean ± std over seeds.
 
-    Each entry is at the method's last checkpoint and says how many seeds it has.
+    Each entry is at the method's last checkpoint and says how many seeds it
+    has; "incomplete" where the method has cells at that rate but none there
+    (`incomplete`), "-" where it has none at all.
 
     Example::
 
@@ -646,8 +696,8 @@ def rate_table(results, metric="test_accuracy"):
     rates = sorted({r for by_rate in means.values() for r in by_rate}, reverse=True)
     lines = ["| method | " + " | ".join(f"lr {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
     for method, by_rate in means.items():
-        row = [f"{_mean_std(list(by_rate[r].values()))} ({len(by_rate[r])})" if r in by_rate else "-"
-               for r in rates]
+        row = [f"{_mean_std(list(by_rate[r].values()))} ({len(by_rate[r])})" if by_rate.get(r) else
+               "incomplete" if r in by_rate else "-" for r in rates]
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -658,7 +708,8 @@ def best_finetune_lr(results):
     The mean is over targets and seeds at the method's last checkpoint, over
     the seeds that every one of its rates has (a partial run compares like
     with like); a tie goes to the lower mean training-loss AUC. Methods
-    whose rates share no seed are left out. Results meta-tested on any of
+    that are `incomplete` (a rate without a cell at that checkpoint, or
+    rates that share no seed there) are left out. Results meta-tested on any of
     the benchmark's `TARGETS` are refused: the rate is chosen on sources only.
 
     Example::
@@ -672,11 +723,11 @@ def best_finetune_lr(results):
             "would tune on the targets; choose it on the source-only split (tools/many_shot.py --validation)."
         )
     accuracy, auc = _seed_means(results, "test_accuracy"), _seed_means(results, "loss_auc")
-    best = {}
+    best, left_out = {}, incomplete(results)
     for method, by_rate in accuracy.items():
-        seeds = set.intersection(*(set(by_seed) for by_seed in by_rate.values()))
-        if not seeds:
+        if method in left_out:
             continue
+        seeds = set.intersection(*(set(by_seed) for by_seed in by_rate.values()))
 
         def score(rate):
             return (float(np.mean([by_rate[rate][s] for s in seeds])),
