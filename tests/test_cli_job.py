@@ -3,6 +3,8 @@
 import dataclasses
 import inspect
 import json
+import logging
+import types
 
 import keras
 import numpy as np
@@ -214,3 +216,43 @@ def test_execution_size_is_the_largest_divisor_not_above_steps_per_execution():
             assert steps % size == 0 and size <= per_call, (steps, per_call)
             # no larger divisor fits
             assert not [d for d in range(size + 1, per_call + 1) if steps % d == 0], (steps, per_call)
+
+
+def test_execution_size_lives_beside_the_fit_check_and_needs_a_step():
+    assert tfmeta.checkpoint.execution_size is tfmeta.replicas.execution_size
+    for steps in (0, -3):
+        with pytest.raises(ValueError, match=f"execution_size\\(steps={steps}\\): .* steps >= 1"):
+            tfmeta.checkpoint.execution_size(steps, 4)
+
+
+class _FitRecorder:
+    """Stands in for a MetaModel: records each fit's steps and execution size."""
+
+    def __init__(self, steps_per_execution):
+        self.steps_per_execution = steps_per_execution
+        self.fits = []
+
+    def fit(self, dataset, *, steps_per_epoch, initial_epoch, epochs, callbacks):
+        self.fits.append((steps_per_epoch, self.steps_per_execution))
+        return types.SimpleNamespace(history={"loss": [0.0] * (epochs - initial_epoch)})
+
+
+def test_resumable_fit_logs_one_line_when_it_lowers_the_execution_size(caplog):
+    # 24 steps in 2 epochs resumed at step 3 under 5 per execution: the rest of
+    # epoch 0 (9 steps) in executions of 3, epoch 1 (12 steps) in executions of 4.
+    meta = _FitRecorder(5)
+    with caplog.at_level(logging.INFO, logger="tfmeta.checkpoint"):
+        tfmeta.checkpoint.resumable_fit(meta, lambda begin: None, total_steps=24, epochs=2, start=3)
+    assert meta.fits == [(9, 3), (12, 4)] and meta.steps_per_execution == 5
+    assert [r.getMessage() for r in caplog.records if r.name == "tfmeta.checkpoint"] == [
+        "steps_per_execution=5 does not divide this fit's 9 train steps per epoch: "
+        "running executions of 3 instead.",
+        "steps_per_execution=5 does not divide this fit's 12 train steps per epoch: "
+        "running executions of 4 instead.",
+    ]
+    caplog.clear()
+    meta = _FitRecorder(4)  # divides both fits: nothing to say
+    with caplog.at_level(logging.INFO, logger="tfmeta.checkpoint"):
+        tfmeta.checkpoint.resumable_fit(meta, lambda begin: None, total_steps=24, epochs=2, start=4)
+    assert meta.fits == [(8, 4), (12, 4)]
+    assert not [r for r in caplog.records if r.name == "tfmeta.checkpoint"]

@@ -614,7 +614,13 @@ def test_meta_model_hands_its_heads_to_the_inner_loop_explicitly():
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                  learner=Reptile(), inner_steps=K)
     assert meta.heads is heads and meta.inner_loop.heads is heads
-    plain = InnerLoop(net, mean_loss("mse"), Reptile(), keras.optimizers.SGD(ALPHA))
+    # An InnerLoop built on that model without heads= would step the heads at
+    # the body's step count: refused, not looked up.
+    with pytest.raises(ConfigError, match="this model's heads are TaskHeads, so pass heads="):
+        InnerLoop(net, mean_loss("mse"), Reptile(), keras.optimizers.SGD(ALPHA))
+    assert InnerLoop(net, mean_loss("mse"), Reptile(), keras.optimizers.SGD(ALPHA),
+                     heads=heads).heads is heads
+    plain = InnerLoop(make_net(), mean_loss("mse"), Reptile(), keras.optimizers.SGD(ALPHA))
     assert plain.heads is None
     assert not hasattr(tfmeta.heads, "head_trainer")
 

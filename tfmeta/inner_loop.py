@@ -29,6 +29,7 @@ import logging
 import keras
 import tensorflow as tf
 
+from tfmeta.heads import head_meta_learned
 from tfmeta.learners.base import MetaLearner
 from tfmeta.replicas import task_loss
 from tfmeta.task_batched import TaskBatchedStep, finish_task_step, quiet_pfor, why_not_batched
@@ -99,7 +100,10 @@ class InnerLoop:
         heads: the `tfmeta.TaskHeads` bound to `model` (`MetaModel` passes its
             own), or None. With a schedule that keeps the inner optimizer's
             state over restarts, the heads' entries step at the heads' own
-            step count (`TaskHeads.own_step_count`).
+            step count (`TaskHeads.own_step_count`). A model whose head a
+            TaskHeads is bound to (`tfmeta.heads.head_meta_learned` False)
+            needs it: None is a ConfigError, since the heads would step at
+            the body's step count.
     """
 
     model: keras.Model
@@ -115,6 +119,12 @@ class InnerLoop:
     heads: object | None = None
 
     def __post_init__(self):
+        if self.heads is None and not head_meta_learned(self.model):
+            raise ConfigError(
+                f"InnerLoop on {self.model.name!r}, whose head is bound to a tfmeta.TaskHeads "
+                "(not meta-learned): this model's heads are TaskHeads, so pass heads=<that "
+                "TaskHeads> (MetaModel does); without it they would step at the body's step count."
+            )
         self.vectorize = check_vectorize(self.vectorize)
         self._batched = self._not_batched = None
         if self.vectorize:

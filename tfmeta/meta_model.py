@@ -11,9 +11,10 @@ non-trainable state such as BatchNorm statistics and seeds, learner
 accumulators, the position in the trajectory), so Keras
 `steps_per_execution` fuses many chunks into one call and checkpoints
 capture everything. Keras runs whole executions, so `fit` refuses a
-`steps_per_epoch` that is not a multiple of `steps_per_execution`
-(`tfmeta.replicas.check_whole_executions`): the last execution would run train steps past
-the epoch's end.
+`steps_per_epoch` that is not a multiple of `steps_per_execution` unless the
+stream is known to end within the epoch
+(`tfmeta.replicas.check_whole_executions`): the last execution would run
+train steps past the epoch's end.
 
 Task batch format (what `fit` consumes): `(x, y)` with
 `x.shape == [T, S, B, *input_shape]` and `y.shape == [T, S, B, *label_shape]`:
@@ -70,10 +71,14 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
     With `steps_per_execution=N` (a `compile` argument), `fit`'s
     `steps_per_epoch` must be a multiple of N: Keras runs every execution
     whole, so `steps_per_epoch=10` with N=4 would run 12 train steps per
-    epoch (more inner steps, and maybe meta-updates, than asked). `fit` raises a
-    `ConfigError` before any step instead; a stream that ends within the
-    epoch (a finite dataset of at most `steps_per_epoch` task batches, or no
-    `steps_per_epoch`) runs exactly its task batches and is accepted.
+    epoch on an endless stream (more inner steps, and maybe meta-updates,
+    than asked). `fit` raises a `ConfigError` before any step instead. It
+    accepts what Keras runs exactly: no `steps_per_epoch`, or a stream of
+    known length (a dataset's `cardinality()`, arrays) of at most
+    `steps_per_epoch` task batches. A stream of unknown length (after
+    `filter`, `flat_map`, `from_generator`) is refused too, naming its
+    fixes: `ds.apply(tf.data.experimental.assert_cardinality(n))` if it
+    ends within the epoch, else a multiple of N.
 
     Example:
         >>> net = keras.Sequential([keras.Input((28, 28, 1)), ...,
@@ -406,36 +411,49 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         return tasks, position, length
 
     # ------------------------------------------------------------------ fit
-    def fit(self, x=None, y=None, *args, shuffle=False, **kwargs):
+    def fit(self, *args, **kwargs):
         """`keras.Model.fit` on a stream of task batches (never shuffled).
 
         The chunks of a trajectory must arrive in order, so `shuffle` must stay
-        False: task distributions shuffle tasks and examples themselves. The
-        task batches are checked against the model and the loss first
-        (`tfmeta.validation`). Under a strategy with R replicas, a
-        `tf.data.Dataset` of task batches is split along the task axis
-        (`tfmeta.distribute.distribute_task_batches`): T must be a multiple
-        of R. A `tfmeta.divergence.DivergenceGuard` is added to the callbacks
-        (unless one is there): training stops with `DivergenceError` when
-        every task of a meta-update diverged. `steps_per_epoch` must be a
-        multiple of `steps_per_execution` (`replicas.check_whole_executions`).
+        False: task distributions shuffle tasks and examples themselves. A
+        task stream (a `tf.data.Dataset`) carries its labels and batch size
+        and has no example weights: `y`, `batch_size`, `sample_weight` and
+        `class_weight` with one are a `ConfigError` (Keras would drop them
+        under a strategy). The task batches are checked against the model
+        and the loss first (`tfmeta.validation`). Under a strategy with R
+        replicas, a `tf.data.Dataset` of task batches is split along the
+        task axis (`tfmeta.distribute.distribute_task_batches`): T must be
+        a multiple of R. A `tfmeta.divergence.DivergenceGuard` is added to
+        the callbacks (unless one is there): training stops with
+        `DivergenceError` when every task of a meta-update diverged.
+        `steps_per_epoch` must be a multiple of `steps_per_execution` unless
+        the stream is known to end within the epoch
+        (`replicas.check_whole_executions`). Arguments count by position or
+        name, as in `keras.Model.fit`.
         """
-        if shuffle:
+        arguments = replicas.fit_arguments(self, *args, **kwargs)
+        if arguments.setdefault("shuffle", False):
             raise ConfigError(
                 "MetaModel.fit consumes each trajectory's chunks in order: leave "
                 "shuffle=False and let the task distribution shuffle tasks."
             )
-        replicas.check_fit_executions(self, x, kwargs)
-        callbacks = kwargs.get("callbacks")
+        x = arguments.get("x")
+        if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+            _check_stream_arguments(arguments)
+        replicas.check_fit_executions(self, arguments)
+        callbacks = arguments.get("callbacks")
         if callbacks is None or isinstance(callbacks, (list, tuple)):
             callbacks = list(callbacks or [])
             if not any(isinstance(c, DivergenceGuard) for c in callbacks):
                 callbacks.append(DivergenceGuard())
-            kwargs["callbacks"] = callbacks
-        validation.check_task_batches(self.model, getattr(self, "task_loss", None), x, y)
-        if "validation_data" in kwargs:
-            kwargs["validation_data"] = without_autotuning(kwargs["validation_data"])
-        return super().fit(without_autotuning(x), y, *args, shuffle=False, **kwargs)
+            arguments["callbacks"] = callbacks
+        validation.check_task_batches(
+            self.model, getattr(self, "task_loss", None), x, arguments.get("y")
+        )
+        if "validation_data" in arguments:
+            arguments["validation_data"] = without_autotuning(arguments["validation_data"])
+        arguments["x"] = without_autotuning(x)
+        return super().fit(**arguments)
 
     def steps_for(self, meta_updates, steps_per_chunk=None):
         """How many task-batch chunks (train steps) `meta_updates` meta-updates take.
@@ -456,4 +474,27 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         raise NotImplementedError(
             "MetaModel has no test_step: evaluate an initialization by fine-tuning "
             "it on held-out tasks (tfmeta.finetune)."
+        )
+
+
+_NO_WEIGHTS = ("meta-training weighs no examples (a task batch's third element is its task "
+               "ids, for TaskHeads)")
+#: `fit` arguments a task stream makes meaningless, and why.
+_STREAM_CARRIES = {
+    "y": "the task batches carry their labels ((x, y) or (x, y, task_ids))",
+    "batch_size": "the task batches carry their B examples per inner step (the task "
+                  "distribution's batch_size)",
+    "sample_weight": _NO_WEIGHTS,
+    "class_weight": _NO_WEIGHTS,
+}
+
+
+def _check_stream_arguments(arguments):
+    """Refuse `fit` arguments that a stream of task batches makes meaningless (`_STREAM_CARRIES`)."""
+    given = [name for name in _STREAM_CARRIES if arguments.get(name) is not None]
+    if given:
+        name = given[0]
+        raise ConfigError(
+            f"MetaModel.fit got {name}= with a stream of task batches, which Keras would "
+            f"ignore or misread: {_STREAM_CARRIES[name]}. Leave {name} out."
         )

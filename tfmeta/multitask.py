@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.heads import features_model, find_head
-from tfmeta.replicas import check_fit_executions
+from tfmeta.replicas import check_fit_executions, fit_arguments
 from tfmeta.task_heads import UNUSED_CLASS_BIAS
 from tfmeta.validation import ConfigError
 
@@ -97,16 +97,19 @@ class MultiTaskModel(keras.Model):
         logits = tf.einsum("nf,nfc->nc", features, kernel)
         return logits + tf.gather(self.heads_bias + self._mask, task_ids)
 
-    def fit(self, x=None, y=None, *args, **kwargs):
+    def fit(self, *args, **kwargs):
         """`keras.Model.fit`; `steps_per_epoch` must be a multiple of `steps_per_execution`.
 
         Keras runs whole executions: with `steps_per_execution=4`,
-        `steps_per_epoch=10` on a longer stream would run 12 multi-task steps
-        an epoch. `fit` raises a `ConfigError` before any step instead
-        (`tfmeta.replicas.check_whole_executions`, as `MetaModel.fit` does).
+        `steps_per_epoch=10` on an endless stream would run 12 multi-task
+        steps an epoch. `fit` raises a `ConfigError` before any step instead
+        (`tfmeta.replicas.check_whole_executions`, as `MetaModel.fit` does),
+        unless the stream is known to end within the epoch. Arguments count
+        by position or name, as in `keras.Model.fit`.
         """
-        check_fit_executions(self, x, kwargs, overrun=_OVERRUN)
-        return super().fit(x, y, *args, **kwargs)
+        arguments = fit_arguments(self, *args, **kwargs)
+        check_fit_executions(self, arguments, overrun=_OVERRUN)
+        return super().fit(**arguments)
 
     def train_step(self, data):
         x, y, task_ids = keras.utils.unpack_x_y_sample_weight(data)

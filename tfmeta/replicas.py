@@ -16,7 +16,7 @@ shard of a global batch), the build on the replicas' averaged first batch
 across workers (`worker_logs`), the length of a distributed finite stream
 (`SplitTaskBatches.fit`), and the check that Keras' whole executions of
 `steps_per_execution` train steps end with the epoch (`check_fit_executions`,
-also `MultiTaskModel`'s).
+also `MultiTaskModel`'s; `execution_size`, the largest execution that does).
 
 Example (what `MetaModel` does)::
 
@@ -28,11 +28,12 @@ Example (what `MetaModel` does)::
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 
 import keras
 import tensorflow as tf
-from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
 
 from tfmeta.distribute import distribute_task_batches
 from tfmeta.validation import ConfigError
@@ -45,7 +46,9 @@ __all__ = [
     "check_created_in_scope",
     "check_fit_executions",
     "check_whole_executions",
+    "execution_size",
     "finite_sum",
+    "fit_arguments",
     "first_task",
     "in_strategy",
     "local_variable",
@@ -180,24 +183,38 @@ def worker_logs(logs, strategy):
     return logs
 
 
-def batches_per_pass(x, batch_size=None, steps_per_epoch=None):
-    """How many task batches one pass over `x` gives, counted as Keras' data adapters do.
+def fit_arguments(model, *args, **kwargs):
+    """The arguments of the call `model.fit(*args, **kwargs)` by name, as `keras.Model.fit` binds them.
 
-    None when the stream is infinite or its length unknown (a repeated or
-    filtered `tf.data.Dataset`, a generator, a distributed dataset).
+    Positional arguments get their names (x, y, batch_size, epochs, ...);
+    arguments left out are absent. A name `fit` does not take is Python's
+    TypeError, as in `keras.Model.fit`.
 
     Example::
 
-        batches_per_pass(dataset.take(10))                           # 10
-        batches_per_pass(np.zeros((100, 5, 2, 3, 4)), batch_size=8)  # 13
+        fit_arguments(meta, stream, None, None, 3)
+        # {'x': stream, 'y': None, 'batch_size': None, 'epochs': 3}
+    """
+    bound = inspect.signature(keras.Model.fit).bind(model, *args, **kwargs)
+    return {name: value for name, value in bound.arguments.items() if name != "self"}
+
+
+def _stream_length(x, batch_size=None, steps_per_epoch=None):
+    """Task batches per pass over `x`, `tf.data.INFINITE_CARDINALITY` or `tf.data.UNKNOWN_CARDINALITY`.
+
+    Counted as Keras' data adapters count (a distributed dataset's
+    `cardinality` is a number, as `TFDatasetAdapter` reads it). A stream
+    that is neither a dataset nor arrays (a generator, ...) has an unknown
+    length.
     """
     if isinstance(x, tf.data.Dataset):
-        size = int(x.cardinality())
-        return size if size >= 0 else None
+        return int(x.cardinality())
+    if isinstance(x, tf.distribute.DistributedDataset):
+        return int(x.cardinality)
     leaves = tf.nest.flatten(x) if x is not None else []
     shape = getattr(leaves[0], "shape", None) if leaves else None
     if shape is None or len(shape) == 0 or shape[0] is None:
-        return None
+        return int(tf.data.UNKNOWN_CARDINALITY)
     examples = int(shape[0])
     if not batch_size:
         # Keras' ArrayDataAdapter: split into `steps_per_epoch` batches, else 32 a batch.
@@ -205,8 +222,45 @@ def batches_per_pass(x, batch_size=None, steps_per_epoch=None):
     return math.ceil(examples / batch_size)
 
 
+def batches_per_pass(x, batch_size=None, steps_per_epoch=None):
+    """How many task batches one pass over `x` gives, counted as Keras' data adapters do.
+
+    None when the stream is infinite or its length unknown (a repeated or
+    filtered `tf.data.Dataset`, a generator).
+
+    Example::
+
+        batches_per_pass(dataset.take(10))                           # 10
+        batches_per_pass(np.zeros((100, 5, 2, 3, 4)), batch_size=8)  # 13
+    """
+    size = _stream_length(x, batch_size, steps_per_epoch)
+    return size if size >= 0 else None
+
+
 #: What the train steps past the epoch are, in a MetaModel.
 META_OVERRUN = "more inner steps, and maybe meta-updates, than asked"
+
+
+def execution_size(steps, steps_per_execution):
+    """The largest number of train steps per execution, at most `steps_per_execution`, that divides `steps`.
+
+    Keras runs whole executions, so a fit of `steps` train steps per epoch
+    needs an execution size that divides them (`check_whole_executions`
+    refuses another, and suggests this one); the largest one makes the
+    fewest calls. `steps` must be >= 1 (ValueError).
+
+    Example::
+
+        execution_size(12, 5)   # 4: three executions of 4
+        execution_size(9, 10)   # 9: one execution
+        execution_size(7, 3)    # 1: 7 is prime
+    """
+    if steps < 1:
+        raise ValueError(
+            f"execution_size(steps={steps}): an epoch of train steps needs steps >= 1."
+        )
+    per_call = max(1, int(steps_per_execution or 1))
+    return next(size for size in range(min(per_call, steps), 0, -1) if steps % size == 0)
 
 
 def check_whole_executions(steps_per_epoch, steps_per_execution, batches=None,
@@ -216,18 +270,26 @@ def check_whole_executions(steps_per_epoch, steps_per_execution, batches=None,
     Keras' `fit` runs ceil(steps_per_epoch / steps_per_execution) executions
     of `steps_per_execution` train steps each, stopping early only where the
     data ends: with a stream longer than the epoch, the last execution runs
-    past `steps_per_epoch`, and every extra train step is a chunk of inner
-    steps, and meta-updates, nobody asked for. `batches` is the stream's
-    length (`batches_per_pass`, None: infinite or unknown); a stream of at
-    most `steps_per_epoch` batches ends first, so it passes. Without
-    `steps_per_epoch` Keras runs exactly the stream's batches: nothing to check.
-    `keras.config.max_steps_per_epoch()` caps the epoch as Keras does.
-    `overrun` says in the error what the extra train steps are.
+    past `steps_per_epoch` (to the rounded-up count, or the stream's end if
+    that comes first), and every extra train step is a chunk of inner steps,
+    and meta-updates, nobody asked for. `batches` is the stream's task
+    batches per pass (`batches_per_pass`): a stream of at most
+    `steps_per_epoch` of them ends first, so it passes. None or
+    `tf.data.INFINITE_CARDINALITY`: the stream never ends.
+    `tf.data.UNKNOWN_CARDINALITY` (after `filter`, `flat_map`,
+    `from_generator`, ...): it may end within the epoch or not, so it is
+    refused with the length as a third fix
+    (`ds.apply(tf.data.experimental.assert_cardinality(n))`). Without
+    `steps_per_epoch` Keras runs exactly the stream's batches: nothing to
+    check. `keras.config.max_steps_per_epoch()` caps the epoch as Keras
+    does. `overrun` says in the error what the extra train steps are.
 
     Example::
 
-        check_whole_executions(12, 4)   # fine: 3 executions of 4
-        check_whole_executions(10, 4)   # ConfigError: fit would run 12 train steps per epoch
+        check_whole_executions(12, 4)               # fine: 3 executions of 4
+        check_whole_executions(10, 4, batches=10)   # fine: the stream ends at step 10
+        check_whole_executions(10, 4)               # ConfigError: fit would run 12 train steps per epoch
+        check_whole_executions(10, 4, batches=11)   # ConfigError: fit would run 11 train steps per epoch
     """
     cap = keras.config.max_steps_per_epoch()
     if cap and (not steps_per_epoch or cap < steps_per_epoch):
@@ -235,61 +297,97 @@ def check_whole_executions(steps_per_epoch, steps_per_execution, batches=None,
     per_call = int(steps_per_execution or 1)
     if not steps_per_epoch or steps_per_epoch % per_call == 0:
         return
-    if batches is not None and batches <= steps_per_epoch:
+    known = batches is not None and batches >= 0
+    if known and batches <= steps_per_epoch:
         return
-    runs = math.ceil(steps_per_epoch / per_call) * per_call
-    lower, higher = runs - per_call, runs
-    multiples = f"{higher}" if lower == 0 else f"{lower} or {higher}"
+    whole = math.ceil(steps_per_epoch / per_call) * per_call
+    lower = whole - per_call
+    multiples = f"{whole}" if lower == 0 else f"{lower} or {whole}"
+    fixes = (
+        f"steps_per_epoch a multiple of {per_call} (e.g. {multiples}), or compile with "
+        f"steps_per_execution dividing {steps_per_epoch} "
+        f"(e.g. {execution_size(steps_per_epoch, per_call)})"
+    )
+    if batches == tf.data.UNKNOWN_CARDINALITY:
+        raise ConfigError(
+            f"steps_per_epoch={steps_per_epoch} is not a multiple of steps_per_execution="
+            f"{per_call} and the stream's length is unknown (e.g. after filter, flat_map or "
+            f"from_generator): Keras runs whole executions of {per_call} train steps, so on a "
+            f"stream longer than the epoch fit would run up to {whole} train steps (task "
+            f"batches) per epoch instead of {steps_per_epoch}: {overrun}. If the stream ends "
+            f"within the epoch, give it its length (n <= {steps_per_epoch} task batches: "
+            f"ds.apply(tf.data.experimental.assert_cardinality(n))); otherwise choose {fixes}."
+        )
+    runs = min(whole, batches) if known else whole
     raise ConfigError(
         f"steps_per_epoch={steps_per_epoch} is not a multiple of steps_per_execution="
         f"{per_call}: Keras runs whole executions of {per_call} train steps, so fit would run "
         f"{runs} train steps (task batches) per epoch instead of {steps_per_epoch}: {overrun}. "
-        f"Choose steps_per_epoch a multiple of "
-        f"{per_call} (e.g. {multiples}), or compile with steps_per_execution dividing "
-        f"{steps_per_epoch} (e.g. {math.gcd(steps_per_epoch, per_call)})."
+        f"Choose {fixes}."
     )
 
 
-def check_fit_executions(model, x, fit_kwargs, overrun=META_OVERRUN):
-    """`check_whole_executions` for `model.fit(x, **fit_kwargs)`, before any train step.
+def check_fit_executions(model, arguments, overrun=META_OVERRUN):
+    """`check_whole_executions` for `model.fit(**arguments)`, before any train step.
+
+    `arguments` are the call's, by name (`fit_arguments`), so positional ones count too.
 
     Example::
 
-        check_fit_executions(meta, stream, {"steps_per_epoch": 10})  # ConfigError under spe=4
+        check_fit_executions(meta, fit_arguments(meta, stream, steps_per_epoch=10))  # ConfigError under spe=4
     """
-    steps = fit_kwargs.get("steps_per_epoch")
+    steps = arguments.get("steps_per_epoch")
     check_whole_executions(
         steps,
         getattr(model, "steps_per_execution", 1),
-        batches_per_pass(x, fit_kwargs.get("batch_size"), steps),
+        _stream_length(arguments.get("x"), arguments.get("batch_size"), steps),
         overrun,
     )
 
 
-class _KnownLength(TFDatasetAdapter):
-    """A distributed stream of task batches, for `fit`, whose length is `batches` per pass.
+@functools.cache
+def _known_length_adapter():
+    """The class `_KnownLength`, made on first use: it extends a Keras-internal class.
 
-    TensorFlow gives a dataset distributed from a function the cardinality of
-    its per-worker stream, counted in per-replica elements (unknown here:
-    they come from `flat_map`). Keras' `EpochIterator` starts a fresh pass
-    each epoch only over a stream of known length; over one of unknown
-    length with `steps_per_epoch` it keeps one iterator across epochs, which
-    runs out after the first. With the length, Keras runs the distributed
-    stream as the undistributed dataset. A Keras data adapter is what
-    `fit` takes in place of a dataset to get it.
-
-    Example::
-
-        fit(_KnownLength(distribute_task_batches(dataset, strategy), 4), epochs=3)
+    A Keras without it fails here, in `fit` under a strategy, not at `import tfmeta`.
     """
+    try:
+        from keras.src.trainers.data_adapters.tf_dataset_adapter import TFDatasetAdapter
+    except ImportError as error:
+        raise ConfigError(
+            f"MetaModel.fit under a strategy hands Keras a finite task stream with its length "
+            f"through keras.src.trainers.data_adapters.tf_dataset_adapter.TFDatasetAdapter "
+            f"(tfmeta is tested with Keras 3.15), which Keras {keras.__version__} lacks "
+            f"({error}): install Keras 3.15 (pip install 'keras==3.15.*'), or fit an endless "
+            "stream (ds.repeat()), which needs no length."
+        ) from error
 
-    def __init__(self, dataset, batches):
-        super().__init__(dataset)
-        self._batches = batches
+    class _KnownLength(TFDatasetAdapter):
+        """A distributed stream of task batches, for `fit`, whose length is `batches` per pass.
 
-    @property
-    def num_batches(self):
-        return self._batches
+        TensorFlow gives a dataset distributed from a function the cardinality of
+        its per-worker stream, counted in per-replica elements (unknown here:
+        they come from `flat_map`). Keras' `EpochIterator` starts a fresh pass
+        each epoch only over a stream of known length; over one of unknown
+        length with `steps_per_epoch` it keeps one iterator across epochs, which
+        runs out after the first. With the length, Keras runs the distributed
+        stream as the undistributed dataset. A Keras data adapter is what
+        `fit` takes in place of a dataset to get it.
+
+        Example::
+
+            fit(_known_length_adapter()(distribute_task_batches(dataset, strategy), 4), epochs=3)
+        """
+
+        def __init__(self, dataset, batches):
+            super().__init__(dataset)
+            self._batches = batches
+
+        @property
+        def num_batches(self):
+            return self._batches
+
+    return _KnownLength
 
 
 class SplitTaskBatches:
@@ -314,7 +412,7 @@ class SplitTaskBatches:
                 spec = x.element_spec
                 x = distribute_task_batches(x, strategy)  # checks T % R
                 if size >= 0:
-                    x = _KnownLength(x, size)
+                    x = _known_length_adapter()(x, size)
                 self._replica_spec = tf.nest.map_structure(
                     lambda s: tf.TensorSpec((s.shape[0] // replicas, *s.shape[1:]), s.dtype),
                     spec,

@@ -21,7 +21,8 @@ The package has four parts:
 - `tfmeta.checkpoint.callback`: `MetaCheckpoint`, the Keras callback;
 - `tfmeta.checkpoint.resume`: `resumable_fit`, the epoch bookkeeping of a
   run resumed in the middle of an epoch, in whole executions of any
-  `steps_per_execution` (`execution_size`).
+  `steps_per_execution` (`execution_size`, from `tfmeta.replicas`, next to
+  the whole-executions check of `fit`).
 
 Everything is importable from `tfmeta.checkpoint` itself.
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 
 from tfmeta.checkpoint.errors import IncompatibleCheckpointError
+from tfmeta.checkpoint.store import log
+from tfmeta.replicas import execution_size
 
 __all__ = ["execution_size", "resumable_fit"]
 
@@ -29,8 +31,10 @@ def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks
     do. Each fit runs in whole executions of `execution_size(steps,
     meta.steps_per_execution)` train steps, so a checkpoint written under
     any `steps_per_execution` resumes under any other (the execution size
-    changes how many train steps one call runs, not what they compute);
-    `meta.steps_per_execution` is the compiled one again afterwards.
+    changes how many train steps one call runs, not what they compute); a
+    size below the compiled one is logged (one line, `tfmeta.checkpoint`
+    logger, INFO), and `meta.steps_per_execution` is the compiled one again
+    afterwards.
     Returns the merged `history.history` dict.
     """
     if total_steps % epochs:
@@ -45,7 +49,8 @@ def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks
     merged: dict = {}
 
     def fit(steps, first, last, begin):
-        with _executions_of(meta, execution_size(steps, getattr(meta, "steps_per_execution", 1))):
+        size = execution_size(steps, getattr(meta, "steps_per_execution", 1))
+        with _executions_of(meta, size, steps):
             history = meta.fit(
                 make_dataset(begin),
                 steps_per_epoch=steps,
@@ -65,30 +70,17 @@ def resumable_fit(meta, make_dataset, *, total_steps, epochs, start=0, callbacks
     return merged
 
 
-def execution_size(steps, steps_per_execution):
-    """The largest number of train steps per execution, at most `steps_per_execution`, that divides `steps`.
-
-    Keras runs whole executions, so a fit of `steps` train steps per epoch
-    needs an execution size that divides them (`MetaModel.fit` refuses
-    another); the largest one makes the fewest calls.
-
-    Example::
-
-        execution_size(12, 5)   # 4: three executions of 4
-        execution_size(9, 10)   # 9: one execution
-        execution_size(7, 3)    # 1: 7 is prime
-    """
-    per_call = max(1, int(steps_per_execution or 1))
-    return next(size for size in range(min(per_call, steps), 0, -1) if steps % size == 0)
-
-
 @contextlib.contextmanager
-def _executions_of(meta, size):
-    """`meta.steps_per_execution = size` within the block, the compiled value again after it."""
+def _executions_of(meta, size, steps):
+    """`meta.steps_per_execution = size` within the block (a fit of `steps` per epoch), the compiled value again after it."""
     compiled = getattr(meta, "steps_per_execution", 1)
     if size == compiled:
         yield
         return
+    log.info(
+        "steps_per_execution=%d does not divide this fit's %d train steps per epoch: "
+        "running executions of %d instead.", compiled, steps, size,
+    )
     # Keras traces steps_per_execution into its train function and reuses that
     # function in every later fit: drop it whenever the size changes.
     meta.steps_per_execution, meta.train_function = size, None
