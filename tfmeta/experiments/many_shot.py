@@ -63,6 +63,7 @@ from tfmeta.heads import with_new_head
 from tfmeta.meta_model import MetaModel
 from tfmeta.models import convnet
 from tfmeta.multitask import MultiTaskModel
+from tfmeta.replicas import execution_size
 from tfmeta.task_heads import TaskHeads
 from tfmeta.tasks.domains import load_task, task_family
 from tfmeta.validation import ConfigError, check_positive_int
@@ -252,7 +253,7 @@ class Benchmark:
                 f"between evaluations (budget / checkpoints = {self.budget} / "
                 f"{self.checkpoints}): training runs in Keras executions of {chunk} inner "
                 f"steps, so an evaluation would fall inside one. Choose steps_per_chunk "
-                f"dividing {per} (e.g. {next(d for d in range(min(chunk, per), 0, -1) if per % d == 0)}), "
+                f"dividing {per} (e.g. {execution_size(per, chunk)}), "
                 f"or budget a multiple of "
                 f"checkpoints x lcm(inner_steps, steps_per_chunk) = "
                 f"{self.checkpoints * math.lcm(self.inner_steps, chunk)}."
