@@ -145,15 +145,23 @@ def test_ctrl_c_in_an_experiment_says_where_the_cells_are_and_how_to_continue(tm
     out = tmp_path / "sweep"
     argv = ["--methods", "reptile", "--inner_steps", "2", "--processes", "1",
             "--task_seeds", *range(40), "--output_dir", out]
+    # Started with SIGINT ignored, as a script's background job is (no job
+    # control): the tool must still stop on it with its cells saved.
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "tools" / "cts_synthetic.py"), *map(str, argv)], cwd=REPO, env=_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    deadline = time.monotonic() + 240
-    while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a child computing after a failure
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == errors.EXIT_INTERRUPTED, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]

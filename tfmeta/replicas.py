@@ -195,8 +195,13 @@ def fit_arguments(model, *args, **kwargs):
         fit_arguments(meta, stream, None, None, 3)
         # {'x': stream, 'y': None, 'batch_size': None, 'epochs': 3}
     """
-    bound = inspect.signature(keras.Model.fit).bind(model, *args, **kwargs)
+    bound = _FIT_SIGNATURE.bind(model, *args, **kwargs)
     return {name: value for name, value in bound.arguments.items() if name != "self"}
+
+
+# Read once, at import: keras.Model.fit's own parameter names, even if fit is
+# later wrapped (a callback library, a test spy) by a (*args, **kwargs) function.
+_FIT_SIGNATURE = inspect.signature(keras.Model.fit)
 
 
 def _stream_length(x, batch_size=None, steps_per_epoch=None):

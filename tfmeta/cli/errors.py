@@ -34,7 +34,9 @@ import inspect
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 
 from tfmeta.cli.startup import debug_enabled
 
@@ -150,6 +152,13 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
             return errors.run_tool("cts_synthetic.py", run, argv, script=__file__)
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    if threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        # Started in the background by a script (no job control), a tool
+        # inherits SIGINT ignored and Python raises no KeyboardInterrupt, so
+        # `timeout -s INT` or `kill -INT` could not stop it with its cells
+        # saved; tfmeta-train installs its own handler for the same reason.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return run(argv)
     except (KeyboardInterrupt, Interrupted, Stopped) as stop:
