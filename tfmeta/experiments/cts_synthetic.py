@@ -34,6 +34,7 @@ from tfmeta import atomic
 from tfmeta.experiments.complexity_run import CellStore, print_line, say
 from tfmeta.learners import ContinualTrajectoryShifting, Reptile
 from tfmeta.meta_model import MetaModel
+from tfmeta.replicas import execution_size
 from tfmeta.schedule import AfterUpdate
 from tfmeta.tasks.himmelblau import RotatedHimmelblau
 from tfmeta.validation import ConfigError
@@ -144,7 +145,7 @@ def meta_train(method, start, config=Config(), tasks=None):
     # partial last execution past the budget).
     per_call = 1
     if chunk == 1 and train_steps > updates:
-        per_call = max(d for d in range(1, 51) if train_steps % d == 0)
+        per_call = execution_size(train_steps, 50)
     keras.utils.set_random_seed(config.task_seed)
     model = tasks.model(start)
     meta = MetaModel(model)
