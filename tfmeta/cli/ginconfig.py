@@ -1,15 +1,23 @@
 """Reading the command line's gin files and bindings, with a one-line error for each mistake.
 
-`load(files, params)` checks every `--gin_file` (it exists, is a file, is
-UTF-8 text, parses) and every `--gin_param` before gin binds anything, so a
+`load(files, params)` checks every `--gin_file` and every file it includes
+(it exists, is a file, is UTF-8 text, parses) and every `--gin_param` before
+gin binds anything, so a
 typo is reported with its file and line, or its binding, and the fix:
 
     --gin_param 'train.learner=Reptile()': 'Reptile' is not a gin value: write
     @Reptile() to build one (a configurable is referenced with @), or 'Reptile'
     for a string.
 
-Then gin parses them (names are checked against what `tfmeta.configurables`
-registered; `tfmeta.cli.errors.explain_gin_error` suggests the closest).
+An `include 'name.gin'` line names a file relative to the including file's
+folder, else to the working folder, else in the repository's gin/; `load`
+resolves every include itself, so gin never searches (its search logs
+"ERROR:root:Path not found" for every place it looks in vain), and a copy of
+gin/many_shot*.gin in a folder of one's own includes that folder's
+many_shot.gin. Then gin parses them (names are checked against what
+`tfmeta.configurables` registered; `tfmeta.cli.errors.explain_gin_error`
+suggests the closest).
+
 `bindings()` is the configuration in force as a flat dict, which a resumed
 run compares with the run it continues.
 
@@ -22,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import io
 import pathlib
 import re
 import tokenize
@@ -31,7 +40,7 @@ from gin import config_parser
 
 from tfmeta.cli import errors
 
-#: The repository's gin folder: `--gin_file digits.gin` is looked up there too.
+#: The repository's gin folder: `--gin_file digits.gin` and `include` lines are looked up there too.
 REPO_GIN = pathlib.Path(__file__).resolve().parents[2] / "gin"
 EXAMPLE = "gin/digits.gin"
 
@@ -96,7 +105,8 @@ def _syntax_problem(text):
     return None
 
 
-def _check_file(path, name):
+def _checked_text(path, name):
+    """The text of gin file `path` (`name` in messages), or a ConfigError if it is not gin."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
@@ -108,6 +118,64 @@ def _check_file(path, name):
     if problem:
         line, detail = problem
         raise _config_error(f"gin: {name} line {line}: {detail}.")
+    return text
+
+
+def _include_target(name, including, line):
+    """The file `include name` on `line` of `including` means (see the module docstring)."""
+    given = pathlib.Path(name)
+    places = [given] if given.is_absolute() else [including.parent / given, given, REPO_GIN / given]
+    for path in places:
+        if path.is_file():
+            return path
+    raise _config_error(
+        f"gin: {including} line {line}: include {name!r} does not exist (looked in "
+        f"{including.parent.resolve()}, the working folder and {REPO_GIN}): name an existing "
+        "gin file, relative to the including file's folder (e.g. include 'many_shot.gin')."
+    )
+
+
+def _pieces(path, name, chain=()):
+    """`[(path, text)]`: gin file `path` as texts to parse in order, its includes expanded.
+
+    Each text is the file's with every line outside one stretch between
+    two `include` statements blanked, so gin's line numbers stay the
+    file's; the `import` lines above the stretch are kept, as gin applies
+    them to the rest of the file.
+    """
+    text = _checked_text(path, name)
+    lines = io.StringIO(text).readlines()  # the lines gin's tokenizer numbers
+    statements = list(config_parser.ConfigParser(text, _NamesOnly()))
+    starts = [s.location.line_num for s in statements] + [len(lines) + 1]
+    imports = {s.location.line_num for s in statements
+               if isinstance(s, config_parser.ImportStatement)}
+
+    def stretch(begin, end):
+        kept = "".join(text if begin <= number < end or (number in imports and number < begin)
+                       else "\n" for number, text in enumerate(lines, start=1))
+        return path, kept
+
+    found, begin, chain = [], 1, (*chain, path.resolve())
+    for statement, following in zip(statements, starts[1:]):
+        if not isinstance(statement, config_parser.IncludeStatement):
+            continue
+        line = statement.location.line_num
+        target = _include_target(statement.filename, path, line)
+        if target.resolve() in chain:
+            cycle = " -> ".join(str(p) for p in (*chain, target.resolve()))
+            raise _config_error(
+                f"gin: {path} line {line}: include {statement.filename!r} closes an include "
+                f"cycle ({cycle}): remove one of these include lines."
+            )
+        found += [stretch(begin, line), *_pieces(target, str(target), chain)]
+        begin = following
+    return [*found, stretch(begin, len(lines) + 1)]
+
+
+def _parse(path, text):
+    named = io.StringIO(text)
+    named.name = str(path)  # gin's error locations name the file
+    gin.parse_config(named)
 
 
 def _check_param(param):
@@ -123,14 +191,14 @@ def load(files, params=()):
     meaningful) naming the file and line, or the binding, and the fix.
     """
     paths = [resolve(name) for name in files]
-    for path, name in zip(paths, files):
-        _check_file(path, name)
+    pieces = [piece for path, name in zip(paths, files) for piece in _pieces(path, name)]
     for param in params:
         _check_param(param)
-    if REPO_GIN.is_dir():
-        gin.add_config_file_search_path(str(REPO_GIN))  # for `include` lines
     try:
-        gin.parse_config_files_and_bindings([str(p) for p in paths], list(params))
+        for path, text in pieces:
+            _parse(path, text)
+        gin.parse_config(list(params))
+        gin.finalize()
     except (ValueError, OSError) as error:
         explained = errors.explain_gin_error(error)
         if explained is None:
