@@ -133,6 +133,34 @@ def test_second_prepare_is_a_fast_no_op(tfds_dir, archive_dir, caplog):
     prepare_datasets(archive_dir / "does-not-exist", data_dir=tfds_dir)
 
 
+@pytest.mark.data
+def test_a_concurrent_preparation_waits_and_builds_nothing_twice(tfds_dir, tmp_path, caplog):
+    """While another process holds the data_dir's lock, prepare waits; it then finds mnist prepared."""
+    import fcntl
+    import threading
+
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    caplog.set_level(logging.INFO, logger=prepare.__name__)
+    done = []
+    with open(data_dir / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "the other process", mid-preparation
+        # No archives at all: a build would raise, so success proves nothing was built.
+        worker = threading.Thread(target=lambda: done.append(
+            prepare_datasets(tmp_path / "no-archives", data_dir=data_dir, names=["mnist"])))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not any("waiting for another preparation" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline and worker.is_alive(), "prepare did not wait for the lock"
+            time.sleep(0.05)
+        shutil.copytree(tfds_dir / "mnist", data_dir / "mnist")  # the other process finishes
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    worker.join(60)
+    assert done == [data_dir]
+    assert not any("building" in r.getMessage() for r in caplog.records)
+    assert load("mnist", "test", data_dir=data_dir).cardinality().numpy() == 10000
+
+
 def _copy_mnist_archives(archive_dir, dst):
     (dst / "mnist").mkdir(parents=True)
     shutil.copy(archive_dir / prepare.SUMS_FILENAME, dst)

@@ -20,6 +20,9 @@ preparation never looks prepared; this module relies on that. The files it
 writes itself (cached archive copies and their ``.INFO``) go through
 `tfmeta.atomic`; the folder of links for ``manual_dir`` is rebuilt from
 scratch on every preparation, so a crash while building it is harmless.
+Concurrent preparations of one data_dir (two shells, parallel test workers)
+take turns on a lock file in it: the second waits, then finds the datasets
+prepared and returns without building them again.
 
 Example::
 
@@ -32,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
@@ -257,6 +261,19 @@ def prepare_datasets(
     if isinstance(names, str):
         names = [names]
     data_dir = resolve_data_dir(data_dir)
+    todo = _unprepared(names, data_dir, archive_dir)
+    if not todo:
+        return data_dir
+    with _preparation_lock(data_dir):
+        # Another process may have prepared some while this one waited.
+        todo = [builder for builder in todo if not _is_prepared(builder)]
+        if todo:
+            _build(todo, data_dir, archive_dir, verify)
+    return data_dir
+
+
+def _unprepared(names, data_dir, archive_dir):
+    """The builders of `names` whose dataset is not prepared in `data_dir` yet."""
     todo = []
     for name in names:
         builder = _builder(name, data_dir, archive_dir)
@@ -264,8 +281,32 @@ def prepare_datasets(
             log.info("%s: already prepared in %s", name, builder.data_path)
         else:
             todo.append(builder)
-    if not todo:
-        return data_dir
+    return todo
+
+
+@contextlib.contextmanager
+def _preparation_lock(data_dir: pathlib.Path):
+    """Hold an exclusive lock on `data_dir`/.prepare.lock (blocking; POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no concurrent preparations to guard
+        yield
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".prepare.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another preparation of %s to finish", data_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(todo, data_dir: pathlib.Path, archive_dir, verify: bool):
+    """Verify every archive of `todo`, then build the datasets one by one."""
 
     archive_dir = pathlib.Path(archive_dir).expanduser().resolve()
     sums = {}
@@ -329,7 +370,6 @@ def prepare_datasets(
         )
         seconds = time.perf_counter() - start
         log.info("%s: prepared in %.1f s (%s)", name, seconds, splits)
-    return data_dir
 
 
 def load(name: str, split=None, data_dir=None, **kwargs):
