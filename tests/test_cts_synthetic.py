@@ -3,7 +3,8 @@
 From the 9 start points of {-5, 5, 15}^2, with the same number of
 meta-updates (alpha 0.05, beta 0.1, K 100, M 3, inner SGD with momentum 0.9),
 the initialization CTS learns reaches a lower mean task-average loss after 100
-inner steps than Reptile's, and lies close to the exact reference's.
+inner steps than Reptile's, and lies close to the exact reference's (at the
+paper's K = 100 a benchmark, `-m benchmark`; in CI the same at K = 20).
 Reptile with a fixed long trajectory has many meta-level local optima where a
 short one has few (figure 5(a,b)). The sweep over (method, K, task seed)
 cells resumes to the same numbers and refuses cells of other settings.
@@ -21,17 +22,32 @@ from tfmeta.learners import ContinualTrajectoryShifting, Reptile
 from tfmeta.tasks import RotatedHimmelblau
 from tfmeta.validation import ConfigError
 
-#: A small sweep: K = 10, M = 2 (20 meta-updates), two start points.
+#: A small sweep: K = 10, M = 2 (20 meta-updates), one start point (the resume and
+#: settings checks are equalities at any size; every start point costs a model per cell).
 SMALL = cts_synthetic.Config(inner_steps=10, processes=2)
-STARTS = [(15.0, -5.0), (-5.0, 5.0)]
+STARTS = [(15.0, -5.0)]
+
+
+#: CI's size of the paper's setting: the same 9 start points, alpha, beta and M = 3, with
+#: K = 20 (60 meta-updates); the paper's K = 100 (about 2 minutes) is the benchmark below.
+#: Measured at K = 20, task seeds 0 / 1 / 2: CTS below Reptile by 9 / 22 / 44 %, Reptile far
+#: below the start points (6.5 vs 23.4 at seed 0), |CTS - exact| at 0.57 / 0.67 / 0.34 of
+#: |Reptile - exact|. CTS within 10 % of the exact reference holds at seed 0 (3.4 %), the
+#: seed asserted, but not at every seed (9.9 % at 1, 16 % at 2): at K = 100 it is the paper's.
+CI = cts_synthetic.Config(inner_steps=20, processes=3)
 
 
 @pytest.fixture(scope="module")
 def results():
+    return cts_synthetic.run(methods=("reptile", "cts", "cts_accurate"), config=CI, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def paper_results():
     return cts_synthetic.run(methods=("reptile", "cts", "cts_accurate"), verbose=False)
 
 
-def test_cts_beats_reptile_and_is_close_to_accurate(results):
+def _assert_cts_beats_reptile_and_is_close_to_accurate(results):
     reptile = results["reptile"]["loss"].mean()
     cts = results["cts"]["loss"].mean()
     accurate = results["cts_accurate"]["loss"].mean()
@@ -43,12 +59,30 @@ def test_cts_beats_reptile_and_is_close_to_accurate(results):
     assert abs(cts - accurate) / accurate < 0.1
 
 
-def test_same_number_of_meta_updates_and_costs(results):
-    # 300 meta-updates each (asserted inside meta_train); the inner-step cost
+def _assert_same_meta_updates_and_costs(results, config):
+    # M * K meta-updates each (asserted inside meta_train); the inner-step cost
     # differs as in the paper's figure 4(d).
-    assert results["reptile"]["inner_steps"] == 300 * 100
-    assert results["cts"]["inner_steps"] == 300
-    assert results["cts_accurate"]["inner_steps"] == 3 * 100 * 101 // 2
+    K, M = config.inner_steps, config.processes
+    assert {results[m]["meta_updates"] for m in ("reptile", "cts", "cts_accurate")} == {M * K}
+    assert results["reptile"]["inner_steps"] == M * K * K
+    assert results["cts"]["inner_steps"] == M * K
+    assert results["cts_accurate"]["inner_steps"] == M * K * (K + 1) // 2
+
+
+def test_cts_beats_reptile_and_is_close_to_accurate(results):
+    _assert_cts_beats_reptile_and_is_close_to_accurate(results)
+
+
+@pytest.mark.benchmark
+def test_cts_beats_reptile_and_is_close_to_accurate_at_the_papers_size(paper_results):
+    _assert_cts_beats_reptile_and_is_close_to_accurate(paper_results)
+    # 300 meta-updates each: Reptile 300 x 100 inner steps, CTS 300, the exact reference 3 x 100 x 101 / 2.
+    assert paper_results["reptile"]["inner_steps"] == 300 * 100
+    _assert_same_meta_updates_and_costs(paper_results, cts_synthetic.Config())
+
+
+def test_same_number_of_meta_updates_and_costs(results):
+    _assert_same_meta_updates_and_costs(results, CI)
 
 
 def test_task_family_matches_its_definition():
@@ -173,7 +207,7 @@ def test_sweep_table_and_figure(small_sweep, tmp_path):
     reptile = [np.mean(cells[f"reptile/K10/seed{s}"]["loss"]) for s in (0, 1)]
     assert f"| reptile | {np.mean(reptile):.2f} ± {np.std(reptile, ddof=1):.2f} |" in text
     lower, equal, higher = cts_synthetic.versus(cells, "cts", "reptile", 10, (0, 1))
-    assert lower + equal + higher == 4 and f"| cts | {lower} / {equal} / {higher} (" in text
+    assert lower + equal + higher == 2 and f"| cts | {lower} / {equal} / {higher} (" in text  # 2 seeds x 1 start
     counts = cts_synthetic.plot_k(cells, tmp_path / "k.png", ("reptile", "cts"), (10,), (0, 1),
                                   landscape_ks=(2, 10), count_ks=(2, 10), grid=5, quality_grid=8)
     assert set(counts) == {2, 10} and (tmp_path / "k.png").stat().st_size > 10_000
