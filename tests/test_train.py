@@ -24,12 +24,23 @@ def _run_train(gin_file, output_dir, *params, env=None):
     )
 
 
-def test_main_command_on_digits_beats_random_init(tmp_path):
-    """The README's main job, shortened: the export exists and fine-tunes faster."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The README's main job, shortened, run once: its output folder and the finished process.
+
+    Shared by the main-command test and the finetune-command test (which
+    fine-tunes this export), so the 150 meta-updates are trained once.
+    """
+    out = tmp_path_factory.mktemp("digits") / "run"
     proc = _run_train(
         "digits.gin", out, "train.meta_updates = 150", "heldout_finetuning.steps = 30", "train.verbose = 0"
     )
+    return out, proc
+
+
+def test_main_command_on_digits_beats_random_init(digits_run):
+    """The README's main job, shortened: the export exists and fine-tunes faster."""
+    out, proc = digits_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Initialization exported to {out / 'initialization'}" in proc.stdout
     assert "lower than a random initialization" in proc.stdout
@@ -99,10 +110,9 @@ def test_leap_beats_no_pretraining_on_omniglot(tfds_dir, tmp_path):
     assert np.isfinite(scores["meta-learned"]["test_error"])
 
 
-def test_finetune_command_compares_export_with_random_init(tmp_path):
+def test_finetune_command_compares_export_with_random_init(digits_run, tmp_path):
     """tools/finetune.py on a fresh export: per-task metrics, curves and the comparison."""
-    out = tmp_path / "run"
-    proc = _run_train("digits.gin", out, "train.meta_updates = 150", "train.evaluation = None", "train.verbose = 0")
+    out, proc = digits_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "finetune.py"), "--init", str(out / "initialization"),
