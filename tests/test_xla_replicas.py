@@ -5,7 +5,8 @@ S inner steps of the replica's tasks, on tensors) with XLA inside the replica
 context; the variable reads and writes, the all-reduce and the outer update
 stay outside, so it works with any number of replicas. The runs use two
 logical CPU devices, configured before TensorFlow starts, so they happen in
-one subprocess (this file run as a script, with test_distribute's helpers).
+two subprocesses run side by side, each with half of the runs (this file run
+as a script, with test_distribute's helpers).
 
 What is shown, on real digit tasks (`tfmeta.tasks.digits`) with a small
 convnet (Conv2D, BatchNorm: float state, and in the dropout runs Dropout:
@@ -19,13 +20,15 @@ seed state):
   (stateless random ops use another bit generator under XLA, even with
   `alg="philox"`), so with dropout XLA's phi differs from the phi without
   XLA: the test checks that it does, which XLA silently off could not pass;
+- the convnet's tasks as one computation (`vectorize_tasks="auto"`) on 2
+  replicas give the phi of the tasks as copies on 1 (Reptile);
 - the inner loop is a `tf.function` traced once per replica, and its XLA
   HLO can be read (`experimental_get_compiler_ir`);
 - a task that diverges (NaN inputs, in Leap's runs) is left out of the
   meta-update under XLA per replica as without XLA (same phi, one skipped
   task);
-- a run checkpointed and resumed under 2 replicas with XLA ends where the
-  uninterrupted one does;
+- a run checkpointed after one trajectory (and cut off there) and resumed
+  under 2 replicas with XLA ends where the uninterrupted one does;
 - `jit_compile="auto"` gives no XLA on CPU, and bad settings fail naming
   the fix.
 """
@@ -37,7 +40,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_distribute import _run, assert_same
+from test_distribute import _collect, _start, assert_same
 
 T, K, S = 4, 4, 2  # tasks, inner steps, steps per chunk
 CHUNKS = 2 * K // S  # two trajectories: 2 meta-updates (CTS every=S: 4)
@@ -129,7 +132,7 @@ def results(meta, strategy):
 
 
 def meta_train(strategy, learner, jit_compile, chunks=(0, CHUNKS), meta=None, nan_task=None,
-               **options):
+               callbacks=None, **options):
     """Meta-train from the fixed phi on chunks [first, last) of the digit tasks.
 
     `nan_task`: that task's inputs are NaN in the first chunk (it diverges).
@@ -142,7 +145,8 @@ def meta_train(strategy, learner, jit_compile, chunks=(0, CHUNKS), meta=None, na
         x[0, nan_task] = np.nan
     meta = meta or compile_meta(strategy, learner, jit_compile, **options)
     first, last = chunks
-    meta.fit(tf.data.Dataset.from_tensor_slices((x[first:last], y[first:last])), verbose=0)
+    meta.fit(tf.data.Dataset.from_tensor_slices((x[first:last], y[first:last])), callbacks=callbacks,
+             verbose=0)
     out = results(meta, strategy)
     run = meta.inner_loop.run
     function = isinstance(run, tf.types.experimental.PolymorphicFunction)
@@ -156,7 +160,8 @@ def meta_train(strategy, learner, jit_compile, chunks=(0, CHUNKS), meta=None, na
 # the subprocess: 2 logical CPUs
 
 
-def _main():
+def _main(part):
+    """One half of the runs (`part` 0 or 1): the fixture runs both halves side by side."""
     from tfmeta import distribute
 
     devices = distribute.use_logical_cpus(2)
@@ -165,57 +170,71 @@ def _main():
     one = tf.distribute.get_strategy()
     two = distribute.get_strategy("mirrored", devices)
     out = {"replicas": two.num_replicas_in_sync}
-    for learner in LEARNERS:
-        # Leap's runs: a task of replica 1 diverges in the first trajectory
-        nan = {"nan_task": T - 1} if learner == "leap" else {}
-        out[learner] = {
-            "reference": meta_train(one, learner, False, **nan),
-            "two_xla": meta_train(two, learner, True, **TWO_XLA, **nan),
+    if part == "0":
+        for learner in ("leap", "reptile"):
+            # Leap's runs: a task of replica 1 diverges in the first trajectory
+            nan = {"nan_task": T - 1} if learner == "leap" else {}
+            out[learner] = {
+                "reference": meta_train(one, learner, False, **nan),
+                "two_xla": meta_train(two, learner, True, **TWO_XLA, **nan),
+            }
+        # vectorize_tasks needs a model tf.vectorized_map batches: no conv, no dropout
+        out["vectorized"] = {
+            "reference": meta_train(one, "reptile", False, conv=False),
+            "two_xla": meta_train(two, "reptile", True, conv=False, vectorize_tasks=True),
         }
-    # vectorize_tasks needs a model tf.vectorized_map batches: no conv, no dropout
-    out["vectorized"] = {
-        "reference": meta_train(one, "reptile", False, conv=False),
-        "two_xla": meta_train(two, "reptile", True, conv=False, vectorize_tasks=True),
-    }
-    # the convnet's tasks as one computation (tfmeta.task_batched), 2 replicas
-    out["batched"] = {
-        "reference": meta_train(one, "leap", False),
-        "two": meta_train(two, "leap", False, vectorize_tasks="auto"),
-    }
-    out["dropout"] = {
-        "one": meta_train(one, "leap", False, dropout=True),
-        "one_xla": meta_train(one, "leap", True, dropout=True),
-        "two_xla": meta_train(two, "leap", True, dropout=True),
-    }
-    # a checkpoint after one trajectory, restored into a new MetaModel
-    out["resumed"] = _resumed(two)
-    out["hlo"] = _hlo(one)
+        # the convnet's tasks as one computation (tfmeta.task_batched), 2 replicas,
+        # against Reptile's reference above (the tasks as copies)
+        out["batched"] = {
+            "reference": out["reptile"]["reference"],
+            "two": meta_train(two, "reptile", False, vectorize_tasks="auto"),
+        }
+        out["dropout"] = {"one": meta_train(one, "leap", False, dropout=True)}
+    else:
+        out["fomaml"] = {
+            "reference": meta_train(one, "fomaml", False),
+            "two_xla": meta_train(two, "fomaml", True, **TWO_XLA),
+        }
+        out["cts"], out["resumed"] = _straight_and_resumed(one, two)
+        one_xla = compile_meta(one, "leap", True, dropout=True)
+        out["dropout"] = {
+            "one_xla": meta_train(one, "leap", True, meta=one_xla),
+            "two_xla": meta_train(two, "leap", True, dropout=True),
+        }
+        out["hlo"] = _hlo(one_xla)
     print("RESULT " + json.dumps(out))
 
 
-def _resumed(strategy):
+def _straight_and_resumed(one, two):
+    """CTS's reference and 2-replica XLA run, the latter checkpointed after one
+    trajectory; that checkpoint restored into a new MetaModel and run to the end."""
+    import shutil
     import tempfile
 
-    from tfmeta.checkpoint import MetaCheckpoint, save_checkpoint
+    from tfmeta.checkpoint import MetaCheckpoint, list_checkpoints
 
     half = CHUNKS // 2
     with tempfile.TemporaryDirectory() as directory:
-        first = compile_meta(strategy, "cts", True, **TWO_XLA)
-        meta_train(strategy, "cts", True, chunks=(0, half), meta=first)
-        save_checkpoint(first, directory, half)
-        second = compile_meta(strategy, "cts", True, **TWO_XLA)
-        shape = (T // strategy.num_replicas_in_sync, S, 5, 8, 8, 1)
+        checkpoint = MetaCheckpoint(directory, every_steps=half)
+        straight = {
+            "reference": meta_train(one, "cts", False),
+            "two_xla": meta_train(two, "cts", True, callbacks=[checkpoint], **TWO_XLA),
+        }
+        saved = dict(list_checkpoints(directory))
+        assert sorted(saved) == [half, CHUNKS], saved
+        shutil.rmtree(saved[CHUNKS])  # as if killed before the last checkpoint
+        second = compile_meta(two, "cts", True, **TWO_XLA)
+        shape = (T // two.num_replicas_in_sync, S, 5, 8, 8, 1)
         done = MetaCheckpoint(directory).restore(second, shape)
-        return meta_train(strategy, "cts", True, chunks=(done, CHUNKS), meta=second)
+        assert done == half, done
+        return straight, meta_train(two, "cts", True, chunks=(done, CHUNKS), meta=second)
 
 
-def _hlo(strategy):
+def _hlo(meta):
     """The compiled inner loop's XLA HLO, from its own inputs (one replica)."""
     import tensorflow as tf
 
     x, y = task_chunks()
-    meta = compile_meta(strategy, "reptile", True, dropout=True)
-    meta.build(x.shape[1:])
     tasks = meta.task_state.read(restart=tf.constant(True), first=0)
     hlo = meta.inner_loop.run.experimental_get_compiler_ir(
         tasks, tf.constant(x[0]), tf.constant(y[0]), tf.constant(0)
@@ -229,7 +248,11 @@ def _hlo(strategy):
 
 @pytest.fixture(scope="module")
 def runs():
-    return _run([__file__, "replicas"], timeout=900)  # one subprocess for the whole file
+    # two subprocesses side by side (tracing and XLA compiles mostly use one core each)
+    halves = _collect(_start([[__file__, "replicas", part] for part in "01"], [{}, {}]), timeout=900)
+    assert all(isinstance(half, dict) for half in halves), halves
+    dropout = {**halves[0].pop("dropout"), **halves[1].pop("dropout")}
+    return {**halves[0], **halves[1], "dropout": dropout}
 
 
 def _initial_phi():
@@ -336,4 +359,4 @@ def test_xla_in_one_replica_keeps_keras_train_function_uncompiled():
 
 
 if __name__ == "__main__":
-    {"replicas": _main}[sys.argv[1]]()
+    {"replicas": _main}[sys.argv[1]](*sys.argv[2:])
