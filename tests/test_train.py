@@ -74,7 +74,12 @@ def test_synthetic_config_runs_and_improves_on_its_start(tmp_path):
 
 @pytest.mark.data
 def test_leap_beats_no_pretraining_on_omniglot(tfds_dir, tmp_path):
-    """A fast version of the Leap paper's claim on real Omniglot alphabets."""
+    """A fast version of the Leap paper's claim on real Omniglot alphabets.
+
+    10 meta-updates of 30 inner steps: the meta-learned loss AUC is 0.952 / 0.953 / 0.952 of
+    the random initialization's at seeds 0 / 1 / 2 (Keras seed and train.seed; 0.895 at
+    seed 0 with 25 x 50 as before, which takes 1.5x as long).
+    """
     import tfmeta.configurables  # noqa: F401
     from tfmeta.cli.train import train
     from tfmeta.evaluation import heldout_finetuning
@@ -86,8 +91,8 @@ def test_leap_beats_no_pretraining_on_omniglot(tfds_dir, tmp_path):
             "omniglot_alphabets.num_pretrain = 8",
             "omniglot_alphabets.num_heldout = 10",
             "convnet.filters = 16",
-            "train.meta_updates = 25",
-            "train.inner_steps = 50",
+            "train.meta_updates = 10",
+            "train.inner_steps = 30",
             "train.tasks_per_batch = 4",
             "train.epochs = 1",
             "train.evaluation = None",
