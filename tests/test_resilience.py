@@ -3,7 +3,8 @@
 The slow part is `test_killed_runs_resume_to_the_uninterrupted_phi`: five
 `tools/train.py` processes in a row (killed four times with SIGKILL, at
 chosen points inside a checkpoint write, from outside at an arbitrary
-moment, and between checkpoints) next to one uninterrupted run.
+moment, and between checkpoints) next to one uninterrupted run, which
+`test_a_killed_run_resumes_under_another_steps_per_execution` ends at too.
 """
 
 import errno
@@ -68,10 +69,49 @@ def _env(fault=None):
     return env
 
 
-def _train(output_dir, fault=None, resume=False, bindings=()):
-    return subprocess.run(
-        _command(output_dir, resume, bindings), env=_env(fault), capture_output=True, text=True, timeout=600
+def _start_train(output_dir, fault=None, resume=False, bindings=()):
+    return subprocess.Popen(
+        _command(output_dir, resume, bindings), env=_env(fault), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )
+
+
+def _finish(proc, timeout=600):
+    """The CompletedProcess of a started run; killed if it is still running after `timeout`."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _kill(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def _train(output_dir, fault=None, resume=False, bindings=()):
+    return _finish(_start_train(output_dir, fault, resume, bindings))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run the killed runs must end at, shared by their tests:
+    started once, beside the first of them; `uninterrupted()` waits for it and
+    returns its folder."""
+    folder = tmp_path_factory.mktemp("uninterrupted") / "reference"
+    proc = _start_train(folder)
+    finished = []
+
+    def wait():
+        if not finished:
+            finished.append(_finish(proc))
+        assert finished[0].returncode == 0, finished[0].stderr[-3000:]
+        return folder
+
+    yield wait
+    _kill(proc)
 
 
 def _steps(output_dir):
@@ -82,57 +122,47 @@ def _phi(output_dir):
     return keras.saving.load_model(output_dir / "initialization" / "model.keras").get_weights()
 
 
-def test_killed_runs_resume_to_the_uninterrupted_phi(tmp_path):
-    reference = tmp_path / "reference"
-    uninterrupted = subprocess.Popen(
-        _command(reference), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def test_killed_runs_resume_to_the_uninterrupted_phi(tmp_path, uninterrupted):
     run = tmp_path / "killed"
     checkpoints = run / "checkpoints"
-    try:
-        # 1. Killed inside its 3rd checkpoint write: state.npz is on disk, the
-        #    manifest is not. Only the two complete checkpoints count.
-        proc = _train(run, fault="checkpoint.state_written@3")
-        assert proc.returncode == KILLED, proc.stderr[-3000:]
-        assert _steps(run) == [3, 6]
-        assert len(list(checkpoints.glob(".ckpt-*.partial"))) == 1
+    # 1. Killed inside its 3rd checkpoint write: state.npz is on disk, the
+    #    manifest is not. Only the two complete checkpoints count.
+    proc = _train(run, fault="checkpoint.state_written@3")
+    assert proc.returncode == KILLED, proc.stderr[-3000:]
+    assert _steps(run) == [3, 6]
+    assert len(list(checkpoints.glob(".ckpt-*.partial"))) == 1
 
-        # 2. Resumed from step 6 (the partial write is reported and removed);
-        #    killed right after its 2nd checkpoint's rename, before pruning.
-        proc = _train(run, fault="checkpoint.renamed@2", resume=True)
-        assert proc.returncode == KILLED, proc.stderr[-3000:]
-        assert "incomplete checkpoint" in proc.stderr
-        assert not list(checkpoints.glob(".ckpt-*"))
-        assert _steps(run) == [6, 9, 12]
+    # 2. Resumed from step 6 (the partial write is reported and removed);
+    #    killed right after its 2nd checkpoint's rename, before pruning.
+    proc = _train(run, fault="checkpoint.renamed@2", resume=True)
+    assert proc.returncode == KILLED, proc.stderr[-3000:]
+    assert "incomplete checkpoint" in proc.stderr
+    assert not list(checkpoints.glob(".ckpt-*"))
+    assert _steps(run) == [6, 9, 12]
 
-        # 3. Resumed from 12; SIGKILLed from outside at whatever moment it has
-        #    reached once a checkpoint past step 18 exists.
-        proc = subprocess.Popen(
-            _command(run, resume=True), env=_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any(step > 18 for step in _steps(run)):
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.communicate(timeout=300)
-        assert proc.returncode in (KILLED, 0)
+    # 3. Resumed from 12; SIGKILLed from outside at whatever moment it has
+    #    reached once a checkpoint past step 18 exists.
+    proc = _start_train(run, resume=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(step > 18 for step in _steps(run)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc = _finish(proc, timeout=300)
+    assert proc.returncode in (KILLED, 0)
 
-        # 4. Resumed; killed after its 2nd train execution, between checkpoints
-        #    (the steps since the last checkpoint are lost and replayed).
-        if proc.returncode == KILLED:
-            proc = _train(run, fault="train.step@2", resume=True)
-            assert proc.returncode in (KILLED, 0), proc.stderr[-3000:]
+    # 4. Resumed; killed after its 2nd train execution, between checkpoints
+    #    (the steps since the last checkpoint are lost and replayed).
+    if proc.returncode == KILLED:
+        proc = _train(run, fault="train.step@2", resume=True)
+        assert proc.returncode in (KILLED, 0), proc.stderr[-3000:]
 
-        # 5. Resumed to the end.
-        proc = _train(run, resume=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "Meta-training: 12 meta-updates" in proc.stdout
-    finally:
-        out, err = uninterrupted.communicate(timeout=600)
-    assert uninterrupted.returncode == 0, err[-3000:]
+    # 5. Resumed to the end.
+    proc = _train(run, resume=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Meta-training: 12 meta-updates" in proc.stdout
+    reference = uninterrupted()
 
     for resumed, straight in zip(_phi(run), _phi(reference)):
         np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
@@ -144,7 +174,7 @@ def test_killed_runs_resume_to_the_uninterrupted_phi(tmp_path):
     assert _steps(run)[-1] == 48 and len(_steps(run)) == 2
 
 
-def test_a_killed_run_resumes_under_another_steps_per_execution(tmp_path):
+def test_a_killed_run_resumes_under_another_steps_per_execution(tmp_path, uninterrupted):
     """tools/train.py killed at step 6 of 48 (executions of 3), resumed with steps_per_execution = 8.
 
     The rest of the first epoch (21 steps from the checkpoint at 3) runs in
@@ -154,23 +184,16 @@ def test_a_killed_run_resumes_under_another_steps_per_execution(tmp_path):
     resumes the same way; a binding a resume may not change is still refused
     with the command line's message.
     """
-    reference = tmp_path / "reference"
-    uninterrupted = subprocess.Popen(
-        _command(reference), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
     run, older = tmp_path / "killed", tmp_path / "older"
     eight = ["train.steps_per_execution = 8", "train.keep_checkpoints = 20"]
+    # Killed at the end of its 2nd execution (step 6), before that step's checkpoint.
+    proc = _train(run, fault="train.step@2")
+    assert proc.returncode == KILLED, proc.stderr[-3000:]
+    assert _steps(run) == [3]
+    shutil.copytree(run, older)
+
+    eights = _start_train(run, resume=True, bindings=eight)  # beside the older checkpoint's runs
     try:
-        # Killed at the end of its 2nd execution (step 6), before that step's checkpoint.
-        proc = _train(run, fault="train.step@2")
-        assert proc.returncode == KILLED, proc.stderr[-3000:]
-        assert _steps(run) == [3]
-        shutil.copytree(run, older)
-
-        proc = _train(run, resume=True, bindings=eight)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert _steps(run) == [3, 10, 17, 24, 32, 40, 48]  # executions of 7, then of 8
-
         # The same checkpoint as an earlier tfmeta wrote it: steps_per_execution among its bindings.
         manifest = older / "checkpoints" / "ckpt-000000003" / "manifest.json"
         written = json.loads(manifest.read_text())
@@ -187,9 +210,13 @@ def test_a_killed_run_resumes_under_another_steps_per_execution(tmp_path):
         proc = _train(older, resume=True, bindings=eight)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert _steps(older) == [3, 10, 17, 24, 32, 40, 48]
-    finally:
-        out, err = uninterrupted.communicate(timeout=600)
-    assert uninterrupted.returncode == 0, err[-3000:]
+    except BaseException:
+        _kill(eights)
+        raise
+    proc = _finish(eights)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _steps(run) == [3, 10, 17, 24, 32, 40, 48]  # executions of 7, then of 8
+    reference = uninterrupted()
 
     for folder in (run, older):
         for resumed, straight in zip(_phi(folder), _phi(reference), strict=True):
@@ -243,12 +270,14 @@ def test_checkpoint_round_trip_resumes_exactly(digits, tmp_path):
     from tfmeta.checkpoint import MetaCheckpoint
 
     straight = _meta()
-    straight.fit(_stream(digits), steps_per_epoch=7, verbose=0)
-
-    first = _meta()
-    checkpoint = MetaCheckpoint(tmp_path / "ckpt", every_steps=1)
-    assert checkpoint.restore(first) == 0
-    first.fit(_stream(digits), steps_per_epoch=3, verbose=0, callbacks=[checkpoint])
+    checkpoint = MetaCheckpoint(tmp_path / "ckpt", every_steps=3, keep=3)
+    assert checkpoint.restore(straight) == 0
+    straight.fit(_stream(digits), steps_per_epoch=7, verbose=0, callbacks=[checkpoint])
+    # Checkpoints at steps 3, 6 and 7: cut back to 3, as if killed after it.
+    saved = list_checkpoints(tmp_path / "ckpt")
+    assert [step for step, _ in saved] == [3, 6, 7]
+    for _, path in saved[1:]:
+        shutil.rmtree(path)
     # A fresh process would start from a new model: restore into one.
     second = _meta(seed=1)
     resumed = MetaCheckpoint(tmp_path / "ckpt", every_steps=1)
@@ -306,12 +335,12 @@ def test_same_seed_same_phi_in_process(digits):
 
 DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
-    import json, pathlib, sys
+    import json, pathlib, shutil, sys
     from tfmeta.distribute import use_logical_cpus
     use_logical_cpus(2)
     import keras, numpy as np, tensorflow as tf
     import tfmeta
-    from tfmeta.checkpoint import MetaCheckpoint
+    from tfmeta.checkpoint import MetaCheckpoint, list_checkpoints
     from tfmeta.models import mlp
     from tfmeta.tasks import digits_tasks
 
@@ -336,12 +365,12 @@ DISTRIBUTED_SCRIPT = textwrap.dedent(
         return meta
 
     straight = make(0)
-    straight.fit(stream(), steps_per_epoch=7, verbose=0)
     directory = pathlib.Path(sys.argv[1])
-    first = make(0)
-    checkpoint = MetaCheckpoint(directory, every_steps=1)
-    checkpoint.restore(first, (2, 2, 5, 8, 8, 1))   # per replica: 2 of the 4 tasks
-    first.fit(stream(), steps_per_epoch=3, verbose=0, callbacks=[checkpoint])
+    checkpoint = MetaCheckpoint(directory, every_steps=3, keep=3)
+    checkpoint.restore(straight, (2, 2, 5, 8, 8, 1))   # per replica: 2 of the 4 tasks
+    straight.fit(stream(), steps_per_epoch=7, verbose=0, callbacks=[checkpoint])
+    for _, path in list_checkpoints(directory)[1:]:   # steps 6 and 7: as if killed after 3
+        shutil.rmtree(path)
     second = make(1)
     resumed = MetaCheckpoint(directory, every_steps=1)
     start = resumed.restore(second, (2, 2, 5, 8, 8, 1))
@@ -539,8 +568,33 @@ FAILED_SAVE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="module")
+def failed_saves(tmp_path_factory):
+    """The failed-save script of every failure, started together: {failure: (work folder, process)}."""
+    from test_atomic import without_dac_override
+
+    runs = {}
+    for failure in ("full_disk", "read_only"):
+        try:
+            prefix = without_dac_override() if failure == "read_only" else []
+        except pytest.skip.Exception:
+            continue  # its test skips, naming why
+        folder = tmp_path_factory.mktemp(failure)
+        script = folder / "failed_save.py"
+        script.write_text(FAILED_SAVE_SCRIPT)
+        work = folder / "work"
+        work.mkdir()
+        runs[failure] = work, subprocess.Popen(
+            [*prefix, sys.executable, str(script), failure], cwd=work, env=_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    yield runs
+    for _, proc in runs.values():
+        _kill(proc)
+
+
 @pytest.mark.parametrize("failure, code", [("full_disk", errno.EFBIG), ("read_only", errno.EACCES)])
-def test_a_failed_save_keeps_the_previous_checkpoint_and_export(tmp_path, failure, code):
+def test_a_failed_save_keeps_the_previous_checkpoint_and_export(failed_saves, failure, code):
     """A save that fails (disk full: a file-size limit; read-only folders) raises
     WriteError naming the target, and leaves the previous checkpoint and export
     complete, verified and loadable, with no half-written folder beside them."""
@@ -549,13 +603,10 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_export(tmp_path, failur
     from tfmeta.export import load_initialization, read_export_info
     from tfmeta.models import mlp
 
-    script = tmp_path / "failed_save.py"
-    script.write_text(FAILED_SAVE_SCRIPT)
-    work = tmp_path / "work"
-    work.mkdir()
-    prefix = without_dac_override() if failure == "read_only" else []
-    proc = subprocess.run([*prefix, sys.executable, str(script), failure], cwd=work, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    if failure not in failed_saves:
+        without_dac_override()  # skips with the reason
+    work, proc = failed_saves[failure]
+    proc = _finish(proc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     targets = {"checkpoint": "ckpt/ckpt-000000002", "export_keras": "init", "export_savedmodel": "init"}
