@@ -184,15 +184,16 @@ def assert_same(actual, expected, what, tolerance=TOLERANCE):
 # subprocess entry points
 
 
-def _replicas_main():
-    """2 logical CPUs: every learner with 1 and 2 replicas, and the errors."""
+def _replicas_main(part):
+    """2 logical CPUs: every learner with 1 and 2 replicas, and the errors.
+
+    The runs come in two halves (`part` "0" and "1"), which the fixture runs
+    side by side; each half holds the runs its tests compare.
+    """
     from tfmeta import distribute
 
     devices = distribute.use_logical_cpus(2)
-    import keras
     import tensorflow as tf
-
-    import tfmeta
 
     one = tf.distribute.get_strategy()
     two = distribute.get_strategy("mirrored", devices)
@@ -201,22 +202,39 @@ def _replicas_main():
         "replicas": two.num_replicas_in_sync,
         "cross_device_ops": type(two.extended._cross_device_ops).__name__,
     }
-    for learner in ("leap", "reptile", "cts"):  # CTS: K / S meta-updates, others one
+    # CTS: K / S meta-updates, the others one
+    for learner in ("leap", "cts") if part == "0" else ("reptile",):
         out[learner] = {
             "one": meta_train(one, learner, x, y),
             "two": meta_train(two, learner, x, y, steps_per_execution=2),
         }
+    if part == "0":
+        # 4 chunks (2 trajectories of K), 3 epochs; 3 steps per execution: each epoch's last is partial
+        x4, y4 = task_data(steps=2 * K)
+        out["epochs"] = {
+            "one": meta_train(one, "cts", x4, y4, epochs=3),
+            "two": meta_train(two, "cts", x4, y4, steps_per_execution=3, epochs=3),
+        }
+    else:
+        out.update(_scalar_loss_and_errors(one, two, devices, x, y))
+    print("RESULT " + json.dumps(out))
+
+
+def _scalar_loss_and_errors(one, two, devices, x, y):
+    """A scalar-valued loss on 1 and 2 replicas, TensorFlow's collective
+    all-reduce, and the errors of unsupported combinations."""
+    import keras
+    import tensorflow as tf
+
+    import tfmeta
+    from tfmeta import distribute
+
+    out = {}
 
     class ScalarMSE(keras.losses.Loss):  # already reduced: Keras does not scale it
         def call(self, y_true, y_pred):
             return keras.ops.mean(keras.ops.square(y_true - y_pred))
 
-    # 4 chunks (2 trajectories of K), 3 epochs; 3 steps per execution: each epoch's last is partial
-    x4, y4 = task_data(steps=2 * K)
-    out["epochs"] = {
-        "one": meta_train(one, "cts", x4, y4, epochs=3),
-        "two": meta_train(two, "cts", x4, y4, steps_per_execution=3, epochs=3),
-    }
     out["scalar_loss"] = {
         "one": meta_train(one, "reptile", x, y, loss=ScalarMSE()),
         "two": meta_train(two, "reptile", x, y, loss=ScalarMSE()),
@@ -247,7 +265,7 @@ def _replicas_main():
     copy = distribute.in_scope(make_model(), two)
     out["in_scope_copy"] = [v.numpy().tolist() for v in copy.weights]
     out["errors"] = errors
-    print("RESULT " + json.dumps(out))
+    return out
 
 
 def _worker_main():
@@ -267,12 +285,6 @@ def _digits_worker_main():
 
     strategy = distribute.get_strategy("multi_worker")  # before any TF op
     print("RESULT " + json.dumps(digits_meta_train(strategy)))
-
-
-def _run(args, env=None, timeout=TIMEOUT):
-    """Run `python args...` in the repository; the RESULT line as a dict."""
-    processes = _start([args], [env or {}])
-    return _collect(processes, timeout)[0]
 
 
 def _start(argvs, envs):
@@ -302,10 +314,7 @@ def _collect(processes, timeout):
                 )
             outputs.append((out, err))
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+        _kill(processes)
     results = []
     for out, _ in outputs:
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
@@ -319,7 +328,10 @@ def _collect(processes, timeout):
 
 @pytest.fixture(scope="module")
 def replicas():
-    return _run([__file__, "replicas"])
+    # the two halves side by side: tracing, most of a run's time, uses one core
+    halves = _collect(_start([[__file__, "replicas", part] for part in "01"], [{}, {}]), TIMEOUT)
+    assert all(isinstance(half, dict) for half in halves), halves
+    return {**halves[0], **halves[1]}
 
 
 @pytest.mark.parametrize("learner", ["leap", "reptile", "cts"])
@@ -438,20 +450,35 @@ def _copy_weights():
 # two workers on localhost vs one
 
 
-def _cluster(argv, num_workers=2, timeout=TIMEOUT):
+def _kill(processes):
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def _cluster(argv, beside, num_workers=2, timeout=TIMEOUT):
+    """The workers' results of `argv` on a localhost cluster, and `beside()`,
+    run in this process while the workers run (the single-worker reference)."""
     from tfmeta.distribute import local_tf_configs
 
     configs = local_tf_configs(num_workers)
     processes = _start([argv] * num_workers, [{"TF_CONFIG": c} for c in configs])
-    return _collect(processes, timeout)
+    try:
+        reference = beside()
+    except BaseException:
+        _kill(processes)
+        raise
+    return _collect(processes, timeout), reference
 
 
 def test_two_workers_give_the_phi_of_one_worker():
     import tensorflow as tf
 
-    workers = _cluster([__file__, "worker"])
     x, y = task_data()
-    single = meta_train(tf.distribute.get_strategy(), "leap", x, y)
+    workers, single = _cluster(
+        [__file__, "worker"], lambda: meta_train(tf.distribute.get_strategy(), "leap", x, y)
+    )
     assert [w["chief"] for w in workers] == [True, False]
     for worker in workers:
         assert worker["replicas"] == 2
@@ -468,8 +495,9 @@ def test_two_workers_make_only_their_tasks_and_give_the_phi_of_one_worker():
     same phi as one worker reading every task, with augmentation."""
     import tensorflow as tf
 
-    workers = _cluster([__file__, "digits_worker"])
-    single = digits_meta_train(tf.distribute.get_strategy())
+    workers, single = _cluster(
+        [__file__, "digits_worker"], lambda: digits_meta_train(tf.distribute.get_strategy())
+    )
     assert single["traced_tasks"] == [T]
     for worker in workers:
         assert worker["meta_updates"] == single["meta_updates"] == 2
@@ -503,7 +531,14 @@ def test_train_multi_worker_from_gin_writes_from_the_chief_only(tmp_path):
 
     from tfmeta.cli import train as cli
 
-    outputs = _cluster(_train_argv(tmp_path / "two", ['train.strategy="multi_worker"']))
+    def one_worker():  # in this process, while the two workers run
+        gin.clear_config()
+        try:
+            cli.run(_train_argv(tmp_path / "one")[1:])
+        finally:
+            gin.clear_config()
+
+    outputs, _ = _cluster(_train_argv(tmp_path / "two", ['train.strategy="multi_worker"']), one_worker)
     assert "Initialization exported" in outputs[0]
     assert "Worker 1" in outputs[1] and "the chief wrote the outputs" in outputs[1]
     written = sorted(p.name for p in (tmp_path / "two").iterdir())
@@ -515,11 +550,6 @@ def test_train_multi_worker_from_gin_writes_from_the_chief_only(tmp_path):
     assert [p.name for p in (tmp_path / "two" / "workers").iterdir()] == ["worker-1"]
     assert "train.strategy = 'multi_worker'" in (tmp_path / "two" / "operative_config.gin").read_text()
 
-    gin.clear_config()
-    try:
-        cli.run(_train_argv(tmp_path / "one")[1:])
-    finally:
-        gin.clear_config()
     from tfmeta.tasks import himmelblau  # noqa: F401  (registers TaskFrame)
 
     two = keras.saving.load_model(tmp_path / "two" / "initialization" / "model.keras")
@@ -533,17 +563,17 @@ def test_train_multi_worker_from_gin_writes_from_the_chief_only(tmp_path):
 # XLA
 
 
-@pytest.mark.parametrize("learner", ["leap", "reptile"])
-def test_jit_compile_gives_the_same_phi_on_cpu(learner):
+def test_jit_compile_gives_the_same_phi_on_cpu():
     """XLA changes float rounding only; without random ops (dropout, CTS's
     random shift) the phi is the same: TensorFlow's stateless RNG picks
-    another algorithm under XLA, so random streams differ there."""
+    another algorithm under XLA, so random streams differ there. (Leap here;
+    every learner under XLA against no XLA: tests/test_xla_replicas.py.)"""
     import tensorflow as tf
 
     x, y = task_data()
     strategy = tf.distribute.get_strategy()
-    auto = meta_train(strategy, learner, x, y, dropout=False)
-    jit = meta_train(strategy, learner, x, y, jit_compile=True, dropout=False)
+    auto = meta_train(strategy, "leap", x, y, dropout=False)
+    jit = meta_train(strategy, "leap", x, y, jit_compile=True, dropout=False)
     assert auto["jit_compile"] is False  # Keras' "auto": no XLA on a CPU-only machine
     assert jit["jit_compile"] is True
     assert_same(jit["phi"], auto["phi"], "phi")
@@ -607,4 +637,6 @@ def test_task_batches_must_split_evenly():
 
 
 if __name__ == "__main__":
-    {"replicas": _replicas_main, "worker": _worker_main, "digits_worker": _digits_worker_main}[sys.argv[1]]()
+    {"replicas": _replicas_main, "worker": _worker_main, "digits_worker": _digits_worker_main}[sys.argv[1]](
+        *sys.argv[2:]
+    )
