@@ -143,6 +143,15 @@ def configured_methods():
     return found
 
 
+def test_each_gin_rate_is_the_source_only_validation_choice(configured_methods):
+    """gin/many_shot_<method>.gin's Benchmark.finetune_lr is what the committed validation run chose."""
+    chosen = many_shot.best_finetune_lr(
+        many_shot.load_results(REPO / "docs" / "figures" / "many_shot_validation_lr_results.json"))
+    configured = {m.name: s["finetune_lr"] for _, m, s, _ in configured_methods.values()}
+    assert configured == chosen
+    assert chosen["multi-task"] == 0.03 and chosen["no pretraining"] == 0.1
+
+
 def test_one_gin_file_per_method_with_the_shared_setting(configured_methods):
     # Each method's fine-tuning rate is its own (chosen on the source-only
     # split among the grid, like its beta); everything else is shared.
