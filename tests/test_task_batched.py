@@ -189,7 +189,9 @@ def test_grouped_conv_runs_exactly_where_onednn_does():
     assert not _grouped_conv_probe(config, "float64", "")
 
 
-def test_batched_step_is_right_with_and_without_onednn():
+@pytest.fixture(scope="module")
+def onednn_children():
+    """This file's float32 checks in two child processes, TF_ENABLE_ONEDNN_OPTS=0 and =1."""
     selected = ["-k", "leap-sgd_momentum-auto or functional or runs_exactly"]
     children = {}
     for flag in ("0", "1"):
@@ -199,7 +201,24 @@ def test_batched_step_is_right_with_and_without_onednn():
              *selected],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-    for flag, child in children.items():
+    yield children
+    for child in children.values():
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _onednn_children_first(request):
+    """Start the children when the module starts, if their test is selected:
+    they run beside the other tests (this process mostly traces, on one core)."""
+    if any(item.originalname == "test_batched_step_is_right_with_and_without_onednn"
+           for item in request.session.items):
+        request.getfixturevalue("onednn_children")
+
+
+def test_batched_step_is_right_with_and_without_onednn(onednn_children):
+    for flag, child in onednn_children.items():
         output, _ = child.communicate(timeout=600)
         assert child.returncode == 0, f"TF_ENABLE_ONEDNN_OPTS={flag}:\n{output[-4000:]}"
         assert "3 passed" in output, output[-2000:]
