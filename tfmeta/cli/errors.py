@@ -7,7 +7,8 @@ file-size limit, a read-only folder) carry no advice of their own;
 `describe` adds it. `explain_gin_error` does the same for gin's parse errors.
 
 `run_tool(prog, run, argv, script=__file__)` is every tool's entry point around its `run(argv)`:
-bad input is `report`ed, Ctrl-C ends in one line with exit code 130, and
+bad input is `report`ed (TensorFlow's start-up lines held back: it is the only line
+on stderr), Ctrl-C ends in one line with exit code 130, and
 inside `resumable(directory)` (an experiment that writes each cell as it
 finishes) that line says where the cells are and the command that continues.
 `at_least(n)` is an argparse type for counts (``--steps 0`` is a usage error).
@@ -38,7 +39,7 @@ import signal
 import sys
 import threading
 
-from tfmeta.cli.startup import debug_enabled
+from tfmeta.cli.startup import debug_enabled, hold_stderr_at_import
 
 #: The exit code of every bad-input error (argparse's own usage errors exit 2 too).
 EXIT_BAD_INPUT = 2
@@ -152,6 +153,9 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
             return errors.run_tool("cts_synthetic.py", run, argv, script=__file__)
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    # TensorFlow's start-up lines, printed when a tool first imports it, would
+    # come before a bad-input line (tfmeta.cli.startup).
+    hold_stderr_at_import()
     if threading.current_thread() is threading.main_thread() and (
             signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         # Started in the background by a script (no job control), a tool

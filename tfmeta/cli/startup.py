@@ -18,6 +18,14 @@ project's CI), they ran tfmeta's meta-training 1.1-1.2x faster than
 TensorFlow's Eigen kernels (docs/performance.md, "Against PyTorch").
 `TF_ENABLE_ONEDNN_OPTS=0` keeps the Eigen kernels.
 
+The other tools import TensorFlow wherever they first need it, after their
+arguments are parsed; `errors.run_tool`, every tool's entry point, calls
+`hold_stderr_at_import()` so that this first `import tensorflow` is done with
+file descriptor 2 held just the same, and a bad-input error is the first
+line on stderr, not the tenth. Unlike `import_tensorflow`, it changes no
+environment variable and no logger (their kernels and warnings stay as
+they were). `TFMETA_DEBUG=1` keeps every message.
+
 Example::
 
     args = parser.parse_args(argv)          # --help exits here, TensorFlow unimported
@@ -27,6 +35,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import os
 import sys
 import tempfile
@@ -54,6 +64,7 @@ def add_verbose_flag(parser):
 def import_tensorflow(verbose=False):
     """Import TensorFlow and Keras, silencing their start-up noise unless `verbose`."""
     loud = verbose or debug_enabled()
+    _stop_holding()  # the decision is `verbose`'s now
     if not loud:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" not in sys.modules:
@@ -92,3 +103,61 @@ def _stderr_held():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def hold_stderr_at_import(module="tensorflow"):
+    """Until `module` is imported, make its first import hold file descriptor 2 as `import_tensorflow` does.
+
+    For a tool that imports TensorFlow only once its arguments are parsed
+    (`--help` stays fast): TensorFlow's C++ start-up lines (CUDA probing,
+    oneDNN notices), which `TF_CPP_MIN_LOG_LEVEL` does not reach, are then
+    not printed, or printed only if the import fails. Nothing happens with
+    `TFMETA_DEBUG=1` or once `module` is imported.
+
+    Example::
+
+        startup.hold_stderr_at_import()
+        args = parser.parse_args(argv)
+        import tensorflow as tf                 # quiet
+    """
+    if debug_enabled() or module in sys.modules:
+        return
+    _stop_holding()
+    sys.meta_path.insert(0, _HoldingFinder(module))
+
+
+def _stop_holding():
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _HoldingFinder)]
+
+
+class _HoldingFinder(importlib.abc.MetaPathFinder):
+    """Finds `module` as the other finders do, its loader running with stderr held."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.module:
+            return None
+        _stop_holding()  # once; and the real finders answer below
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _HoldingLoader(spec.loader)
+        return spec
+
+
+class _HoldingLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, name):  # resource readers and the like: the real loader's
+        return getattr(self.loader, name)
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        # The module keeps its real loader (pickling, importlib.resources).
+        module.__loader__ = module.__spec__.loader = self.loader
+        with _stderr_held():
+            self.loader.exec_module(module)
