@@ -46,6 +46,12 @@ __all__ = [
 #: The weight decay ``gamma`` of the default recipe where no ``weight_decay``
 #: is a setting (and the default of ``weight_decay`` where it is).
 DEFAULT_WEIGHT_DECAY = 5e-4
+#: The default recipes of the experiments that measure ``C_beta`` check the
+#: loss after every step once it is within this factor of the threshold
+#: (``TrainingRecipe.fine_check_factor``, as gin/complexity_relabel.gin and
+#: gin/complexity_kramers.gin bind it), so that ``C_beta`` and step counts are
+#: taken at the first step under the threshold (issue 12 section 3).
+FINE_CHECK_FACTOR = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +136,7 @@ class ComplexitySettings(TrainSettings):
         """:func:`default_recipe` with ``weight_decay``, checking the loss after
         every step once within 2x of the threshold, so that a run stops, and
         ``C_beta`` is measured, at the first step under it."""
-        return default_recipe(self.weight_decay, fine_check_factor=2.0)
+        return default_recipe(self.weight_decay, fine_check_factor=FINE_CHECK_FACTOR)
 
     @property
     def beta(self) -> float:
@@ -192,15 +198,24 @@ class FinetuneSettings(TransferSettings, ComplexitySettings):
     """Pretraining, complexity and fine-tuning settings: the fields of
     :class:`ComplexitySettings` and of :class:`TransferSettings`.
 
+    The default recipe is :class:`ComplexitySettings`' (checks after every
+    step within 2x of the threshold) with ``seed``: the pretrained models
+    whose ``C_beta`` is measured stop at the first step under the threshold,
+    and the default fine-tuning recipe (the same, with a 10000-step budget)
+    counts fine-tuning steps to that step, not to the next multiple of
+    ``eval_every``.
+
     Example::
 
         s = FinetuneSettings(examples=300, weight_decay=1e-3, seed=2)
         s.finetune_recipe.steps        # 10000
+        s.finetune_recipe.fine_check_factor    # 2.0
     """
 
     def _default_recipe(self) -> TrainingRecipe:
-        """:func:`default_recipe` with ``weight_decay`` and ``seed``."""
-        return default_recipe(self.weight_decay, seed=self.seed)
+        """:func:`default_recipe` with ``weight_decay``, ``seed`` and ``FINE_CHECK_FACTOR``."""
+        return default_recipe(self.weight_decay, seed=self.seed,
+                              fine_check_factor=FINE_CHECK_FACTOR)
 
 
 def with_settings(settings_class):
