@@ -157,7 +157,11 @@ def test_ctrl_c_in_an_experiment_says_where_the_cells_are_and_how_to_continue(tm
         while not (out / "results.json").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # say what the child was doing instead of only that it ran on
+            pytest.fail("no exit 120 s after SIGINT; its stderr:\n" + proc.communicate()[1][-3000:])
     finally:
         if proc.poll() is None:  # never leave a child computing after a failure
             proc.kill()
