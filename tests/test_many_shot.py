@@ -318,12 +318,32 @@ def test_the_tool_refuses_to_overwrite_without_resume(tmp_path, capsys):
 
 
 # ------------------------------------------------------------ real smoke
-def test_smoke_meta_learned_init_beats_no_pretraining_on_a_held_out_dataset(tfds_dir, tmp_path):
+def test_smoke_reptile_init_lowers_the_loss_auc_on_held_out_digits(tfds_dir, tmp_path):
+    """6 Reptile meta-updates on MNIST variants and Omniglot: fine-tuning on digits has a lower loss AUC.
+
+    digits (scikit-learn's) is a dataset none of whose tasks is a source. The
+    claim: the Reptile body's training-loss AUC on it, at the benchmark's
+    lr 0.1, is below 0.92 x no pretraining's (both from the seed's random init).
+    Reptile / no-pretraining loss-AUC ratio measured at seeds 0-4 (this run
+    is seed 0): 0.615 0.715 0.592 0.648 0.730; with digits fine-tuned second
+    (another fresh-head draw), 0.733 0.748 0.583 0.644 0.719. The threshold
+    is the largest plus the spread of all ten (0.748 + 0.165), a margin for
+    other CPUs' kernels. The numbers below are of that second measurement
+    (targets fashion_mnist, digits, mnist/contrast, omniglot/evaluation_a).
+    Not claimed, as no margin holds at this size: Fashion-MNIST 0.936 1.002
+    1.029 0.853 0.954 (the full benchmark finds no general gain on held-out
+    targets either, docs/results.md); at lr 0.03 (CTS's rate) digits 1.058 1.220 0.879
+    0.892 1.057, Fashion-MNIST 1.000 1.254 1.028 1.018 1.102; 12 meta-updates
+    instead of 6: digits 0.859 0.834 0.504 0.589 0.676. The targets that are
+    a source dataset's new transform or new alphabets gain more and more
+    surely (lr 0.1, 6 updates): mnist/contrast 0.621 0.629 0.456 0.618 0.620,
+    omniglot/evaluation_a 0.656 0.704 0.612 0.724 0.710.
+    """
     # Small but not vanishing: 6 Reptile meta-updates of K = 50 steps (beta 1:
     # phi becomes the tasks' mean trained body), inner SGD 0.05 with momentum.
     bench = Benchmark(
         sources=("mnist", "mnist/inverted", "mnist/rot90", "omniglot/background_a"),
-        targets=("fashion_mnist",), filters=8, inner_steps=50, tasks_per_batch=2, batch_size=16,
+        targets=("digits",), filters=8, inner_steps=50, tasks_per_batch=2, batch_size=16,
         budget=300, checkpoints=1, finetune_steps=100, finetune_examples=500, test_examples=1000,
         inner_optimizer=lambda: keras.optimizers.SGD(0.05, momentum=0.9, weight_decay=5e-4),
     )
@@ -332,9 +352,9 @@ def test_smoke_meta_learned_init_beats_no_pretraining_on_a_held_out_dataset(tfds
         Method("no pretraining", kind="none"),
     ]
     results = many_shot.run(bench, methods, seeds=[0], output_dir=tmp_path, log=lambda _: None)
-    scores = {c["method"]: c["targets"]["fashion_mnist"] for c in results["cells"].values()}
-    # Fashion-MNIST is a dataset none of whose tasks is a source.
-    assert scores["reptile"]["loss_auc"] < 0.97 * scores["no pretraining"]["loss_auc"], scores
+    scores = {c["method"]: c["targets"]["digits"] for c in results["cells"].values()}
+    assert "digits" in HELD_OUT_DATASETS and bench.finetune_lr == 0.1
+    assert scores["reptile"]["loss_auc"] < 0.92 * scores["no pretraining"]["loss_auc"], scores
 
 
 # ------------------------------------------- choosing the fine-tuning rate
