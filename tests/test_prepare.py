@@ -6,6 +6,7 @@ are cached in ``default_data_dir()`` by the session fixture ``tfds_dir``.
 
 import logging
 import pathlib
+import re
 import shutil
 import time
 
@@ -200,6 +201,53 @@ def test_missing_archive_names_the_file(archive_dir, tmp_path):
     (archives / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
     with pytest.raises(FileNotFoundError, match="mnist/t10k-images-idx3-ubyte.gz"):
         prepare_datasets(archives, data_dir=tmp_path / "tfds", names=["mnist"])
+
+
+@pytest.mark.data
+def test_the_tool_refuses_a_missing_archive_folder_even_when_everything_is_prepared(
+        tfds_dir, archive_dir, tmp_path, monkeypatch, capsys):
+    """Nothing would be read, but a mistyped --from (or $TFMETA_DATA_DIR) is said, not passed over."""
+    from tfmeta.cli import errors
+
+    def tool(*argv):
+        code = errors.run_tool("prepare_data.py", prepare.main, [*map(str, argv), "--data_dir", str(tfds_dir)])
+        return code, capsys.readouterr()
+
+    missing = tmp_path / "archives-typo"
+    code, out = tool("--from", missing)
+    assert code == 2 and out.out == ""
+    assert out.err.strip().splitlines()[-1] == (
+        f"prepare_data.py: error: FileNotFoundError: the archive folder (--from) {missing} does not exist: "
+        "pass the folder holding mnist, fashion_mnist, omniglot (one sub-folder each) and SHA256SUMS "
+        "(e.g. --from ../shared/data)")
+    monkeypatch.setenv("TFMETA_DATA_DIR", str(missing))
+    code, out = tool()
+    assert code == 2 and f"the archive folder ($TFMETA_DATA_DIR) {missing} does not exist: " in out.err
+    (tmp_path / "a-file").write_text("")
+    code, out = tool("--from", tmp_path / "a-file")
+    assert code == 2 and f"(--from) {tmp_path / 'a-file'} is a file, not a folder: " in out.err
+    # The real folder: still a no-op that says where the datasets are.
+    code, out = tool("--from", archive_dir)
+    assert code == 0 and out.out.strip().splitlines()[-1] == f"datasets ready in {tfds_dir}"
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_build_from_a_missing_archive_folder_names_the_folder(tmp_path, verify):
+    # Before anything else: not "SHA256SUMS not found" (which --no-verify would not fix)
+    # nor "archive mnist/... is missing" (as if only that file were).
+    with pytest.raises(FileNotFoundError, match=f"^the archive folder {re.escape(str(tmp_path / 'nowhere'))} "
+                       "does not exist: "):
+        prepare_datasets(tmp_path / "nowhere", data_dir=tmp_path / "tfds", names=["mnist"], verify=verify)
+    assert not (tmp_path / "tfds" / "mnist").exists()
+
+
+def test_a_folder_without_sha256sums_says_how_to_skip_the_check(tmp_path):
+    (tmp_path / "archives").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        prepare_datasets(tmp_path / "archives", data_dir=tmp_path / "tfds", names=["mnist"])
+    assert str(err.value) == (
+        f"{tmp_path / 'archives' / 'SHA256SUMS'} not found; it is needed to verify the archives "
+        "(verify=False or --no-verify skips that check)")
 
 
 def test_missing_dataset_error_says_how_to_prepare(tmp_path):

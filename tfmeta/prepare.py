@@ -122,6 +122,18 @@ def _prepare_command(data_dir: pathlib.Path) -> str:
     return f"{PREPARE_COMMAND} --data_dir {data_dir}"
 
 
+def _archive_folder(archive_dir, given="the archive folder") -> pathlib.Path:
+    """`archive_dir` resolved, or a FileNotFoundError naming it (`given`: how it was given) and the fix."""
+    path = pathlib.Path(archive_dir).expanduser().resolve()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(
+            f"{given} {path} {what}: pass the folder holding {', '.join(DEFAULT_NAMES)} "
+            f"(one sub-folder each) and {SUMS_FILENAME} (e.g. --from ../shared/data)"
+        )
+    return path
+
+
 def _builder(name: str, data_dir: pathlib.Path, archive_dir=None):
     # Imported here: tensorflow_datasets is only needed when data is touched.
     import tensorflow_datasets as tfds
@@ -251,8 +263,9 @@ def prepare_datasets(
       The data_dir, to pass to ``load`` or ``tfds.load``.
 
     Already prepared datasets are skipped without reading any archive, so a
-    second call is a fast no-op. All requested archives are verified before
-    anything is built.
+    second call is a fast no-op (even if `archive_dir` is gone; the command
+    line, `main`, refuses a missing folder). All requested archives are
+    verified before anything is built.
 
     Example::
 
@@ -308,7 +321,7 @@ def _preparation_lock(data_dir: pathlib.Path):
 def _build(todo, data_dir: pathlib.Path, archive_dir, verify: bool):
     """Verify every archive of `todo`, then build the datasets one by one."""
 
-    archive_dir = pathlib.Path(archive_dir).expanduser().resolve()
+    archive_dir = _archive_folder(archive_dir)
     sums = {}
     if verify:
         sums_path = archive_dir / SUMS_FILENAME
@@ -416,7 +429,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--from",
         dest="archive_dir",
-        default=os.environ.get("TFMETA_DATA_DIR"),
+        default=None,
         help="folder with omniglot/, mnist/, fashion_mnist/ and SHA256SUMS "
         "(default: $TFMETA_DATA_DIR)",
     )
@@ -434,8 +447,13 @@ def main(argv=None) -> int:
         help="skip the SHA256SUMS check",
     )
     args = parser.parse_args(argv)
-    if not args.archive_dir:
+    archive_dir = args.archive_dir or os.environ.get("TFMETA_DATA_DIR")
+    if not archive_dir:
         parser.error("--from is required (or set TFMETA_DATA_DIR)")
+    # Checked even when every dataset is prepared (nothing is read then): a
+    # mistyped folder would otherwise pass silently, and fail on the next build.
+    given = "--from" if args.archive_dir else "$TFMETA_DATA_DIR"
+    archive_dir = _archive_folder(archive_dir, f"the archive folder ({given})")
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -447,7 +465,7 @@ def main(argv=None) -> int:
     log.propagate = False
     try:
         data_dir = prepare_datasets(
-            args.archive_dir, args.data_dir, args.names, verify=args.verify
+            archive_dir, args.data_dir, args.names, verify=args.verify
         )
     # A bad archive folder raises: tools/prepare_data.py reports it in one line
     # (tfmeta.cli.errors.run_tool), callers of main() get the exception.
