@@ -179,6 +179,44 @@ def test_ctrl_c_in_an_experiment_says_where_the_cells_are_and_how_to_continue(tm
     assert 1 <= len(cells) < 40 and "reptile/K2/seed0" in cells
 
 
+def test_a_ctrl_c_that_a_library_swallows_still_stops_the_experiment_after_its_cell(
+        capsys, monkeypatch, tmp_path):
+    """The Ctrl-C lands where a library discards KeyboardInterrupt (a bare `except:`, a
+    finalizer's "Exception ignored in"): the cell in progress is saved, no other is computed."""
+    from tfmeta.experiments.complexity_run import CellStore
+
+    monkeypatch.delenv("TFMETA_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tools/tool.py"])
+    computed = []
+
+    def cell(seed):
+        if seed == 1:
+            try:
+                signal.raise_signal(signal.SIGINT)  # the handler runs before this returns
+            except KeyboardInterrupt:
+                pass
+        computed.append(seed)
+        return {"seed": seed}
+
+    def run(argv):
+        store = CellStore(tmp_path, "fake")
+        with errors.resumable(tmp_path):
+            for seed in range(4):
+                store.get(str(seed)) or store.put(str(seed), cell(seed))
+        return 0
+
+    before = signal.getsignal(signal.SIGINT)
+    assert errors.run_tool("tool.py", run, ["--seeds", "0"]) == errors.EXIT_INTERRUPTED
+    assert computed == [0, 1]
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == {"0": {"seed": 0}, "1": {"seed": 1}}
+    assert capsys.readouterr().err == (
+        f"tool.py: interrupted; finished cells are saved in {tmp_path}; continue with the same command "
+        "and --resume: python tools/tool.py --seeds 0 --resume\n")
+    # The caller's handler is back, and a store outside run_tool ignores the old Ctrl-C.
+    assert signal.getsignal(signal.SIGINT) is before
+    assert CellStore(tmp_path, "fake").put("2", {"seed": 2}) == {"seed": 2}
+
+
 def _stopped(raised, argv, directory="runs/x"):
     def run(argv):
         with errors.resumable(directory):

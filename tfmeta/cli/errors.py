@@ -11,6 +11,8 @@ bad input is `report`ed (TensorFlow's start-up lines held back: it is the only l
 on stderr), Ctrl-C ends in one line with exit code 130, and
 inside `resumable(directory)` (an experiment that writes each cell as it
 finishes) that line says where the cells are and the command that continues.
+A Ctrl-C that a library swallowed still stops the experiment after the cell
+in progress (`CtrlC`).
 `at_least(n)` is an argparse type for counts (``--steps 0`` is a usage error).
 
 Example::
@@ -143,7 +145,8 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
     Bad input (`expected()`) is `report`ed (exit code 2); Ctrl-C exits 130
     with "interrupted", and inside `resumable` with where the finished cells
     are and the command that continues (`continue_command` of `script`, the
-    tool's `__file__`). `stopped(stop, argv)`, when given, is that line
+    tool's `__file__`); during `run` SIGINT is handled by a `CtrlC`, also
+    when it was ignored. `stopped(stop, argv)`, when given, is that line
     instead (the training job's own). Other errors are bugs: they
     propagate, traceback and all. With TFMETA_DEBUG=1 everything propagates.
 
@@ -156,15 +159,9 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
     # TensorFlow's start-up lines, printed when a tool first imports it, would
     # come before a bad-input line (tfmeta.cli.startup).
     hold_stderr_at_import()
-    if threading.current_thread() is threading.main_thread() and (
-            signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
-        # Started in the background by a script (no job control), a tool
-        # inherits SIGINT ignored and Python raises no KeyboardInterrupt, so
-        # `timeout -s INT` or `kill -INT` could not stop it with its cells
-        # saved; tfmeta-train installs its own handler for the same reason.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return run(argv)
+        with _recording_ctrl_c():
+            return run(argv)
     except (KeyboardInterrupt, Interrupted, Stopped) as stop:
         if debug_enabled():
             raise
@@ -175,6 +172,46 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
         if not isinstance(error, expected()):
             raise
         return report(prog, error)
+
+
+class CtrlC:
+    """`run_tool`'s SIGINT handler: raises KeyboardInterrupt, and remembers it in `interrupted`.
+
+    A library may discard that KeyboardInterrupt (a bare ``except:``, a
+    finalizer whose error Python only prints as "Exception ignored in"), and
+    the experiment would go on with its other cells. An experiment's
+    `CellStore` therefore raises it again after saving each cell while the
+    SIGINT handler says `interrupted` (it reads the handler from `signal`:
+    `experiments/` may not import `cli/`, docs/design.md).
+
+    Example::
+
+        handler = signal.getsignal(signal.SIGINT)
+        if getattr(handler, "interrupted", False):
+            raise KeyboardInterrupt
+    """
+
+    interrupted = False
+
+    def __call__(self, signum, frame):
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _recording_ctrl_c():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    # Also when SIGINT is ignored: started in the background by a script (no
+    # job control), a tool inherits it so, and `timeout -s INT` or `kill -INT`
+    # could not stop it with its cells saved.
+    previous = signal.signal(signal.SIGINT, CtrlC())
+    try:
+        yield
+    finally:
+        # None: set outside Python, which Python cannot restore; its default instead.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def at_least(minimum):

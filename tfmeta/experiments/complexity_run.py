@@ -22,6 +22,7 @@ import inspect
 import json
 import os
 import pathlib
+import signal
 from typing import Callable, Optional
 
 import numpy as np
@@ -104,7 +105,8 @@ class CellStore:
     ``results.json`` keeps the ``"cells"`` entry, so resuming a finished run
     recomputes only its summary. With ``resume=False`` (or no folder) nothing
     is read and every cell is computed again. Given a ``log``, a resumed
-    store says how many cells it found.
+    store says how many cells it found. After a Ctrl-C that something
+    swallowed, :meth:`put` raises KeyboardInterrupt once the cell is saved.
 
     Example::
 
@@ -140,6 +142,11 @@ class CellStore:
             atomic.write_text(self.path, json.dumps(
                 dict(experiment=self.experiment, partial=True, cells=self.cells),
                 indent=1, default=_json_default))
+        # A library may have swallowed the Ctrl-C's KeyboardInterrupt (a bare
+        # `except:`, "Exception ignored in" a finalizer); the tools' SIGINT
+        # handler remembers it (tfmeta.cli.errors.CtrlC), so stop here, the cell saved.
+        if getattr(signal.getsignal(signal.SIGINT), "interrupted", False):
+            raise KeyboardInterrupt
         return cell
 
 
