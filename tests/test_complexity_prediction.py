@@ -13,6 +13,7 @@ rank_initializations' default predictor.
   predicted steps, with margins measured over 6 seeds.
 """
 
+import json
 import math
 
 import keras
@@ -204,6 +205,8 @@ def test_cell_store_checkpoints_and_resumes(tmp_path):
 
     store = CellStore(tmp_path, "kramers")
     assert store.put("a", dict(steps=3)) == dict(steps=3)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == dict(experiment="kramers", cells=dict(a=dict(steps=3)))
     assert CellStore(tmp_path, "kramers", resume=True).get("a") == dict(steps=3)
     assert CellStore(tmp_path, "kramers", resume=False).get("a") is None
     said = []
@@ -212,6 +215,9 @@ def test_cell_store_checkpoints_and_resumes(tmp_path):
     assert said == ["resuming: 1 cells already done"]
     with pytest.raises(ValueError, match="holds a 'kramers' experiment"):
         CellStore(tmp_path, "relabel", resume=True)
+    # A file of an older tfmeta, which also said "partial": true, resumes as well.
+    (tmp_path / "results.json").write_text('{"experiment": "kramers", "partial": true, "cells": {"b": {"steps": 4}}}')
+    assert CellStore(tmp_path, "kramers", resume=True).cells == dict(b=dict(steps=4))
 
     def no_checkpoints(output_dir):
         return output_dir

@@ -100,8 +100,9 @@ class CellStore:
     ``results.json`` in its output folder so that ``--resume`` continues it.
 
     Each cell is a JSON-friendly dict under a string key. :meth:`put` rewrites
-    ``results.json`` atomically as ``{"experiment": name, "partial": True,
-    "cells": {...}}`` after every cell; the experiment's final
+    ``results.json`` atomically as ``{"experiment": name, "cells": {...}}``
+    after every cell (older files also say ``"partial": true``, which is
+    ignored); the experiment's final
     ``results.json`` keeps the ``"cells"`` entry, so resuming a finished run
     recomputes only its summary. With ``resume=False`` (or no folder) nothing
     is read and every cell is computed again. Given a ``log``, a resumed
@@ -140,7 +141,7 @@ class CellStore:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.path, json.dumps(
-                dict(experiment=self.experiment, partial=True, cells=self.cells),
+                dict(experiment=self.experiment, cells=self.cells),
                 indent=1, default=_json_default))
         # A library may have swallowed the Ctrl-C's KeyboardInterrupt (a bare
         # `except:`, "Exception ignored in" a finalizer); the tools' SIGINT
