@@ -361,7 +361,8 @@ class ClassificationTasks(TaskDistribution):
                 heads): elements become `(x, y, task_ids)`.
 
         Returns:
-            A `tf.data.Dataset` of `(x, y)`: x float32 `[T, S, B, H, W, C]` in
+            An endless `tf.data.Dataset` (its cardinality is
+            `tf.data.INFINITE_CARDINALITY`) of `(x, y)`: x float32 `[T, S, B, H, W, C]` in
             [0, 1], y int32 `[T, S, B]` (T / count tasks with a `task_shard`);
             with `with_task_ids`, `(x, y, task_ids)` with task_ids int32 `[T]`,
             `task_ids[t]` the index (in this family) of the task in slot t,
@@ -445,6 +446,9 @@ class ClassificationTasks(TaskDistribution):
             tf.data.Dataset.counter(start=first_batch)
             .flat_map(trajectory)
             .skip(skip)
+            # flat_map leaves the length unknown; saying it is endless lets
+            # MetaModel.fit tell exactly what a steps_per_epoch would run.
+            .apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
             .map(chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
         )
