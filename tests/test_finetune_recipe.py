@@ -13,9 +13,15 @@ import re
 
 import keras
 import numpy as np
+import pytest
 
 from tfmeta import complexity as cx
-from tfmeta.experiments.complexity_settings import ComplexitySettings, FinetuneSettings
+from tfmeta.experiments.complexity_settings import (
+    ComplexitySettings,
+    FinetuneSettings,
+    TrainSettings,
+    TransferSettings,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,6 +41,31 @@ def test_the_default_recipes_check_as_the_c_beta_experiments_gin_files_do():
     assert settings.recipe.seed == 3 and settings.finetune_recipe.steps == 10000
     assert settings.recipe.steps == 20000 and settings.recipe.eval_every == 10
     assert settings.recipe.optimizer().weight_decay == 2e-3
+
+
+@pytest.mark.parametrize("settings,weight_decay,seed,factor", [
+    (TrainSettings(), 5e-4, 0, None),
+    (ComplexitySettings(weight_decay=1e-3), 1e-3, 0, 2.0),
+    (TransferSettings(seed=3), 5e-4, 3, None),
+    (FinetuneSettings(seed=3, weight_decay=1e-3), 1e-3, 3, 2.0),
+], ids=["train", "complexity", "transfer", "finetune"])
+def test_each_default_recipe_field_by_field(settings, weight_decay, seed, factor):
+    """Every field of each class's default recipe, written out (SGD lr 0.1 decaying by 2 gamma)."""
+    recipe = settings.recipe
+    optimizer = recipe.optimizer
+    assert (optimizer.func, optimizer.args, optimizer.keywords) == (
+        cx.sgd, (), dict(learning_rate=0.1, weight_decay=2 * weight_decay))
+    fields = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name != "optimizer"}
+    assert fields == dict(steps=20000, batch_size=32, loss_threshold=0.1, eval_every=10, eval_examples=4096,
+                          seed=seed, from_logits=True, jit_compile=False, fine_check_factor=factor)
+    if hasattr(settings, "finetune_recipe"):
+        assert settings.finetune_recipe == dataclasses.replace(recipe, steps=10000)
+
+
+def test_the_finetune_recipe_is_composed_not_restated():
+    # ComplexitySettings' recipe (weight decay, the fine check) with TransferSettings' seed:
+    # FinetuneSettings, which inherits both, defines no recipe of its own.
+    assert "_default_recipe" not in vars(FinetuneSettings)
 
 
 def test_default_fine_tuning_counts_steps_to_the_first_step_under_the_threshold():

@@ -180,8 +180,12 @@ class TransferSettings(TrainSettings):
                            or dataclasses.replace(self.recipe, steps=10000))
 
     def _default_recipe(self) -> TrainingRecipe:
-        """:func:`default_recipe` with ``DEFAULT_WEIGHT_DECAY`` and ``seed``."""
-        return default_recipe(DEFAULT_WEIGHT_DECAY, seed=self.seed)
+        """The next class's default recipe with ``seed``: :class:`TrainSettings`'
+        here, :class:`ComplexitySettings`' in :class:`FinetuneSettings`."""
+        # super(), not TrainSettings: in FinetuneSettings the next class in the
+        # MRO is ComplexitySettings, whose recipe (weight_decay, the fine
+        # check) is the one to seed.
+        return dataclasses.replace(super()._default_recipe(), seed=self.seed)
 
     def task_data(self, names) -> dict:
         """``{name: (x, y)}``: ``examples`` examples of each named task, drawn with ``seed``."""
@@ -199,7 +203,8 @@ class FinetuneSettings(TransferSettings, ComplexitySettings):
     :class:`ComplexitySettings` and of :class:`TransferSettings`.
 
     The default recipe is :class:`ComplexitySettings`' (checks after every
-    step within 2x of the threshold) with ``seed``: the pretrained models
+    step within 2x of the threshold) with ``seed`` (set by
+    :class:`TransferSettings`' ``_default_recipe``, next in the MRO): the pretrained models
     whose ``C_beta`` is measured stop at the first step under the threshold,
     and the default fine-tuning recipe (the same, with a 10000-step budget)
     counts fine-tuning steps to that step, not to the next multiple of
@@ -211,11 +216,6 @@ class FinetuneSettings(TransferSettings, ComplexitySettings):
         s.finetune_recipe.steps        # 10000
         s.finetune_recipe.fine_check_factor    # 2.0
     """
-
-    def _default_recipe(self) -> TrainingRecipe:
-        """:func:`default_recipe` with ``weight_decay``, ``seed`` and ``FINE_CHECK_FACTOR``."""
-        return default_recipe(self.weight_decay, seed=self.seed,
-                              fine_check_factor=FINE_CHECK_FACTOR)
 
 
 def with_settings(settings_class):
