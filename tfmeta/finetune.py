@@ -15,6 +15,11 @@ training mode), as the Leap code logs them. Its summary metrics are
 Error is ``1 - accuracy`` with Keras' ``"accuracy"`` metric, i.e. argmax
 agreement for multi-class outputs.
 
+The per-step values are written by the compiled train step itself (into
+preallocated variables), so Keras may run many steps per execution
+(``steps_per_execution``) without returning to Python after every step; the
+numbers are the same as with one step per execution.
+
 Example::
 
     from tfmeta.export import load_initialization
@@ -29,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import random
@@ -149,6 +155,7 @@ def finetune(
     batch_size=20,
     seed=0,
     callbacks=None,
+    steps_per_execution="auto",
     verbose=0,
 ):
     """Fine-tune ``model`` in place for ``steps`` steps and return the curves.
@@ -156,7 +163,8 @@ def finetune(
     The model is compiled with ``optimizer`` (default ``SGD(0.1)``, Leap's
     inner optimizer), ``loss`` (default sparse categorical cross-entropy on
     logits) and the ``"accuracy"`` metric, then trained with one
-    ``fit(..., steps_per_epoch=steps)`` call.
+    ``fit(..., steps_per_epoch=steps)`` call, running
+    ``steps_per_execution`` steps per call of Keras' compiled train function.
 
     Args:
         model: a built ``keras.Model``; it is trained in place.
@@ -173,7 +181,15 @@ def finetune(
         callbacks: extra Keras callbacks for ``fit``. Metrics are reset before
             every step so that batch logs are per-step values (Keras otherwise
             reports running means), hence callbacks also see per-step values
-            and the epoch logs are those of the last step.
+            and the epoch logs are those of the last step. Keras calls the
+            batch hooks once per execution, so with callbacks the default
+            runs one step per execution.
+        steps_per_execution: steps per call of the compiled train function
+            (Keras' ``compile`` option; also used by ``evaluate``). ``"auto"``:
+            the largest divisor of ``steps`` up to 50 without ``callbacks``
+            (1 for a prime ``steps`` above 50), 1 with ``callbacks``. An
+            integer must divide ``steps``; callbacks then see the logs of
+            every execution's last step. Results do not depend on it.
         verbose: ``fit``/``evaluate`` verbosity.
 
     Returns:
@@ -186,20 +202,23 @@ def finetune(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    execution = _execution_size(steps, steps_per_execution, callbacks)
     if optimizer is None:
         optimizer = keras.optimizers.SGD(learning_rate=0.1)
     if loss is None:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-    recorder = _StepRecorder()
-    model.fit(
-        without_autotuning(_training_dataset(train_data, batch_size, seed)),
-        epochs=1,
-        steps_per_epoch=steps,
-        shuffle=False,
-        callbacks=[recorder, *(callbacks or [])],
-        verbose=verbose,
-    )
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
+                  steps_per_execution=execution)
+    with _recording_steps(model, steps) as curves:
+        model.fit(
+            without_autotuning(_training_dataset(train_data, batch_size, seed)),
+            epochs=1,
+            steps_per_epoch=steps,
+            shuffle=False,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    losses, errors = curves.read()
     test_loss = test_error = None
     if test_data is not None:
         if not isinstance(test_data, tf.data.Dataset):
@@ -209,10 +228,10 @@ def finetune(
         test_loss = float(scores["loss"])
         test_error = 1.0 - float(scores["accuracy"])
     return FinetuneResult(
-        losses=recorder.losses,
-        errors=recorder.errors,
-        loss_auc=area_under_curve(recorder.losses),
-        error_auc=area_under_curve(recorder.errors),
+        losses=losses,
+        errors=errors,
+        loss_auc=area_under_curve(losses),
+        error_auc=area_under_curve(errors),
         test_loss=test_loss,
         test_error=test_error,
     )
@@ -248,22 +267,79 @@ def random_initialization(model, seed=0):
     return clone
 
 
-class _StepRecorder(keras.callbacks.Callback):
-    """Records each step's own loss and error from Keras batch logs."""
+# Keras runs an execution's steps in a tf.while_loop (not unrolled), so the
+# graph does not grow with its size; what a larger execution saves is the
+# return to Python per execution, already a small part of 50 steps' compute
+# (docs/performance.md), while the progress bar (verbose) updates once per
+# execution.
+_MAX_STEPS_PER_EXECUTION = 50
 
-    def __init__(self):
-        super().__init__()
-        self.losses = []
-        self.errors = []
 
-    def on_train_batch_begin(self, batch, logs=None):
-        # Keras batch logs are running means over the epoch; resetting the
-        # metrics before each step makes them the current mini-batch's values.
-        self.model.reset_metrics()
+def _execution_size(steps, steps_per_execution, callbacks):
+    """Steps per execution: a divisor of ``steps``, as Keras runs whole executions.
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.losses.append(float(logs["loss"]))
-        self.errors.append(1.0 - float(logs["accuracy"]))
+    Keras runs ceil(steps / n) executions of n steps each, i.e. more steps
+    than asked when n does not divide ``steps``.
+    """
+    if steps_per_execution == "auto":
+        if callbacks:
+            return 1  # callbacks see every step's logs
+        return max(n for n in range(1, min(steps, _MAX_STEPS_PER_EXECUTION) + 1) if steps % n == 0)
+    if (isinstance(steps_per_execution, bool) or not isinstance(steps_per_execution, int)
+            or steps_per_execution < 1 or steps % steps_per_execution):
+        raise ValueError(
+            f"steps_per_execution={steps_per_execution!r} does not divide steps={steps}: Keras "
+            "runs whole executions, so it would train more steps than asked; pass a positive "
+            "divisor of steps or 'auto'"
+        )
+    return steps_per_execution
+
+
+class _StepCurves:
+    """Per-step loss and accuracy that the compiled train step writes at its step index."""
+
+    def __init__(self, steps):
+        # float64 holds a float32 or float64 metric exactly, as float() does.
+        self.losses = tf.Variable(tf.zeros([steps], tf.float64), trainable=False)
+        self.accuracies = tf.Variable(tf.zeros([steps], tf.float64), trainable=False)
+        self.count = tf.Variable(0, trainable=False)
+
+    def record(self, logs):
+        self.losses[self.count].assign(tf.cast(logs["loss"], tf.float64))
+        self.accuracies[self.count].assign(tf.cast(logs["accuracy"], tf.float64))
+        self.count.assign_add(1)
+
+    def read(self):
+        """``(losses, errors)`` of the steps run, as lists of Python floats."""
+        count = int(self.count.numpy())
+        return self.losses.numpy()[:count].tolist(), (1.0 - self.accuracies.numpy()[:count]).tolist()
+
+
+@contextlib.contextmanager
+def _recording_steps(model, steps):
+    """Within the block, ``model``'s train step records into the yielded ``_StepCurves``.
+
+    Keras builds its train function from ``model.train_step`` when ``fit``
+    starts, so an instance attribute wraps it; on exit the attribute goes and
+    the train function is dropped, since its graph writes into the curves.
+    """
+    curves = _StepCurves(steps)
+    train_step = model.train_step
+
+    def recording_step(data):
+        # Keras' logs are running means over the epoch; resetting the metrics
+        # before each step makes them the current mini-batch's values.
+        model.reset_metrics()
+        logs = train_step(data)
+        curves.record(logs)
+        return logs
+
+    model.train_step = recording_step
+    try:
+        yield curves
+    finally:
+        del model.train_step
+        model.train_function = None
 
 
 def _training_dataset(train_data, batch_size, seed):
