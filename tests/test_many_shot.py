@@ -133,7 +133,6 @@ def configured_methods():
 
     import tfmeta.configurables  # noqa: F401
 
-    gin.add_config_file_search_path(str(REPO / "gin"))
     found = {}
     for name in tool.METHODS:
         bench, method = tool.configured(name, [])
@@ -608,7 +607,6 @@ def test_a_results_json_of_the_older_layout_loads_and_resumes(tmp_path, fake_tra
 
     import tfmeta.configurables  # noqa: F401
 
-    gin.add_config_file_search_path(str(REPO / "gin"))
     for name in tool.METHODS:
         bench, method = tool.configured(name, [])
         bench = dataclasses.replace(bench, finetune_lr=0.1)
