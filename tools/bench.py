@@ -7,6 +7,7 @@
     python tools/bench.py replicas [--learner leap] [--tasks 4] [--steps 100] [--no_jit]
     python tools/bench.py jit      [--learner leap] [--tasks 4] [--steps 100]
     python tools/bench.py gpu      [--smoke] [--tasks 4 16 64] [--steps 100] [--filters 64]
+    python tools/bench.py finetune [--steps 1000] [--repeats 5]
 
 `inner`: inner steps per second of each meta-learner with T tasks on Leap's
 Omniglot convnet (4 x [Conv 3x3, MaxPool, BatchNorm, ReLU] -> Dense 20,
@@ -30,6 +31,11 @@ of the same model on the same batch size, as ratios. Without GPUs it runs on
 two logical CPU devices, as a smoke test (`--smoke`: T in {4, 8}, few steps,
 one block of 8 filters: 32 MetaModels to build, about 4 minutes on
 2 shared cores).
+
+`finetune`: `tfmeta.finetune.finetune` on the many-shot benchmark's convnet
+(16 filters, 4 blocks, batch 32, its meta-test optimizer), whole calls
+(compile and trace included), many steps per execution vs one, and the
+per-step callback recorder it used before.
 
 The machines are shared and noisy: every number is a median over repeats,
 and the ratios compare runs made in the same process, interleaved.
@@ -384,6 +390,69 @@ def jit(args):
         f"Keras' jit_compile='auto' here: {'XLA' if tf.config.list_physical_devices('GPU') else 'off (CPU only)'}:"
     )
     return _compare(runs, args, "jit_compile=False")
+
+
+def _previous_recorder():
+    """The per-step recorder `finetune` used before: a callback, one step per execution."""
+    import keras
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.losses, self.errors = [], []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.reset_metrics()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.losses.append(float(logs["loss"]))
+            self.errors.append(1.0 - float(logs["accuracy"]))
+
+    return Recorder()
+
+
+def finetune_calls(args):
+    """`finetune` calls per second: steps_per_execution 'auto' and 1, and the previous recorder."""
+    from tfmeta.experiments import many_shot
+    from tfmeta.finetune import _training_dataset, finetune
+    from tfmeta.input_options import without_autotuning
+
+    bench = many_shot.Benchmark()
+    weights = many_shot.initial_model(bench, 10, 0).get_weights()
+    x, y = _data(2000)
+    data, losses = (x, y % 10), {}
+
+    def model():
+        net = many_shot.initial_model(bench, 10, 0)
+        net.set_weights(weights)
+        return net
+
+    def previous():
+        net, recorder = model(), _previous_recorder()
+        net.compile(many_shot.finetune_optimizer(bench), _loss(), metrics=["accuracy"])
+        net.fit(without_autotuning(_training_dataset(data, bench.batch_size, 0)), epochs=1,
+                steps_per_epoch=args.steps, shuffle=False, callbacks=[recorder], verbose=0)
+        losses["previous"] = recorder.losses
+
+    def new(execution):
+        def run():
+            losses[execution] = finetune(model(), data, steps=args.steps, batch_size=bench.batch_size,
+                                         optimizer=many_shot.finetune_optimizer(bench),
+                                         steps_per_execution=execution).losses
+        return run
+
+    baseline = "previous (callback recorder)"
+    runs = {baseline: previous, "steps_per_execution=1": new(1),
+            "steps_per_execution='auto' (the default)": new("auto")}
+    finetune(model(), data, steps=10)  # TensorFlow's first-graph costs, outside the rounds
+    rounds = {}
+    median = _medians(runs, dict.fromkeys(runs, 1), args.repeats, rounds)
+    print(f"finetune, many-shot convnet, {args.steps} steps per call, {args.repeats} rounds "
+          f"(interleaved); same losses in every run: {len({tuple(v) for v in losses.values()}) == 1}")
+    print("| run | calls/s | / previous | per round: median (range) |\n|---|---|---|---|")
+    for name, rate in median.items():
+        print(f"| {name} | {rate:.3f} | {rate / median[baseline]:.2f} | {_per_round(rounds, name, baseline)} |")
+    return median
 
 
 # `gpu --smoke`: the table on two logical CPU devices in about a minute or two.
@@ -914,6 +983,9 @@ def run(argv):
     p.add_argument("--repeats", type=count, default=3)
     p.add_argument("--filters", type=count, default=64)
     sub.add_parser("fisher", help="Fisher diagonal vs one training epoch", add_help=False)
+    p = sub.add_parser("finetune", help="tfmeta.finetune: many steps per execution vs one")
+    p.add_argument("--steps", type=count, default=1000)
+    p.add_argument("--repeats", "--rounds", type=count, dest="repeats", default=5)
     for name, helptext in (
         ("replicas", "1 vs 2 replicas (logical CPUs without GPUs) and XLA on/off"),
         ("jit", "XLA (jit_compile) on vs off on one device"),
@@ -990,7 +1062,7 @@ def run(argv):
 
         return bench_fisher.run(rest)
     commands = {"inner": inner, "graph": graph, "replicas": replicas, "jit": jit, "gpu": gpu,
-                "pytorch": pytorch, "settings": settings}
+                "pytorch": pytorch, "settings": settings, "finetune": finetune_calls}
     commands[args.command](args)
     return 0
 
