@@ -462,7 +462,7 @@ def _read_results(path):
             settings = {**shared, "method": cell["method"], "kind": cell["kind"], "config": cell["config"]}
             key = cell_key(cell["method"], cell["seed"], cell["inner_steps"], shared["finetune_lr"])
             cells[key] = {**cell, "finetune_lr": shared["finetune_lr"], "settings": settings}
-        return {"experiment": EXPERIMENT, "partial": True, "cells": cells}, True
+        return {"experiment": EXPERIMENT, "cells": cells}, True
     raise ConfigError(
         f"{path} is not a results.json of tools/many_shot.py (no \"experiment\": {EXPERIMENT!r}): "
         "pass another --output_dir."
@@ -582,7 +582,7 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
                     })
                     mean = np.mean([s["test_accuracy"] for s in scores.values()])
                     log(f"{key}: mean test accuracy {mean:.4f}")
-    return {"experiment": EXPERIMENT, "partial": True, "cells": dict(store.cells)}
+    return {"experiment": EXPERIMENT, "cells": dict(store.cells)}
 
 
 # ------------------------------------------------------------- reports
