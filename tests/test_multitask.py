@@ -42,3 +42,15 @@ def test_keras_itself_runs_whole_executions_past_the_epoch():
     model = multi_task(steps_per_execution=4)
     keras.Model.fit(model, task_batches(4).repeat(), steps_per_epoch=10, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 12
+
+
+def test_fit_on_a_task_stream_does_not_warn_about_shuffle():
+    """Keras warns that `shuffle=True` (its default) is ignored for a dataset; task streams never shuffle."""
+    import warnings
+
+    model = multi_task(steps_per_execution=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(task_batches(4), steps_per_epoch=4, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 4
+    assert not [w for w in caught if "shuffle" in str(w.message)], [str(w.message) for w in caught]

@@ -108,6 +108,9 @@ class MultiTaskModel(keras.Model):
         by position or name, as in `keras.Model.fit`.
         """
         arguments = fit_arguments(self, *args, **kwargs)
+        # Task streams are shuffled by their distribution; Keras ignores
+        # `shuffle` for a dataset but warns on its default True.
+        arguments.setdefault("shuffle", False)
         check_fit_executions(self, arguments, overrun=_OVERRUN)
         return super().fit(**arguments)
 
