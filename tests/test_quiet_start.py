@@ -6,7 +6,9 @@ TensorFlow 2.21 prints its C++ start-up lines (oneDNN notice, CUDA probe,
 `import tensorflow` hold file descriptor 2 (`startup.hold_stderr_at_import`),
 replayed only if the import fails; `TFMETA_DEBUG=1` keeps every line.
 The mechanism is checked on a stand-in module that writes to fd 2 as it
-is imported (no TensorFlow); one tool run checks it end to end.
+is imported (no TensorFlow); one tool run checks it end to end, and
+tests/test_tools_errors.py checks every tool's bad-input run for
+TensorFlow's lines (also its CUDA probe, which comes after the import).
 """
 
 import json
@@ -29,6 +31,9 @@ IMPORT = """
 import json, sys
 from tfmeta.cli import startup
 startup.hold_stderr_at_import("noisy")
+import importlib.util
+# Asking whether it is installed imports nothing (etils asks so of TensorFlow): the hold stays.
+assert importlib.util.find_spec("noisy") is not None
 try:
     import noisy
 except ImportError as error:

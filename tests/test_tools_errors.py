@@ -1,5 +1,7 @@
 """Every tool in tools/ ends bad input in one line, `<prog>: error: ...`, exit code 2, no traceback.
 
+Nor any of TensorFlow's C++ start-up lines (`tfmeta.cli.startup`).
+
 Each tool runs as a user runs it (a subprocess, PYTHONPATH the repository)
 with one realistic mistake it catches before any training: a flag value out
 of range, `--resume` into a results.json of other settings or of another
@@ -12,6 +14,7 @@ exit code 130 (`tfmeta.cli.errors.run_tool`, `resumable`).
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -26,9 +29,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _env(**extra):
     env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
-    if "TFMETA_DEBUG" not in extra:
-        env.pop("TFMETA_DEBUG", None)
+    for name in ("TFMETA_DEBUG", "TF_CPP_MIN_LOG_LEVEL"):  # as a user runs it: the tool's own default
+        if name not in extra:
+            env.pop(name, None)
     return env
+
+
+#: A line of TensorFlow's C++ log ("E0000 00:00:17... cuda_platform.cc:52] failed call to cuInit")
+#: or its notice that such lines go to stderr.
+TENSORFLOW_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl)", re.M)
 
 
 def _tool(name, *args, env=None, timeout=300):
@@ -117,6 +126,7 @@ def test_bad_input_ends_in_one_line_naming_the_problem_and_the_fix(case, tmp_pat
     proc = _tool(prog.split()[0], *argv(tmp_path / "out"))
     assert proc.returncode == 2, (case, proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not TENSORFLOW_LOG.search(proc.stderr), proc.stderr[-3000:]  # tfmeta.cli.startup holds them
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"{prog}: error: "), last
     for words in says:

@@ -31,18 +31,9 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import tfmeta  # noqa: E402
+# TensorFlow only once the arguments are parsed, under `errors.run_tool`: a
+# usage error comes at once and is not preceded by TensorFlow's start-up lines.
 from tfmeta.cli import errors  # noqa: E402
-from tfmeta.inner_loop import InnerLoop, mean_loss  # noqa: E402
-from tfmeta.inner_optimizer import make_stateless  # noqa: E402
-from tfmeta.models import convnet  # noqa: E402
-from tfmeta.task_batched import TaskBatchedStep  # noqa: E402
-from tfmeta.task_state import TaskState  # noqa: E402
-from tfmeta.tasks.digits import digits_arrays  # noqa: E402
 
 PROG = "bench_tasks.py"
 BATCH = 20
@@ -51,6 +42,11 @@ CLASSES = 20
 
 def _chunk(tasks, steps):
     """A real chunk `[T, S, B, 28, 28, 1]` of digit images and labels."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tfmeta.tasks.digits import digits_arrays
+
     images, labels = digits_arrays(image_size=28)
     rng = np.random.default_rng(0)
     rows = rng.choice(len(images), (tasks, steps, BATCH))
@@ -61,6 +57,16 @@ def _chunk(tasks, steps):
 
 def _runner(tasks, filters, steps, conv, batched):
     """A traced-on-first-call function running one chunk, and its arguments."""
+    import keras
+    import tensorflow as tf
+
+    import tfmeta
+    from tfmeta.inner_loop import InnerLoop, mean_loss
+    from tfmeta.inner_optimizer import make_stateless
+    from tfmeta.models import convnet
+    from tfmeta.task_batched import TaskBatchedStep
+    from tfmeta.task_state import TaskState
+
     keras.utils.set_random_seed(0)
     model = convnet(CLASSES, filters=filters)
     optimizer = make_stateless(keras.optimizers.SGD(0.1))
@@ -135,6 +141,8 @@ def run(argv):
     parser.add_argument("--build_tasks", type=count, nargs=2, default=[4, 32])
     parser.add_argument("--skip", choices=("speed", "build"), default=None)
     args = parser.parse_args(argv)
+    import tensorflow as tf
+
     tf.get_logger().setLevel("ERROR")  # every runner is a new tf.function: no retracing notes
     if args.skip != "speed":
         for filters in args.filters:

@@ -111,7 +111,8 @@ def hold_stderr_at_import(module="tensorflow"):
     For a tool that imports TensorFlow only once its arguments are parsed
     (`--help` stays fast): TensorFlow's C++ start-up lines (CUDA probing,
     oneDNN notices), which `TF_CPP_MIN_LOG_LEVEL` does not reach, are then
-    not printed, or printed only if the import fails. Nothing happens with
+    not printed, or printed only if the import fails; TensorFlow's devices are
+    listed with it held too (its CUDA probe). Nothing happens with
     `TFMETA_DEBUG=1` or once `module` is imported.
 
     Example::
@@ -139,11 +140,18 @@ class _HoldingFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != self.module:
             return None
-        _stop_holding()  # once; and the real finders answer below
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _HoldingLoader(spec.loader)
-        return spec
+        # The other finders answer. This one stays until the import runs
+        # (`exec_module`): `importlib.util.find_spec("tensorflow")` alone, as
+        # etils asks whether TensorFlow is installed, imports nothing.
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _HoldingLoader(spec.loader)
+                return spec
+        return None
 
 
 class _HoldingLoader(importlib.abc.Loader):
@@ -157,7 +165,14 @@ class _HoldingLoader(importlib.abc.Loader):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        _stop_holding()  # once
         # The module keeps its real loader (pickling, importlib.resources).
         module.__loader__ = module.__spec__.loader = self.loader
         with _stderr_held():
             self.loader.exec_module(module)
+            if module.__name__ == "tensorflow":
+                # TensorFlow probes CUDA ("failed call to cuInit" without a GPU,
+                # an error that TF_CPP_MIN_LOG_LEVEL=2 shows) when it first lists
+                # the devices, not at import. Listing them here, held, leaves
+                # them configurable (logical devices, memory growth).
+                module.config.list_physical_devices()
