@@ -74,3 +74,23 @@ def test_meta_model_fit_feeds_keras_without_autotuning(seen_by_keras):
     y = rng.integers(0, 3, (2, 1, 5))
     meta.fit(tf.data.Dataset.from_tensors((x, y)).repeat(), steps_per_epoch=2, verbose=0)
     assert _autotune(seen_by_keras[0]) is False
+
+
+
+def test_fit_arguments_bind_by_keras_own_signature_even_under_a_wrapper(monkeypatch):
+    """A spy on `keras.Model.fit` in place when tfmeta.replicas is first imported must not leak in.
+
+    (`tfmeta` imports replicas lazily, so that import can come after the spy:
+    the spy's `(x, *args, **kwargs)` gave fit a `kwargs=` argument.)
+    """
+    from tfmeta import replicas
+
+    def spy(self, x=None, *args, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    signature = replicas._keras_fit_signature()
+    assert "kwargs" not in signature.parameters
+    bound = signature.bind(object(), "stream", None, None, 3, steps_per_epoch=2).arguments
+    assert {k: v for k, v in bound.items() if k != "self"} == {
+        "x": "stream", "y": None, "batch_size": None, "epochs": 3, "steps_per_epoch": 2}

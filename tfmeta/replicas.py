@@ -199,9 +199,22 @@ def fit_arguments(model, *args, **kwargs):
     return {name: value for name, value in bound.arguments.items() if name != "self"}
 
 
-# Read once, at import: keras.Model.fit's own parameter names, even if fit is
-# later wrapped (a callback library, a test spy) by a (*args, **kwargs) function.
-_FIT_SIGNATURE = inspect.signature(keras.Model.fit)
+def _keras_fit_signature():
+    """The signature of the `fit` Keras defines, skipping wrappers set on `keras.Model`.
+
+    A callback library or a test spy may replace `keras.Model.fit` by a
+    `(*args, **kwargs)` function, possibly before this module is first
+    imported (`tfmeta` imports it lazily), so the signature is taken from
+    the first class of `keras.Model`'s MRO whose `fit` Keras itself wrote.
+    """
+    for klass in keras.Model.__mro__:
+        fit = vars(klass).get("fit")
+        if fit is not None and getattr(inspect.unwrap(fit), "__module__", "").startswith("keras."):
+            return inspect.signature(fit)
+    return inspect.signature(keras.Model.fit)
+
+
+_FIT_SIGNATURE = _keras_fit_signature()
 
 
 def _stream_length(x, batch_size=None, steps_per_epoch=None):
