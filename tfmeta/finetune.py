@@ -189,7 +189,9 @@ def finetune(
             the largest divisor of ``steps`` up to 50 without ``callbacks``
             (1 for a prime ``steps`` above 50), 1 with ``callbacks``. An
             integer must divide ``steps``; callbacks then see the logs of
-            every execution's last step. Results do not depend on it.
+            every execution's last step. Results do not depend on it. The
+            model stays compiled with it (and the optimizer and loss), so a
+            later ``model.fit`` runs that many steps per execution too.
         verbose: ``fit``/``evaluate`` verbosity.
 
     Returns:
