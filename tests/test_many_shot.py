@@ -602,7 +602,8 @@ def test_a_results_json_of_the_older_layout_loads_and_resumes(tmp_path, fake_tra
     with pytest.raises(ConfigError, match="would tune on the targets"):
         many_shot.best_finetune_lr(results)
 
-    # Every gin file's method resumes it at lr 0.1, but Leap (its cells are from beta 0.1, its gin file's is 0.01).
+    # Every gin file's method resumes it at lr 0.1, but Leap and FOMAML (their cells are from beta
+    # 0.1 and 0.5; their gin files' are the validated 0.01 and 0.1).
     import gin
 
     import tfmeta.configurables  # noqa: F401
@@ -610,8 +611,8 @@ def test_a_results_json_of_the_older_layout_loads_and_resumes(tmp_path, fake_tra
     for name in tool.METHODS:
         bench, method = tool.configured(name, [])
         bench = dataclasses.replace(bench, finetune_lr=0.1)
-        if name == "leap":
-            with pytest.raises(ConfigError, match=r"cell leap/seed0/4000/lr0.1 .*\(config="):
+        if name in ("leap", "fomaml"):
+            with pytest.raises(ConfigError, match=rf"cell {name}/seed0/4000/lr0.1 .*\(config="):
                 many_shot.check_settings(bench, [method], [0, 1, 2], results["cells"])
         else:
             many_shot.check_settings(bench, [method], [0, 1, 2], results["cells"])
