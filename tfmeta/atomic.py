@@ -18,6 +18,9 @@ behind, never a damaged target; `recover_directory` removes such leftovers.
 Failpoints (`tfmeta.failpoints`) mark every step, so tests kill a real
 process at each one.
 
+`exclusive_lock(path)` lets processes that update one file take turns (a
+results.json that several workers add cells to).
+
 Example::
 
     from tfmeta import atomic
@@ -48,6 +51,7 @@ __all__ = [
     "WriteError",
     "backups",
     "copy_file",
+    "exclusive_lock",
     "fsync_directory",
     "fsync_tree",
     "open_atomic",
@@ -371,3 +375,38 @@ def recover_directories(parent, prefix=""):
     for name in sorted(names):
         removed += recover_directory(parent / name)
     return sorted(removed)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, waiting=None):
+    """Hold an exclusive lock on the file `path` (created if needed) for the block, waiting for it.
+
+    POSIX advisory locking (`fcntl.flock`): processes that take the same lock
+    take turns; the lock goes with the process, also when it is killed.
+    Elsewhere (no `fcntl`) the block runs unlocked. `waiting()`, when given,
+    is called once if another process holds the lock.
+
+    Example::
+
+        with atomic.exclusive_lock("runs/x/.results.lock"):
+            cells = {**json.loads(path.read_text())["cells"], key: cell}
+            atomic.write_text(path, json.dumps({"cells": cells}))
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -35,7 +35,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import json
 import logging
@@ -297,25 +296,11 @@ def _unprepared(names, data_dir, archive_dir):
     return todo
 
 
-@contextlib.contextmanager
 def _preparation_lock(data_dir: pathlib.Path):
-    """Hold an exclusive lock on `data_dir`/.prepare.lock (blocking; POSIX)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no concurrent preparations to guard
-        yield
-        return
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / ".prepare.lock", "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another preparation of %s to finish", data_dir)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive lock on `data_dir`/.prepare.lock (blocking; POSIX)."""
+    return atomic.exclusive_lock(
+        data_dir / ".prepare.lock",
+        waiting=lambda: log.info("waiting for another preparation of %s to finish", data_dir))
 
 
 def _build(todo, data_dir: pathlib.Path, archive_dir, verify: bool):

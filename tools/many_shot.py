@@ -35,6 +35,10 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One thread per op, whatever --jobs: the numbers depend on the intra-op thread
+# count (oneDNN's reductions split by it), and a 16-filter convnet's kernels gain
+# nothing from a second thread (docs/performance.md); --jobs uses the cores.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROG = "many_shot.py"
@@ -157,6 +161,7 @@ def report(results, out, figure=None, log=print, validation=False, gin_names=Non
 
 def run(argv):
     """The command line `argv`; errors propagate (`main` reports them)."""
+    from tfmeta.cli import errors, workers
     from tfmeta.validation import ConfigError
 
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -175,6 +180,11 @@ def run(argv):
                         help='extra bindings, e.g. "meta/SGD.learning_rate = 0.01"')
     parser.add_argument("--figure", default=None, help="also write the convergence PNG here")
     parser.add_argument("--report", action="store_true", help="only write summary.md and the PNG")
+    parser.add_argument("--jobs", type=errors.at_least(1), default=workers.default_jobs(),
+                        help="method x seed units run side by side, each in its own single-threaded "
+                             "process (faster on a CPU; results are the same) (default: one per CPU, "
+                             f"at most 4: here {workers.default_jobs()})")
+    parser.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
     args = parser.parse_args(argv)
     if args.finetune_lrs and not args.validation:
         raise ConfigError("--finetune_lrs chooses the fine-tuning rate, which is done on the source-only "
@@ -182,7 +192,6 @@ def run(argv):
                           "Benchmark.finetune_lr).")
 
     import tfmeta.configurables  # noqa: F401  (registers Benchmark and Method)
-    from tfmeta.cli import errors
     from tfmeta.experiments import many_shot
 
     bindings = (SMOKE if args.smoke else []) + (validation_bindings(args.smoke) if args.validation else [])
@@ -213,17 +222,64 @@ def run(argv):
             bench, method = configured(name, bindings)
             many_shot.check_settings(bench, [method], seeds, cells, args.finetune_lrs, results_path)
     began = time.perf_counter()
-    results = None
     with errors.resumable(out):  # each cell is in results.json as soon as it is finished
-        for seed in seeds:
-            for name in args.methods:
-                bench, method = configured(name, bindings)
-                # After the first cell the file holds this run's own cells: always resume.
-                results = many_shot.run(bench, [method], [seed], out, resume=True,
-                                        finetune_lrs=args.finetune_lrs)
+        if args.jobs > 1 and not args.unit:
+            run_side_by_side(argv, args, out, seeds, setups)
+        else:
+            for seed in seeds:
+                for name in args.methods:
+                    bench, method = configured(name, bindings)
+                    # After the first cell the file holds this run's own cells: always resume.
+                    many_shot.run(bench, [method], [seed], out, resume=True,
+                                  finetune_lrs=args.finetune_lrs)
+    if args.unit:
+        return 0
+    results = many_shot.load_results(results_path)
     print(f"\nDone in {time.perf_counter() - began:.0f} s; {len(results['cells'])} cells in {results_path}")
     report(results, out, **show)
     return 0
+
+
+def run_side_by_side(argv, args, out, seeds, setups):
+    """Each unfinished method x seed of `args` as a `--unit` child of this tool, `args.jobs` at a time.
+
+    In the order one process would run them (seed by seed); the children add
+    their cells to out/results.json (`CellStore` takes turns on it).
+    """
+    from tfmeta.cli import workers
+    from tfmeta.experiments import many_shot
+
+    results_path = out / "results.json"
+    cells = many_shot.load_results(results_path)["cells"] if results_path.exists() else {}
+    units = [(seed, name) for seed in seeds for name in args.methods
+             if many_shot.missing_cells(*setups[name], seed, cells, args.finetune_lrs)]
+    if results_path.exists():  # an older layout is converted once, here, not by every child
+        bench, method = setups[args.methods[0]]
+        many_shot.run(bench, [], [], out, resume=True, finetune_lrs=args.finetune_lrs)
+    # The same options, one unit each; --resume: the file is shared.
+    common = _without(argv, {"--methods", "--seeds", "--jobs", "--output_dir"}, {"--overwrite", "--resume"})
+    commands = [[sys.executable, str(pathlib.Path(__file__).resolve()), *common, "--unit", "--resume",
+                 "--output_dir", str(out), "--methods", name, "--seeds", str(seed), "--jobs", "1"]
+                for seed, name in units]
+    print(f"{len(units)} method x seed units, {args.jobs} side by side "
+          f"({workers.threads_per_job(args.jobs)} TensorFlow thread(s) each)", flush=True)
+    workers.run_units(commands, args.jobs)
+
+
+def _without(argv, valued, flags):
+    """`argv` without the options of `valued` (and their values) and the switches of `flags`."""
+    kept, skipping = [], False
+    for item in argv:
+        name = item.split("=", 1)[0]
+        if name in valued:
+            skipping = "=" not in item
+            continue
+        if skipping and not item.startswith("--"):
+            continue
+        skipping = False
+        if name not in flags:
+            kept.append(item)
+    return kept
 
 
 def main(argv=None):

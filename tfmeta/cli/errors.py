@@ -41,7 +41,7 @@ import signal
 import sys
 import threading
 
-from tfmeta.cli.startup import debug_enabled, hold_stderr_at_import
+from tfmeta.cli.startup import debug_enabled, hold_stderr_at_import, use_kernel_defaults
 
 #: The exit code of every bad-input error (argparse's own usage errors exit 2 too).
 EXIT_BAD_INPUT = 2
@@ -142,7 +142,9 @@ def _interrupted_line(stop, argv, script, prog):
 def run_tool(prog, run, argv=None, script=None, stopped=None):
     """`run(argv)`'s exit code, with bad input and Ctrl-C each ended by one line on stderr.
 
-    Bad input (`expected()`) is `report`ed (exit code 2); Ctrl-C exits 130
+    TensorFlow, imported later, gets the tools' kernels
+    (`startup.use_kernel_defaults`). Bad input (`expected()`) is
+    `report`ed (exit code 2); Ctrl-C exits 130
     with "interrupted", and inside `resumable` with where the finished cells
     are and the command that continues (`continue_command` of `script`, the
     tool's `__file__`); during `run` SIGINT is handled by a `CtrlC`, also
@@ -159,6 +161,7 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
     # TensorFlow's start-up lines, printed when a tool first imports it, would
     # come before a bad-input line (tfmeta.cli.startup).
     hold_stderr_at_import()
+    use_kernel_defaults()
     try:
         with _recording_ctrl_c():
             return run(argv)
@@ -237,10 +240,11 @@ def at_least(minimum):
 def expected():
     """The exception types that are bad input (reported in one line), not bugs."""
     from tfmeta.checkpoint import CheckpointError
+    from tfmeta.cli.workers import UnitFailed
     from tfmeta.divergence import DivergenceError
 
     return (
-        ValueError, TypeError, OSError, SyntaxError, CheckpointError, DivergenceError,
+        ValueError, TypeError, OSError, SyntaxError, CheckpointError, DivergenceError, UnitFailed,
     ) + _tensorflow_errors()
 
 

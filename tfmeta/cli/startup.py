@@ -11,20 +11,22 @@ descriptor 2) held in a temporary file, which is replayed if the import
 fails, and turns TensorFlow's Python logger down to errors. `--verbose` or
 `TFMETA_DEBUG=1` keeps every message.
 
-It also turns TensorFlow's oneDNN CPU kernels on (`TF_ENABLE_ONEDNN_OPTS=1`)
-unless the environment already says otherwise. TensorFlow enables them by
-itself only on CPUs with AVX-512; on CPUs without (the AMD EPYC of the
-project's CI), they ran tfmeta's meta-training 1.1-1.2x faster than
-TensorFlow's Eigen kernels (docs/performance.md, "Against PyTorch").
-`TF_ENABLE_ONEDNN_OPTS=0` keeps the Eigen kernels.
+Every tool (`use_kernel_defaults`, called by `import_tensorflow` and by
+`errors.run_tool`) turns TensorFlow's oneDNN CPU kernels on
+(`TF_ENABLE_ONEDNN_OPTS=1`) unless the environment already says otherwise.
+TensorFlow enables them by itself only on CPUs with AVX-512; on CPUs
+without (the AMD EPYC of the project's CI), they ran tfmeta's meta-training
+1.1-1.2x and the many-shot benchmark's fine-tuning 1.24x faster than
+TensorFlow's Eigen kernels (docs/performance.md). `TF_ENABLE_ONEDNN_OPTS=0`
+keeps the Eigen kernels. The library itself sets no environment variable.
 
 The other tools import TensorFlow wherever they first need it, after their
 arguments are parsed; `errors.run_tool`, every tool's entry point, calls
 `hold_stderr_at_import()` so that this first `import tensorflow` is done with
 file descriptor 2 held just the same, and a bad-input error is the first
 line on stderr, not the tenth. Unlike `import_tensorflow`, it changes no
-environment variable and no logger (their kernels and warnings stay as
-they were). `TFMETA_DEBUG=1` keeps every message.
+logger (their warnings stay as they were). `TFMETA_DEBUG=1` keeps every
+message.
 
 Example::
 
@@ -61,6 +63,22 @@ def add_verbose_flag(parser):
     )
 
 
+def use_kernel_defaults():
+    """Set `KERNEL_DEFAULTS` where the environment does not, if TensorFlow is not imported yet.
+
+    Too late once TensorFlow is imported: it reads them at import (a tool run
+    in-process by a test changes nothing then).
+
+    Example::
+
+        startup.use_kernel_defaults()
+        import tensorflow as tf                 # oneDNN kernels, unless TF_ENABLE_ONEDNN_OPTS=0
+    """
+    if "tensorflow" not in sys.modules:
+        for name, value in KERNEL_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
 def import_tensorflow(verbose=False):
     """Import TensorFlow and Keras, silencing their start-up noise unless `verbose`."""
     loud = verbose or debug_enabled()
@@ -68,9 +86,7 @@ def import_tensorflow(verbose=False):
     if not loud:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" not in sys.modules:
-        # Too late once TensorFlow is imported: it reads them at import.
-        for name, value in KERNEL_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+        use_kernel_defaults()
         with contextlib.nullcontext() if loud else _stderr_held():
             import keras  # noqa: F401
             import tensorflow  # noqa: F401

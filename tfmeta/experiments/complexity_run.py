@@ -105,7 +105,7 @@ class CellStore:
     ignored); the experiment's final
     ``results.json`` keeps the ``"cells"`` entry, so resuming a finished run
     recomputes only its summary. With ``resume=False`` (or no folder) nothing
-    is read and every cell is computed again. Given a ``log``, a resumed
+    is read and every cell is computed again (and the file replaced). Given a ``log``, a resumed
     store says how many cells it found. After a Ctrl-C that something
     swallowed, :meth:`put` raises KeyboardInterrupt once the cell is saved.
 
@@ -119,6 +119,7 @@ class CellStore:
                  log: Optional[Callable[[str], None]] = None):
         self.path = None if output_dir is None else pathlib.Path(output_dir) / "results.json"
         self.experiment = experiment
+        self.resume = resume
         self.cells = {}
         self.resumed = 0
         if resume and self.path is not None and self.path.is_file():
@@ -136,13 +137,21 @@ class CellStore:
         return self.cells.get(key)
 
     def put(self, key: str, cell: dict) -> dict:
-        """Record ``cell`` under ``key``, checkpoint, and return it."""
+        """Record ``cell`` under ``key``, checkpoint, and return it.
+
+        A resumed store first takes in the cells that other processes added
+        to results.json meanwhile (under a lock), so several workers can fill
+        one experiment's cells side by side.
+        """
         self.cells[key] = cell
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.path, json.dumps(
-                dict(experiment=self.experiment, cells=self.cells),
-                indent=1, default=_json_default))
+            with atomic.exclusive_lock(self.path.with_name(".results.json.lock")):
+                if self.resume and self.path.is_file():
+                    others = json.loads(self.path.read_text()).get("cells", {})
+                    self.cells = {**others, **self.cells}
+                atomic.write_text(self.path, json.dumps(
+                    dict(experiment=self.experiment, cells=self.cells),
+                    indent=1, default=_json_default))
         # A library may have swallowed the Ctrl-C's KeyboardInterrupt (a bare
         # `except:`, "Exception ignored in" a finalizer); the tools' SIGINT
         # handler remembers it (tfmeta.cli.errors.CtrlC), so stop here, the cell saved.

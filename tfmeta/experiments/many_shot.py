@@ -47,6 +47,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -58,7 +59,7 @@ import numpy as np
 
 from tfmeta import atomic
 from tfmeta.experiments.complexity_run import CellStore
-from tfmeta.finetune import finetune, random_initialization
+from tfmeta.finetune import Finetuner, random_initialization
 from tfmeta.heads import with_new_head
 from tfmeta.meta_model import MetaModel
 from tfmeta.models import convnet
@@ -403,21 +404,37 @@ def finetune_optimizer(bench):
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _source_classes(sources):
+    """The sources' head size (their largest task's classes)."""
+    return task_family(list(sources)).num_classes
+
+
+_FINETUNERS = {}
+
+
+def _finetuner(bench):
+    """One `Finetuner` per fine-tuning recipe: Keras traces each head size once per process."""
+    recipe = (bench.finetune_steps, bench.finetune_lr, bench.finetune_decay,
+              tuple(bench.finetune_milestones), bench.finetune_weight_decay, bench.finetune_batch_size)
+    if recipe not in _FINETUNERS:
+        _FINETUNERS[recipe] = Finetuner(bench.finetune_steps, optimizer=finetune_optimizer(bench),
+                                        batch_size=bench.finetune_batch_size)
+    return _FINETUNERS[recipe]
+
+
 def meta_test(bench, weights, seed, targets=None):
     """Fine-tune the body of `weights` with a fresh head on every target; `{target: metrics}`."""
-    sources = task_family(list(bench.sources))
-    init = initial_model(bench, sources.num_classes, seed)
+    init = initial_model(bench, _source_classes(tuple(bench.sources)), seed)
     init.set_weights(weights)
+    tune = _finetuner(bench)
     scores = {}
     for index, name in enumerate(targets or bench.targets):
         classes, train, test = _target_data(bench, name, seed)
         body = random_initialization(init, seed=seed)
         body.set_weights(init.get_weights())
         keras.utils.set_random_seed(1000 * seed + index)  # the fresh head's draw
-        model = with_new_head(body, classes)
-        result = finetune(model, train, test, steps=bench.finetune_steps,
-                          optimizer=finetune_optimizer(bench),
-                          batch_size=bench.finetune_batch_size, seed=seed)
+        result = tune(with_new_head(body, classes), train, test, seed=seed)
         scores[name] = {
             "loss_auc": result.loss_auc,
             "error_auc": result.error_auc,
@@ -501,6 +518,17 @@ def _plan(bench, method, seed, rates):
     return [(s, r, cell_key(method.name, seed, s, r)) for s in steps for r in rates]
 
 
+def missing_cells(bench, method, seed, cells, finetune_lrs=None):
+    """The keys of `method` x `seed`'s cells (every checkpoint and rate) that `cells` lacks.
+
+    Example::
+
+        missing_cells(bench, method, 0, load_results(path)["cells"])   # [] when done
+    """
+    return [key for _, _, key in _plan(bench, method, seed, finetune_rates(bench, finetune_lrs))
+            if key not in cells]
+
+
 def _differ(stored, wanted, skip=()):
     return sorted(k for k in set(stored) | set(wanted) if k not in skip and stored.get(k) != wanted.get(k))
 
@@ -561,7 +589,8 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
     store = CellStore(out, EXPERIMENT, resume=resume)
     for seed in seeds:
         for method in methods:
-            plan = [p for p in _plan(bench, method, seed, rates) if store.get(p[2]) is None]
+            missing = missing_cells(bench, method, seed, store.cells, rates)
+            plan = [p for p in _plan(bench, method, seed, rates) if p[2] in missing]
             if not plan:
                 continue
             wanted = [0] if method.kind == "none" else bench.checkpoint_steps()
