@@ -358,6 +358,32 @@ def test_smoke_reptile_init_lowers_the_loss_auc_on_held_out_digits(tfds_dir, tmp
     assert scores["reptile"]["loss_auc"] < 0.92 * scores["no pretraining"]["loss_auc"], scores
 
 
+def test_jobs_run_the_units_side_by_side_with_the_cells_of_one_process(tfds_dir, tmp_path):
+    """`--jobs 2` (two workers, one unit each) writes the cells `--jobs 1` computes, bit for bit."""
+    import os
+    import subprocess
+
+    tiny = ["--smoke", "--methods", "scratch", "reptile", "--gin_param", "Benchmark.targets = ('digits',)",
+            "--gin_param", "Benchmark.budget = 20", "--gin_param", "Benchmark.checkpoints = 1",
+            "--gin_param", "Benchmark.finetune_steps = 20"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TF_NUM_INTRAOP_THREADS", None)  # the tool's own choice (one per op, whatever --jobs)
+    cells = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        proc = subprocess.run([sys.executable, str(REPO / "tools" / "many_shot.py"), *tiny, "--jobs",
+                               str(jobs), "--output_dir", str(out)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if jobs == 2:
+            assert "2 method x seed units, 2 side by side" in proc.stdout, proc.stdout[-2000:]
+        assert (out / "summary.md").is_file()  # the report, once, by the parent
+        cells[jobs] = _timeless(json.loads((out / "results.json").read_text())["cells"])
+    assert sorted(cells[1]) == [cell_key("no pretraining", 0, 0, 0.1), cell_key("reptile", 0, 20, 0.1)]
+    assert cells[2] == cells[1]
+    assert list(cells[2]) == list(cells[1])  # and in one process's order, whichever unit ended first
+
+
 # ------------------------------------------- choosing the fine-tuning rate
 def test_one_meta_training_is_fine_tuned_at_every_rate_and_matches_separate_runs(tfds_dir, tmp_path,
                                                                                monkeypatch):

@@ -106,19 +106,17 @@ def finetune_every_task(model, tasks, steps=100, learning_rate=0.1, batch_size=2
     """One `tfmeta.finetune.FinetuneResult` per task of `tasks`, each from a copy of `model`."""
     import keras
 
+    # One trace of Keras' train and test functions for all the tasks.
+    tune = finetuning.Finetuner(steps, optimizer=keras.optimizers.SGD(learning_rate))
     runs = []
     for task in range(tasks.num_tasks):
         candidate = keras.models.clone_model(model)
         candidate.set_weights(model.get_weights())
-        runs.append(
-            finetuning.finetune(
-                candidate,
-                tasks.finetune_data(task, split="train", batch_size=batch_size, seed=seed),
-                tasks.finetune_data(task, split="test", batch_size=batch_size, seed=seed),
-                steps=steps,
-                optimizer=keras.optimizers.SGD(learning_rate),
-            )
-        )
+        runs.append(tune(
+            candidate,
+            tasks.finetune_data(task, split="train", batch_size=batch_size, seed=seed),
+            tasks.finetune_data(task, split="test", batch_size=batch_size, seed=seed),
+        ))
     return runs
 
 

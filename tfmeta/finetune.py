@@ -253,11 +253,16 @@ class Finetuner:
         self._optimizer, self._loss = optimizer, loss
         self._copies = {}  # architecture -> (working copy, curves, initial optimizer state)
 
+    @property
+    def architectures(self):
+        """How many architectures it has compiled (traced) so far."""
+        return len(self._copies)
+
     def __call__(self, model, train_data, test_data=None, *, seed=0):
         """Fine-tune ``model`` in place like ``finetune(model, ..., seed=seed)``; its ``FinetuneResult``."""
         working, curves, start = self._working_copy(model)
         _copy_state(model, working)
-        for variable, value in zip(working.optimizer.variables, start):
+        for variable, value in zip(working.optimizer.variables, start, strict=True):
             variable.assign(value)
         curves.count.assign(0)
         result = _train_and_test(working, curves, train_data, test_data, self.steps,
@@ -271,6 +276,13 @@ class Finetuner:
             working = random_initialization(model)
             optimizer = self._optimizer
             if isinstance(optimizer, keras.optimizers.Optimizer):
+                if getattr(optimizer, "_exclude_from_weight_decay", None) or getattr(
+                        optimizer, "_exclude_from_weight_decay_pattern", None):
+                    raise ValueError(
+                        "Finetuner makes each copy's optimizer from the optimizer's config, which "
+                        "does not hold exclude_from_weight_decay: fine-tune with finetune(), or "
+                        "leave weight decay to all variables"
+                    )
                 optimizer = optimizer.__class__.from_config(optimizer.get_config())
             _compile(working, optimizer, self._loss, self._execution)
             working.optimizer.build(working.trainable_variables)
@@ -280,13 +292,17 @@ class Finetuner:
 
 
 def _architecture(model):
-    """``model``'s config and build config with layer names replaced by their positions, as JSON.
+    """``model``'s class, config, build config and variables (shape, dtype, trainable), as JSON.
 
-    Equal keys mean the same layers, connected the same way: only the names
-    (``dense_3`` in one model, ``dense_7`` in the next) may differ.
+    Names in the config are replaced by their order of appearance: equal keys
+    mean the same layers, connected the same way, frozen the same way; only
+    the names (``input_layer_3`` in one model, ``input_layer_7`` in the next)
+    may differ.
     """
     try:
-        config = [model.get_config(), model.get_build_config()]
+        config = [type(model).__module__, type(model).__qualname__, model.get_config(),
+                  model.get_build_config(),
+                  [(tuple(v.shape), str(v.dtype), bool(v.trainable)) for v in model.variables]]
     except NotImplementedError:
         raise ValueError(
             f"Finetuner needs models Keras can clone (get_config), and {model.name!r} has none: "
@@ -313,8 +329,12 @@ def _architecture(model):
             return [renamed(item) for item in value]
         return value
 
+    def refuse(value):
+        raise ValueError(f"{model.name!r}'s config holds {value!r}, which is not JSON: Finetuner "
+                         "cannot tell its architecture; fine-tune it with finetune()")
+
     collect(config)
-    return json.dumps(renamed(config), sort_keys=True, default=repr)
+    return json.dumps(renamed(config), sort_keys=True, default=refuse)
 
 
 def _check_steps(steps):

@@ -4,13 +4,15 @@
     python tools/many_shot.py [--methods cts reptile ...] [--seeds 0 1 2]
                               [--output_dir runs/many_shot] [--resume] [--overwrite]
                               [--smoke] [--validation [--finetune_lrs 0.1 0.03 0.01]]
-                              [--gin_param "..."] [--report]
+                              [--gin_param "..."] [--report] [--jobs N]
                               [--figure docs/figures/many_shot_convergence.png]
 
 Each method is one gin file, gin/many_shot_<method>.gin (all include
 gin/many_shot.gin). Cells (method x seed x meta-checkpoint x fine-tuning
 rate) run seed by seed and each goes to <output_dir>/results.json as soon as
-it is finished, with its settings; `--resume` skips finished cells and
+it is finished, with its settings (with `--jobs N`, the default on a
+multi-core CPU, N method x seed units at a time, each in a single-threaded
+worker process of its own; the cells are the same); `--resume` skips finished cells and
 refuses ones computed with other settings. At the end (and with `--report`
 alone) it writes summary.md (tables, claims) and the meta-convergence PNG.
 A results.json of the older layout (docs/figures/many_shot_results.json) is
@@ -35,10 +37,6 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One thread per op, whatever --jobs: the numbers depend on the intra-op thread
-# count (oneDNN's reductions split by it), and a 16-filter convnet's kernels gain
-# nothing from a second thread (docs/performance.md); --jobs uses the cores.
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROG = "many_shot.py"
@@ -164,7 +162,8 @@ def run(argv):
     from tfmeta.cli import errors, workers
     from tfmeta.validation import ConfigError
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    # No abbreviations: --jobs hands the options on to its workers by their full names.
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output_dir", default=None,
@@ -214,7 +213,7 @@ def run(argv):
     if results_path.exists() and not (args.resume or args.overwrite):
         raise ConfigError(f"{results_path} exists: pass --resume to continue it or --overwrite to "
                           "start over.")
-    if args.overwrite and results_path.exists():
+    if args.overwrite and results_path.exists() and not args.unit:
         results_path.unlink()
     if results_path.exists():  # settings first: a mismatch costs seconds, not a run
         cells = many_shot.load_results(results_path)["cells"]
@@ -224,7 +223,11 @@ def run(argv):
     began = time.perf_counter()
     with errors.resumable(out):  # each cell is in results.json as soon as it is finished
         if args.jobs > 1 and not args.unit:
-            run_side_by_side(argv, args, out, seeds, setups)
+            try:
+                run_side_by_side(argv, args, out, seeds, setups)
+            except workers.UnitFailed as failed:
+                print(f"{PROG}: error: {failed}", file=sys.stderr)
+                return failed.returncode if failed.returncode > 0 else 1
         else:
             for seed in seeds:
                 for name in args.methods:
@@ -261,9 +264,32 @@ def run_side_by_side(argv, args, out, seeds, setups):
     commands = [[sys.executable, str(pathlib.Path(__file__).resolve()), *common, "--unit", "--resume",
                  "--output_dir", str(out), "--methods", name, "--seeds", str(seed), "--jobs", "1"]
                 for seed, name in units]
-    print(f"{len(units)} method x seed units, {args.jobs} side by side "
-          f"({workers.threads_per_job(args.jobs)} TensorFlow thread(s) each)", flush=True)
-    workers.run_units(commands, args.jobs)
+    env = workers.child_environment(args.jobs)
+    print(f"{len(units)} method x seed units, {args.jobs} side by side (TensorFlow threads each: "
+          f"{env['TF_NUM_INTRAOP_THREADS']} per op, {env['TF_NUM_INTEROP_THREADS']} ops at once)",
+          flush=True)
+    try:
+        workers.run_units(commands, args.jobs)
+    finally:  # the workers' cells are in the order they finished: put them in one process's order
+        if results_path.exists():
+            _in_run_order(results_path, seeds, [setups[name][1].name for name in args.methods])
+
+
+def _in_run_order(path, seeds, methods):
+    """Rewrite `path`'s cells in the order one process writes them: seed, method, checkpoint; others after."""
+    from tfmeta import atomic
+
+    results = json.loads(path.read_text())
+    cells = results["cells"]
+
+    def place(key):
+        cell = cells[key]
+        known = cell["seed"] in seeds and cell["method"] in methods
+        return ((0, seeds.index(cell["seed"]), methods.index(cell["method"]), cell["inner_steps"])
+                if known else (1,))
+
+    order = sorted(cells, key=place)  # stable: rates and unknown cells keep their order
+    atomic.write_text(path, json.dumps({**results, "cells": {key: cells[key] for key in order}}, indent=1))
 
 
 def _without(argv, valued, flags):
@@ -286,8 +312,16 @@ def main(argv=None):
     """Bad input: one line on stderr, exit code 2; Ctrl-C: how to continue, 130 (tfmeta.cli.errors)."""
     from tfmeta.cli import errors
 
-    return errors.run_tool(PROG, run, argv, script=__file__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # A --jobs worker's Ctrl-C: the parent says how to continue, for the whole run.
+    unit = (lambda stop, argv: "worker stopped; its finished cells are saved") if "--unit" in argv else None
+    return errors.run_tool(PROG, run, argv, script=__file__, stopped=unit)
 
 
 if __name__ == "__main__":
+    # One thread per op whatever --jobs (its workers inherit it): the numbers
+    # depend on the intra-op thread count (oneDNN's reductions split by it), and
+    # a 16-filter convnet's kernels gain nothing from a second thread
+    # (docs/performance.md); --jobs uses the cores instead.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     sys.exit(main())

@@ -10,6 +10,7 @@
 - `finetune`: the `tfmeta-finetune` command line and job;
 - `ginconfig`: reading gin files and bindings with one-line errors;
 - `errors`: bad input as one line naming the fix, exit code 2;
-- `startup`: `--verbose` and TensorFlow imported quietly;
+- `startup`: `--verbose`, TensorFlow imported quietly, the tools' CPU kernels;
+- `workers`: a tool's independent units run side by side in child processes;
 - `report`: the summary lines the commands print.
 """

@@ -240,11 +240,10 @@ def at_least(minimum):
 def expected():
     """The exception types that are bad input (reported in one line), not bugs."""
     from tfmeta.checkpoint import CheckpointError
-    from tfmeta.cli.workers import UnitFailed
     from tfmeta.divergence import DivergenceError
 
     return (
-        ValueError, TypeError, OSError, SyntaxError, CheckpointError, DivergenceError, UnitFailed,
+        ValueError, TypeError, OSError, SyntaxError, CheckpointError, DivergenceError,
     ) + _tensorflow_errors()
 
 

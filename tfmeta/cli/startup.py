@@ -66,8 +66,8 @@ def add_verbose_flag(parser):
 def use_kernel_defaults():
     """Set `KERNEL_DEFAULTS` where the environment does not, if TensorFlow is not imported yet.
 
-    Too late once TensorFlow is imported: it reads them at import (a tool run
-    in-process by a test changes nothing then).
+    They stay in `os.environ` (children inherit them). Once TensorFlow is
+    imported it is too late (it reads them at import), so nothing is set then.
 
     Example::
 

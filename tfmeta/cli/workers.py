@@ -12,7 +12,10 @@ caller's environment sets them) and unbuffered output, which goes to this
 process's stdout and stderr as it comes.
 
 A failing child stops the launching of further units; the others finish
-their unit, then `UnitFailed` names the command and its exit code. Ctrl-C
+their unit, then `UnitFailed` names the command and its exit code. Any
+other exception stops the running children (SIGINT) before it propagates;
+SIGTERM or SIGHUP to this process is passed on to them as it came, and
+this process then exits with 128 + the signal's number. Ctrl-C
 (or SIGINT to this process, as `timeout -s INT` sends it) is passed on, once,
 to the running children (each in its own session, so a terminal's Ctrl-C
 reaches them only this way), which save their finished cells and stop; then
@@ -27,9 +30,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 
 #: Seconds between two looks at the running children.
@@ -41,9 +46,9 @@ class UnitFailed(RuntimeError):
 
     def __init__(self, command, returncode):
         self.command, self.returncode = command, returncode
-        super().__init__(f"a worker process ended with exit code {returncode}, its error printed "
-                         "above; the finished cells are saved: fix that and run the same command with "
-                         f"--resume (the worker was: {' '.join(command)})")
+        super().__init__(f"a worker process ended with exit code {returncode} (its error is "
+                         "printed above); the finished cells are saved: run the same command with "
+                         f"--resume to continue (the worker was: {' '.join(command)})")
 
 
 def usable_cpus():
@@ -81,32 +86,64 @@ def run_units(commands, jobs, environ=None):
     env = child_environment(jobs, environ)
     waiting, running, failed = list(commands), [], None
     try:
-        while waiting or running:
-            while waiting and len(running) < jobs and failed is None:
-                command = waiting.pop(0)
-                # Its own session: a terminal's Ctrl-C reaches this process only, which
-                # passes it on once (a second SIGINT could cut a child's saving short).
-                running.append((command, subprocess.Popen(command, env=env, start_new_session=True)))
-            time.sleep(_POLL)
-            for command, child in list(running):
-                if child.poll() is None:
-                    continue
-                running.remove((command, child))
-                if child.returncode != 0 and failed is None:
-                    failed = UnitFailed(command, child.returncode)
-            if failed is not None and not running:
-                raise failed
-    except KeyboardInterrupt:
-        _stop(running)
+        with _terminating_children():
+            while waiting or running:
+                while waiting and len(running) < jobs and failed is None:
+                    command = waiting.pop(0)
+                    # Its own session: a terminal's Ctrl-C reaches this process only, which
+                    # passes it on once (a second SIGINT could cut a child's saving short).
+                    running.append((command, subprocess.Popen(command, env=env, start_new_session=True)))
+                time.sleep(_POLL)
+                for command, child in list(running):
+                    if child.poll() is None:
+                        continue
+                    running.remove((command, child))
+                    if child.returncode != 0 and failed is None:
+                        failed = UnitFailed(command, child.returncode)
+                if failed is not None and not running:
+                    raise failed
+    except _Terminated as stop:
+        _stop(running, stop.signum)
+        raise SystemExit(128 + stop.signum) from None
+    except BaseException:  # Ctrl-C, or anything else: no child goes on alone
+        _stop(running, signal.SIGINT)
         raise
 
 
-def _stop(running):
-    """SIGINT to each running child, then wait for them to save and stop."""
+class _Terminated(BaseException):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminating_children():
+    """Within the block, SIGTERM and SIGHUP (`timeout`, a closed terminal) stop the children too.
+
+    The children have sessions of their own, so these signals reach them only
+    this way; they get the same signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise _Terminated(signum)
+
+    previous = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _stop(running, signum):
+    """`signum` to each running child, then wait for them to save and stop."""
     for _, child in running:
         if child.poll() is None:
             try:
-                child.send_signal(signal.SIGINT)
+                child.send_signal(signum)
             except ProcessLookupError:
                 pass
     for _, child in running:

@@ -1,0 +1,39 @@
+"""`CellStore`: several processes fill one results.json side by side (many_shot --jobs)."""
+
+import json
+import multiprocessing
+
+from tfmeta.experiments.complexity_run import CellStore
+
+
+def _fill(folder, prefix, count):
+    store = CellStore(folder, "demo", resume=True)
+    for index in range(count):
+        store.put(f"{prefix}{index}", {"value": index})
+
+
+def test_resumed_stores_keep_each_others_cells(tmp_path):
+    first, second = CellStore(tmp_path, "demo", resume=True), CellStore(tmp_path, "demo", resume=True)
+    first.put("a", {"value": 1})
+    second.put("b", {"value": 2})   # it started before "a" was written
+    first.put("c", {"value": 3})
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert cells == {"a": {"value": 1}, "b": {"value": 2}, "c": {"value": 3}}
+
+
+def test_processes_writing_at_once_lose_no_cell(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_fill, args=(tmp_path, prefix, 40)) for prefix in "xyz"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+        assert writer.exitcode == 0
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert sorted(cells) == sorted(f"{p}{i}" for p in "xyz" for i in range(40))
+
+
+def test_a_store_that_does_not_resume_replaces_the_file(tmp_path):
+    CellStore(tmp_path, "demo", resume=True).put("old", {"value": 0})
+    CellStore(tmp_path, "demo", resume=False).put("new", {"value": 1})
+    assert json.loads((tmp_path / "results.json").read_text())["cells"] == {"new": {"value": 1}}
