@@ -89,8 +89,11 @@ COUNTING = textwrap.dedent("""
 """)
 # The parent: three such children, two at a time; exit 42 on KeyboardInterrupt.
 PARENT = textwrap.dedent("""
-    import sys
+    import signal, sys
     from tfmeta.cli import workers
+    # As the tools' run_tool does: started from a process that ignores SIGINT
+    # (pytest-xdist's workers), Python would inherit the ignoring.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     folder, counting = sys.argv[1], sys.argv[2]
     try:
         workers.run_units([[sys.executable, "-c", counting, folder, str(i)] for i in range(3)], jobs=2)
