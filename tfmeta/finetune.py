@@ -223,8 +223,8 @@ def finetune(
 class Finetuner:
     """``finetune`` with the same settings for many models, each architecture traced once.
 
-    A Finetuner keeps one compiled working copy per architecture (equal
-    ``get_config()`` and build config). A call copies the model's state
+    A Finetuner keeps one compiled working copy per architecture (one class,
+    configs equal up to names, the same variables). A call copies the model's state
     (weights, BatchNorm statistics, seed generators) into that copy, restores
     its optimizer to its state before the first step, fine-tunes the copy and
     copies the weights back, so the model ends fine-tuned as with

@@ -589,8 +589,7 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
     store = CellStore(out, EXPERIMENT, resume=resume)
     for seed in seeds:
         for method in methods:
-            missing = missing_cells(bench, method, seed, store.cells, rates)
-            plan = [p for p in _plan(bench, method, seed, rates) if p[2] in missing]
+            plan = [p for p in _plan(bench, method, seed, rates) if store.get(p[2]) is None]
             if not plan:
                 continue
             wanted = [0] if method.kind == "none" else bench.checkpoint_steps()
