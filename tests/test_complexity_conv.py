@@ -16,19 +16,16 @@ depend on which CPU runs the suite.
 """
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import onednn_runs
 from tfmeta import complexity as cx
 
 L = keras.layers
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------
@@ -259,14 +256,7 @@ def test_conv3d_and_transposed_conv_fisher_match_per_example_loop():
 
 
 def test_conv_fisher_is_right_with_and_without_onednn():
-    selected = ["-k", "per_example_loop or per_example_path or onednn_flag"]
-    children = {}
-    for flag in ("0", "1"):
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flag, TFMETA_EXPECT_ONEDNN=flag)
-        children[flag] = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-x", __file__, *selected],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+    children = onednn_runs.start(__file__, "per_example_loop or per_example_path or onednn_flag")
     for flag, child in children.items():
         output, _ = child.communicate(timeout=600)
         assert child.returncode == 0, f"TF_ENABLE_ONEDNN_OPTS={flag}:\n{output[-4000:]}"

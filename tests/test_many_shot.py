@@ -359,11 +359,12 @@ def test_smoke_reptile_init_lowers_the_loss_auc_on_held_out_digits(tfds_dir, tmp
 
 
 def test_jobs_run_the_units_side_by_side_with_the_cells_of_one_process(tfds_dir, tmp_path):
-    """`--jobs 2` (two workers, one unit each) writes the cells `--jobs 1` computes, bit for bit."""
+    """`--jobs 2` (two workers taking three units in turn) writes the cells `--jobs 1` computes, bit for bit."""
     import os
+    import re
     import subprocess
 
-    tiny = ["--smoke", "--methods", "scratch", "reptile", "--gin_param", "Benchmark.targets = ('digits',)",
+    tiny = ["--smoke", "--methods", "scratch", "reptile", "fomaml", "--gin_param", "Benchmark.targets = ('digits',)",
             "--gin_param", "Benchmark.budget = 20", "--gin_param", "Benchmark.checkpoints = 1",
             "--gin_param", "Benchmark.finetune_steps = 20"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -376,10 +377,15 @@ def test_jobs_run_the_units_side_by_side_with_the_cells_of_one_process(tfds_dir,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if jobs == 2:
-            assert "2 method x seed units, 2 side by side" in proc.stdout, proc.stdout[-2000:]
+            assert "3 method x seed units, 2 side by side" in proc.stdout, proc.stdout[-2000:]
+            # Two processes take the three units; the one without meta-training goes last.
+            taken = re.findall(r"worker (\d+) takes (\w+), seed 0", proc.stdout)
+            assert len(taken) == 3 and len({pid for pid, _ in taken}) == 2, taken
+            assert [name for _, name in taken] == ["reptile", "fomaml", "scratch"], taken
         assert (out / "summary.md").is_file()  # the report, once, by the parent
         cells[jobs] = _timeless(json.loads((out / "results.json").read_text())["cells"])
-    assert sorted(cells[1]) == [cell_key("no pretraining", 0, 0, 0.1), cell_key("reptile", 0, 20, 0.1)]
+    assert sorted(cells[1]) == [cell_key("fomaml", 0, 20, 0.1), cell_key("no pretraining", 0, 0, 0.1),
+                                cell_key("reptile", 0, 20, 0.1)]
     assert cells[2] == cells[1]
     assert list(cells[2]) == list(cells[1])  # and in one process's order, whichever unit ended first
 

@@ -13,16 +13,14 @@ model the batched step cannot run must be named with the reason.
 """
 
 import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import onednn_runs
 import tfmeta
 from tfmeta.inner_loop import InnerLoop, mean_loss
 from tfmeta.inner_optimizer import make_stateless
@@ -33,7 +31,6 @@ from tfmeta.tasks.digits import digits_arrays
 from tfmeta.validation import ConfigError
 
 L = keras.layers
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS, BATCH, STEPS = 3, 6, 3
 
 
@@ -192,15 +189,7 @@ def test_grouped_conv_runs_exactly_where_onednn_does():
 @pytest.fixture(scope="module")
 def onednn_children():
     """This file's float32 checks in two child processes, TF_ENABLE_ONEDNN_OPTS=0 and =1."""
-    selected = ["-k", "leap-sgd_momentum-auto or functional or runs_exactly"]
-    children = {}
-    for flag in ("0", "1"):
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flag, TFMETA_EXPECT_ONEDNN=flag)
-        children[flag] = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-             *selected],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
+    children = onednn_runs.start(__file__, "leap-sgd_momentum-auto or functional or runs_exactly")
     yield children
     for child in children.values():
         if child.poll() is None:

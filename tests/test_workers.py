@@ -116,3 +116,55 @@ def test_a_signal_to_the_parent_reaches_each_running_child_once_and_stops_the_re
     assert parent.wait(timeout=120) == exit_code
     assert [(tmp_path / f"signals-{i}").read_text() for i in (0, 1)] == [str(int(sig))] * 2
     assert not (tmp_path / "ready-2").exists()
+
+
+def test_a_failing_child_calls_on_failure_once_before_the_others_end(tmp_path):
+    # Child 0 fails at once; child 1 waits for the mark on_failure leaves, so it can
+    # only end (and run_units return) if on_failure ran while it was still running.
+    calls = []
+
+    def on_failure():
+        calls.append(1)
+        (tmp_path / "closed").write_text("")
+
+    commands = [child(tmp_path, 0, code=3), child(tmp_path, 1, wait=["closed"])]
+    with pytest.raises(workers.UnitFailed):
+        workers.run_units(commands, jobs=2, on_failure=on_failure)
+    assert calls == [1] and (tmp_path / "ended-1").exists()
+
+
+# Claims units from the queue at argv[1] until none is left; prints them.
+CLAIMER = textwrap.dedent("""
+    import sys
+    from tfmeta.cli.workers import UnitQueue
+    queue, claimed = UnitQueue(sys.argv[1]), []
+    while (unit := queue.claim()) is not None:
+        claimed.append(unit)
+    print(" ".join(claimed))
+""")
+
+
+def test_the_queue_hands_out_each_unit_once_in_order(tmp_path):
+    units = [f"unit-{i}" for i in range(40)]
+    queue = workers.UnitQueue.create(tmp_path / "units.json", units)
+    assert [queue.claim(), queue.claim()] == units[:2]
+    # three processes take the rest at once: each unit once, each process's in order
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(queue.path)], env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    taken = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(sum(taken, []), key=units.index) == units[2:]
+    assert all(part == sorted(part, key=units.index) for part in taken)
+    assert queue.claim() is None
+    queue.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_queue_hands_out_nothing_more(tmp_path):
+    queue = workers.UnitQueue.create(tmp_path / "units.json", [["reptile", 0], ["leap", 0]])
+    assert queue.claim() == ["reptile", 0]
+    queue.close()
+    assert queue.claim() is None
+    # create replaces an old queue: a new run hands out its units from the first
+    assert workers.UnitQueue.create(tmp_path / "units.json", [["leap", 1]]).claim() == ["leap", 1]

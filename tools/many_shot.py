@@ -11,8 +11,8 @@ Each method is one gin file, gin/many_shot_<method>.gin (all include
 gin/many_shot.gin). Cells (method x seed x meta-checkpoint x fine-tuning
 rate) run seed by seed and each goes to <output_dir>/results.json as soon as
 it is finished, with its settings (with `--jobs N`, the default on a
-multi-core CPU, N method x seed units at a time, each in a single-threaded
-worker process of its own; the cells are the same); `--resume` skips finished cells and
+multi-core CPU, N single-threaded worker processes, each taking the next
+method x seed unit until none is left; the cells are the same); `--resume` skips finished cells and
 refuses ones computed with other settings. At the end (and with `--report`
 alone) it writes summary.md (tables, claims) and the meta-convergence PNG.
 A results.json of the older layout (docs/figures/many_shot_results.json) is
@@ -180,10 +180,11 @@ def run(argv):
     parser.add_argument("--figure", default=None, help="also write the convergence PNG here")
     parser.add_argument("--report", action="store_true", help="only write summary.md and the PNG")
     parser.add_argument("--jobs", type=errors.at_least(1), default=workers.default_jobs(),
-                        help="method x seed units run side by side, each in its own single-threaded "
-                             "process (faster on a CPU; results are the same) (default: one per CPU, "
+                        help="single-threaded worker processes side by side, each taking the next "
+                             "method x seed unit when it ends one (faster on a CPU; results are the "
+                             "same) (default: one per CPU, "
                              f"at most 4: here {workers.default_jobs()})")
-    parser.add_argument("--unit", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker
+    parser.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # a --jobs worker: its queue
     args = parser.parse_args(argv)
     if args.finetune_lrs and not args.validation:
         raise ConfigError("--finetune_lrs chooses the fine-tuning rate, which is done on the source-only "
@@ -229,12 +230,12 @@ def run(argv):
                 print(f"{PROG}: error: {failed}", file=sys.stderr)
                 return failed.returncode if failed.returncode > 0 else 1
         else:
-            for seed in seeds:
-                for name in args.methods:
-                    bench, method = configured(name, bindings)
-                    # After the first cell the file holds this run's own cells: always resume.
-                    many_shot.run(bench, [method], [seed], out, resume=True,
-                                  finetune_lrs=args.finetune_lrs)
+            units = _claimed(args.unit) if args.unit else ((name, seed) for seed in seeds
+                                                           for name in args.methods)
+            for name, seed in units:
+                bench, method = configured(name, bindings)
+                # After the first cell the file holds this run's own cells: always resume.
+                many_shot.run(bench, [method], [seed], out, resume=True, finetune_lrs=args.finetune_lrs)
     if args.unit:
         return 0
     results = many_shot.load_results(results_path)
@@ -244,35 +245,55 @@ def run(argv):
 
 
 def run_side_by_side(argv, args, out, seeds, setups):
-    """Each unfinished method x seed of `args` as a `--unit` child of this tool, `args.jobs` at a time.
+    """Every unfinished method x seed of `args` in `args.jobs` `--unit` workers (children of this tool).
 
-    In the order one process would run them (seed by seed); the children add
-    their cells to out/results.json (`CellStore` takes turns on it).
+    The units are queued in the order one process would run them (seed by
+    seed), except that those with no meta-training come last, so the run
+    ends on short units, not with one worker idle beside a long one. Each
+    worker takes the next unit when it finishes one, in the same process
+    (TensorFlow starts, and the fine-tuning functions are traced, once per
+    worker). The workers add their cells to out/results.json (`CellStore`
+    takes turns on it).
     """
     from tfmeta.cli import workers
     from tfmeta.experiments import many_shot
 
     results_path = out / "results.json"
     cells = many_shot.load_results(results_path)["cells"] if results_path.exists() else {}
-    units = [(seed, name) for seed in seeds for name in args.methods
+    units = [(name, seed) for seed in seeds for name in args.methods
              if many_shot.missing_cells(*setups[name], seed, cells, args.finetune_lrs)]
+    units.sort(key=lambda unit: setups[unit[0]][1].kind == "none")  # stable: seed by seed otherwise
     if results_path.exists():  # an older layout is converted once, here, not by every child
         bench, method = setups[args.methods[0]]
         many_shot.run(bench, [], [], out, resume=True, finetune_lrs=args.finetune_lrs)
-    # The same options, one unit each; --resume: the file is shared.
+    queue = workers.UnitQueue.create(out / ".units.json", units)
+    # The same options, the queue's methods and seeds; --resume: the file is shared.
     common = _without(argv, {"--methods", "--seeds", "--jobs", "--output_dir"}, {"--overwrite", "--resume"})
-    commands = [[sys.executable, str(pathlib.Path(__file__).resolve()), *common, "--unit", "--resume",
-                 "--output_dir", str(out), "--methods", name, "--seeds", str(seed), "--jobs", "1"]
-                for seed, name in units]
+    methods = [name for name in args.methods if any(unit[0] == name for unit in units)]
+    command = [sys.executable, str(pathlib.Path(__file__).resolve()), *common, "--unit", str(queue.path),
+               "--resume", "--output_dir", str(out), "--methods", *methods,
+               "--seeds", *sorted({str(seed) for _, seed in units}, key=int), "--jobs", "1"]
+    jobs = min(args.jobs, len(units))
     env = workers.child_environment(args.jobs)
     print(f"{len(units)} method x seed units, {args.jobs} side by side (TensorFlow threads each: "
           f"{env['TF_NUM_INTRAOP_THREADS']} per op, {env['TF_NUM_INTEROP_THREADS']} ops at once)",
           flush=True)
     try:
-        workers.run_units(commands, args.jobs)
+        workers.run_units([command] * jobs, args.jobs, on_failure=queue.close)
     finally:  # the workers' cells are in the order they finished: put them in one process's order
+        queue.remove()
         if results_path.exists():
             _in_run_order(results_path, seeds, [setups[name][1].name for name in args.methods])
+
+
+def _claimed(path):
+    """A worker's units: `(method, seed)` claimed one at a time from the queue at `path`."""
+    from tfmeta.cli import workers
+
+    queue = workers.UnitQueue(path)
+    while (unit := queue.claim()) is not None:
+        print(f"worker {os.getpid()} takes {unit[0]}, seed {unit[1]}", flush=True)
+        yield tuple(unit)
 
 
 def _in_run_order(path, seeds, methods):

@@ -11,8 +11,9 @@ Each child gets `threads_per_job(jobs)` TensorFlow threads (unless the
 caller's environment sets them) and unbuffered output, which goes to this
 process's stdout and stderr as it comes.
 
-A failing child stops the launching of further units; the others finish
-their unit, then `UnitFailed` names the command and its exit code. Any
+A failing child stops the launching of further units (and `on_failure` is
+called, e.g. `UnitQueue.close`); the others finish their unit, then
+`UnitFailed` names the command and its exit code. Any
 other exception stops the running children (SIGINT) before it propagates;
 SIGTERM or SIGHUP to this process is passed on to them as it came, and
 this process then exits with 128 + the signal's number. Ctrl-C
@@ -20,6 +21,10 @@ this process then exits with 128 + the signal's number. Ctrl-C
 to the running children (each in its own session, so a terminal's Ctrl-C
 reaches them only this way), which save their finished cells and stop; then
 KeyboardInterrupt propagates, for `errors.resumable` to say how to continue.
+
+A `UnitQueue` lets a few long-lived workers share many units instead: each
+child takes the next unit from the queue's file when it finishes one, so
+TensorFlow starts, and functions are traced, once per worker, not per unit.
 
 Example::
 
@@ -31,11 +36,15 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import pathlib
 import signal
 import subprocess
 import threading
 import time
+
+from tfmeta import atomic
 
 #: Seconds between two looks at the running children.
 _POLL = 0.5
@@ -79,8 +88,12 @@ def child_environment(jobs, environ=None):
     return env
 
 
-def run_units(commands, jobs, environ=None):
-    """Run every argv of `commands` as a child process, at most `jobs` at once; raise on the first failure."""
+def run_units(commands, jobs, environ=None, on_failure=None):
+    """Run every argv of `commands` as a child process, at most `jobs` at once; raise on the first failure.
+
+    `on_failure()`, when given, is called once, at the first failure, while
+    the other children still run (`UnitQueue.close`: they take no new unit).
+    """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     env = child_environment(jobs, environ)
@@ -100,6 +113,8 @@ def run_units(commands, jobs, environ=None):
                     running.remove((command, child))
                     if child.returncode != 0 and failed is None:
                         failed = UnitFailed(command, child.returncode)
+                        if on_failure is not None:
+                            on_failure()
                 if failed is not None and not running:
                     raise failed
     except _Terminated as stop:
@@ -108,6 +123,63 @@ def run_units(commands, jobs, environ=None):
     except BaseException:  # Ctrl-C, or anything else: no child goes on alone
         _stop(running, signal.SIGINT)
         raise
+
+
+class UnitQueue:
+    """Units of work handed out once each, in order, to worker processes sharing one file.
+
+    The launching process `create`s it with the units; every worker, started
+    with the file's path, `claim`s the next unit nobody has taken until there
+    is none left, so a worker that finishes early takes the next unit without
+    a new process (one TensorFlow start-up and one set of traces per worker,
+    not per unit). `close()` hands out nothing more (`run_units`' `on_failure`).
+    Claims take turns on a lock file beside it (`atomic.exclusive_lock`).
+
+    Example::
+
+        queue = UnitQueue.create(out / ".units.json", ["reptile 0", "leap 0", "scratch 0"])
+        run_units([worker_command] * 2, jobs=2, on_failure=queue.close)
+        # in each worker:
+        while (unit := UnitQueue(path).claim()) is not None:
+            run(unit)
+    """
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+
+    @classmethod
+    def create(cls, path, units):
+        """A queue at `path` (replacing any) of `units` (JSON-friendly values), none claimed."""
+        queue = cls(path)
+        with queue._turn():
+            atomic.write_text(queue.path, json.dumps({"units": list(units), "claimed": 0}))
+        return queue
+
+    def claim(self):
+        """The next unclaimed unit, now claimed by the caller; None when every unit is taken."""
+        with self._turn():
+            state = json.loads(self.path.read_text())
+            if state["claimed"] >= len(state["units"]):
+                return None
+            atomic.write_text(self.path, json.dumps({**state, "claimed": state["claimed"] + 1}))
+            return state["units"][state["claimed"]]
+
+    def close(self):
+        """Hand out no more units (the claimed ones run on)."""
+        with self._turn():
+            state = json.loads(self.path.read_text())
+            atomic.write_text(self.path, json.dumps({**state, "claimed": len(state["units"])}))
+
+    def remove(self):
+        """Delete the queue's files."""
+        for path in (self.path, self._lock_path()):
+            path.unlink(missing_ok=True)
+
+    def _lock_path(self):
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _turn(self):
+        return atomic.exclusive_lock(self._lock_path())
 
 
 class _Terminated(BaseException):
