@@ -384,6 +384,8 @@ def test_jobs_run_the_units_side_by_side_with_the_cells_of_one_process(tfds_dir,
             assert [name for _, name in taken] == ["reptile", "fomaml", "scratch"], taken
         assert (out / "summary.md").is_file()  # the report, once, by the parent
         cells[jobs] = _timeless(json.loads((out / "results.json").read_text())["cells"])
+        # each cell records what it was computed with: the tool's one thread per op
+        assert {c["machine"]["intra_op_threads"] for c in cells[jobs].values()} == {"1"}
     assert sorted(cells[1]) == [cell_key("fomaml", 0, 20, 0.1), cell_key("no pretraining", 0, 0, 0.1),
                                 cell_key("reptile", 0, 20, 0.1)]
     assert cells[2] == cells[1]

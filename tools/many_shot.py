@@ -275,7 +275,7 @@ def run_side_by_side(argv, args, out, seeds, setups):
                "--seeds", *sorted({str(seed) for _, seed in units}, key=int), "--jobs", "1"]
     jobs = min(args.jobs, len(units))
     env = workers.child_environment(args.jobs)
-    print(f"{len(units)} method x seed units, {args.jobs} side by side (TensorFlow threads each: "
+    print(f"{len(units)} method x seed units, {jobs} side by side (TensorFlow threads each: "
           f"{env['TF_NUM_INTRAOP_THREADS']} per op, {env['TF_NUM_INTEROP_THREADS']} ops at once)",
           flush=True)
     try:

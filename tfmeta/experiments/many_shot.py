@@ -22,7 +22,9 @@ budget (the meta-convergence curve), each checkpoint fine-tuned at one or
 more learning rates (`finetune_lrs`: several only to choose the rate on the
 source-only validation split). A finished cell (method x seed x checkpoint
 x fine-tuning rate) goes to `results.json` at once (atomically, a
-`CellStore`) with the settings it was computed with, and `resume=True` skips
+`CellStore`) with the settings it was computed with (and, as a record
+that resume does not compare, the CPU, kernels and threads it was
+computed on: `machine.describe()`), and `resume=True` skips
 finished cells: a method x seed whose cells are all there is not trained
 again, one with some missing is meta-trained again from its seed
 (deterministic streams) and evaluated only where cells are missing; a
@@ -58,6 +60,7 @@ import keras
 import numpy as np
 
 from tfmeta import atomic
+from tfmeta.experiments import machine
 from tfmeta.experiments.complexity_run import CellStore
 from tfmeta.finetune import Finetuner, random_initialization
 from tfmeta.heads import with_new_head
@@ -607,6 +610,7 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
                         "finetune_lr": rate, "pretrain_seconds": seconds,
                         "finetune_seconds": time.perf_counter() - began, "targets": scores,
                         "settings": cell_settings(at_rate, method),
+                        "machine": machine.describe(),  # a record: resume does not compare it
                     })
                     mean = np.mean([s["test_accuracy"] for s in scores.values()])
                     log(f"{key}: mean test accuracy {mean:.4f}")
