@@ -174,3 +174,37 @@ def test_resume_with_other_settings_names_the_difference_and_the_fix(uninterrupt
             "no pretraining", "--filters", "8", "--num_heldout", "1", "--finetune_steps", "6"]
     assert tool.main(args) == 2
     assert "computed with filters=4, this run has filters=8" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_that_a_library_swallows_stops_the_run_after_its_cell(tmp_path, monkeypatch):
+    """As for the CellStore experiments (test_tools_errors): the cell in progress is saved, no other runs."""
+    import signal
+
+    from tfmeta.cli import errors
+
+    monkeypatch.delenv("TFMETA_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["tools/leap_omniglot.py"])
+    monkeypatch.setattr(experiment, "omniglot_alphabets", lambda **kwargs: (None, None))
+    trained = []
+
+    def pretrained(config, cell, out, train_learner, resume):
+        if len(trained) == 1:
+            try:
+                signal.raise_signal(signal.SIGINT)  # the handler runs before this returns
+            except KeyboardInterrupt:
+                pass  # swallowed, as a bare `except:` in a library would
+        trained.append(cell.key)
+
+    monkeypatch.setattr(experiment, "_pretrained", pretrained)
+    monkeypatch.setattr(experiment, "_evaluate", lambda *args: {"loss_auc": 1.0, "test_error": 0.5})
+    cells = _cells()
+    assert len(cells) > 2
+
+    def run(argv):
+        with errors.resumable(tmp_path):
+            experiment.run(TINY, cells, tmp_path, train_learner=None, log=lambda line: None)
+        return 0
+
+    assert errors.run_tool("leap_omniglot.py", run, []) == errors.EXIT_INTERRUPTED
+    assert trained == [cells[0].key, cells[1].key]
+    assert list(json.loads((tmp_path / "results.json").read_text())["cells"]) == trained

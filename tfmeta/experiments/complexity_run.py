@@ -152,12 +152,26 @@ class CellStore:
                 atomic.write_text(self.path, json.dumps(
                     dict(experiment=self.experiment, cells=self.cells),
                     indent=1, default=_json_default))
-        # A library may have swallowed the Ctrl-C's KeyboardInterrupt (a bare
-        # `except:`, "Exception ignored in" a finalizer); the tools' SIGINT
-        # handler remembers it (tfmeta.cli.errors.CtrlC), so stop here, the cell saved.
-        if getattr(signal.getsignal(signal.SIGINT), "interrupted", False):
-            raise KeyboardInterrupt
+        stop_if_interrupted()
         return cell
+
+
+def stop_if_interrupted():
+    """Raise KeyboardInterrupt if a Ctrl-C came and something swallowed it; call it after saving a cell.
+
+    A library may discard the KeyboardInterrupt of a Ctrl-C (a bare
+    `except:`, a finalizer's "Exception ignored in"); the tools' SIGINT
+    handler (`tfmeta.cli.errors.CtrlC`) remembers it, so an experiment that
+    saves its cells stops at the next saved one instead of running on.
+    Outside the tools it does nothing.
+
+    Example::
+
+        atomic.write_text(path, json.dumps(results))   # the cell is saved
+        stop_if_interrupted()
+    """
+    if getattr(signal.getsignal(signal.SIGINT), "interrupted", False):
+        raise KeyboardInterrupt
 
 
 def checkpoints_cells(experiment) -> bool:

@@ -56,6 +56,7 @@ import numpy as np
 
 from tfmeta import atomic
 from tfmeta.evaluation import finetune_every_task, mean_curves, summary
+from tfmeta.experiments.complexity_run import stop_if_interrupted
 from tfmeta.models import convnet
 from tfmeta.multitask import MultiTaskModel
 from tfmeta.tasks import omniglot_alphabets, random_affine
@@ -370,6 +371,7 @@ def run(config, cells, output_dir, train_learner, resume=False, overwrite=False,
         atomic.write_text(path, json.dumps(results, indent=1))
         log(f"{cell.key}: loss AUC {scores['loss_auc']:.4f}, test error {scores['test_error']:.4f} "
             f"({time.perf_counter() - began:.0f} s)")
+        stop_if_interrupted()  # a Ctrl-C that a library swallowed stops here, the cell saved
     return results
 
 
