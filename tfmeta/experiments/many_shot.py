@@ -590,6 +590,7 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
             atomic.write_text(path, json.dumps(previous, indent=1))
             log(f"{path}: converted to per-cell settings ({len(previous['cells'])} cells kept)")
     store = CellStore(out, EXPERIMENT, resume=resume)
+    computed_on = machine.describe()  # a record in every cell: resume does not compare it
     for seed in seeds:
         for method in methods:
             plan = [p for p in _plan(bench, method, seed, rates) if store.get(p[2]) is None]
@@ -610,7 +611,7 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
                         "finetune_lr": rate, "pretrain_seconds": seconds,
                         "finetune_seconds": time.perf_counter() - began, "targets": scores,
                         "settings": cell_settings(at_rate, method),
-                        "machine": machine.describe(),  # a record: resume does not compare it
+                        "machine": computed_on,
                     })
                     mean = np.mean([s["test_accuracy"] for s in scores.values()])
                     log(f"{key}: mean test accuracy {mean:.4f}")
