@@ -87,3 +87,25 @@ def test_a_tool_s_bad_gin_file_is_its_only_stderr_line(tmp_path):
     loud = subprocess.run(tool, cwd=tmp_path, env={**env, "TFMETA_DEBUG": "1"},
                           capture_output=True, text=True, timeout=120)
     assert "oneDNN custom operations are on" in loud.stderr and "Traceback" in loud.stderr
+
+
+def test_a_tool_runs_with_only_fatal_cpp_logs_unless_told_otherwise(monkeypatch):
+    # TensorFlow logs notices at error level while a tool runs ("E0000 ...
+    # util.cc:131] oneDNN supports DT_INT64 only on platforms with AVX-512",
+    # on some CPUs only): a tool sets level 3 for itself and its children,
+    # unless the user set a level or asked for everything (TFMETA_DEBUG=1).
+    from tfmeta.cli import errors
+
+    def level(argv):
+        seen.append(os.environ.get("TF_CPP_MIN_LOG_LEVEL"))
+        return 0
+
+    for debug, given, expected in ((None, None, "3"), ("1", None, None), (None, "1", "1")):
+        seen = []
+        for name, value in (("TFMETA_DEBUG", debug), ("TF_CPP_MIN_LOG_LEVEL", given)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert errors.run_tool("tool.py", level, []) == 0
+        assert seen == [expected], (debug, given)

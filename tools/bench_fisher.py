@@ -13,21 +13,19 @@ prints the medians and their ratio (goal: <= 2). Inputs are random normal:
 this measures speed only. ``--path per_example`` times the row-by-row path
 that models with grouped convolutions take (``tfmeta.complexity.per_example``).
 
-    TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python tools/bench_fisher.py
+    PYTHONPATH=. python tools/bench_fisher.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tfmeta.cli import errors  # noqa: E402
 

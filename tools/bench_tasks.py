@@ -22,14 +22,12 @@ The machine is shared: run it briefly, and compare ratios, not absolutes.
 
 import argparse
 import dataclasses
-import os
 import pathlib
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # TensorFlow only once the arguments are parsed, under `errors.run_tool`: a
 # usage error comes at once and is not preceded by TensorFlow's start-up lines.

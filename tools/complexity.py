@@ -30,7 +30,6 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROG = "complexity.py"
 EXPERIMENTS = ("relabel", "reachability", "ranking", "kramers", "prediction")

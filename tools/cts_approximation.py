@@ -19,12 +19,10 @@ on 2 CPU cores.
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROG = "cts_approximation.py"
 

@@ -22,12 +22,10 @@ paper's figure 5 and the effect of K (tfmeta.experiments.cts_synthetic.plot_k).
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROG = "cts_synthetic.py"
 DEFAULT_METHODS = ["reptile", "cts", "cts_no_shift", "cts_random_shift", "cts_accurate"]

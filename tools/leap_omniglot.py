@@ -23,12 +23,10 @@ at 0 %, the `--stages` and 100 % of meta-training (at the largest
 
 import argparse
 import dataclasses
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROG = "leap_omniglot.py"

@@ -9,13 +9,11 @@ All logic lives in ``tfmeta.prepare``; this is only the entry point (bad
 input ends in one line, exit code 2, as in every tool: ``tfmeta.cli.errors``).
 """
 
-import os
 import pathlib
 import sys
 
 # The tool must also run from a plain checkout where tfmeta is not installed.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tfmeta import prepare  # noqa: E402
 from tfmeta.cli import errors  # noqa: E402

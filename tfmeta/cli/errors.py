@@ -41,7 +41,7 @@ import signal
 import sys
 import threading
 
-from tfmeta.cli.startup import debug_enabled, hold_stderr_at_import, use_kernel_defaults
+from tfmeta.cli.startup import debug_enabled, hold_stderr_at_import, quiet_cpp_logs, use_kernel_defaults
 
 #: The exit code of every bad-input error (argparse's own usage errors exit 2 too).
 EXIT_BAD_INPUT = 2
@@ -143,7 +143,8 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
     """`run(argv)`'s exit code, with bad input and Ctrl-C each ended by one line on stderr.
 
     TensorFlow, imported later, gets the tools' kernels
-    (`startup.use_kernel_defaults`). Bad input (`expected()`) is
+    (`startup.use_kernel_defaults`) and no C++ log lines below fatal
+    (`startup.quiet_cpp_logs`; TFMETA_DEBUG=1 keeps them). Bad input (`expected()`) is
     `report`ed (exit code 2); Ctrl-C exits 130
     with "interrupted", and inside `resumable` with where the finished cells
     are and the command that continues (`continue_command` of `script`, the
@@ -161,6 +162,7 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
     # TensorFlow's start-up lines, printed when a tool first imports it, would
     # come before a bad-input line (tfmeta.cli.startup).
     hold_stderr_at_import()
+    quiet_cpp_logs()
     use_kernel_defaults()
     try:
         with _recording_ctrl_c():

@@ -6,7 +6,7 @@ then prints C++ log lines from the moment it is imported (CUDA probing,
 oneDNN notices, `NodeDef mentions attribute ...`), some of them before its
 own logging is set up, where `TF_CPP_MIN_LOG_LEVEL` does not reach them.
 `import_tensorflow` therefore sets `TF_CPP_MIN_LOG_LEVEL=3` (unless already
-set), imports TensorFlow and Keras with the process's stderr (file
+set: `quiet_cpp_logs`), imports TensorFlow and Keras with the process's stderr (file
 descriptor 2) held in a temporary file, which is replayed if the import
 fails, and turns TensorFlow's Python logger down to errors. `--verbose` or
 `TFMETA_DEBUG=1` keeps every message.
@@ -22,7 +22,10 @@ keeps the Eigen kernels. The library itself sets no environment variable.
 
 The other tools import TensorFlow wherever they first need it, after their
 arguments are parsed; `errors.run_tool`, every tool's entry point, calls
-`hold_stderr_at_import()` so that this first `import tensorflow` is done with
+`quiet_cpp_logs()` too (TensorFlow also logs at error level while it runs,
+e.g. "oneDNN supports DT_INT64 only on platforms with AVX-512", once per
+process on some CPUs with oneDNN on: a notice, not an error; a real error
+reaches Python as an exception) and `hold_stderr_at_import()`, so that this first `import tensorflow` is done with
 file descriptor 2 held just the same, and a bad-input error is the first
 line on stderr, not the tenth. Unlike `import_tensorflow`, it changes no
 logger (their warnings stay as they were). `TFMETA_DEBUG=1` keeps every
@@ -79,12 +82,27 @@ def use_kernel_defaults():
             os.environ.setdefault(name, value)
 
 
+def quiet_cpp_logs():
+    """Set `TF_CPP_MIN_LOG_LEVEL=3` (only fatal C++ log lines) unless set already or `TFMETA_DEBUG` is on.
+
+    TensorFlow reads it when it logs, so this works before and after the
+    import. It stays in `os.environ` (children inherit it).
+
+    Example::
+
+        startup.quiet_cpp_logs()
+        import tensorflow as tf                 # no "E0000 ... util.cc] oneDNN supports ..." line
+    """
+    if not debug_enabled():
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 def import_tensorflow(verbose=False):
     """Import TensorFlow and Keras, silencing their start-up noise unless `verbose`."""
     loud = verbose or debug_enabled()
     _stop_holding()  # the decision is `verbose`'s now
     if not loud:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        quiet_cpp_logs()
     if "tensorflow" not in sys.modules:
         use_kernel_defaults()
         with contextlib.nullcontext() if loud else _stderr_held():
