@@ -571,8 +571,10 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
         finetune_lrs=None):
     """Every cell of `methods` x `seeds` x checkpoints x `finetune_lrs`; the results dict (also in results.json).
 
-    Cells are run seed by seed (so a partial run has whole seeds), each
-    written to `output_dir/results.json` as soon as it is done. Each
+    Cells are run seed by seed (so a partial run has whole seeds; the
+    tool's `--jobs N` calls this once per method x seed unit, N units at a
+    time, and can leave parts of several seeds), each written to
+    `output_dir/results.json` as soon as it is done. Each
     meta-training (method x seed) is fine-tuned at every rate of
     `finetune_lrs` (default: `bench.finetune_lr` alone). `resume` keeps the
     cells already there, which must have been computed with the same
