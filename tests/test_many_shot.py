@@ -661,3 +661,26 @@ def test_a_results_json_of_the_older_layout_loads_and_resumes(tmp_path, fake_tra
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["experiment"] == "many_shot" and len(on_disk["cells"]) == 27
     assert {k: again["cells"][k] for k in results["cells"]} == results["cells"]
+
+
+def test_a_resume_over_cells_of_other_kernels_says_so_once(tmp_path, capsys):
+    """The committed v4 run (Intel Xeon, AVX-512), a third of its cells marked as computed on an AMD
+    EPYC without: `--resume` names them in one note, finds nothing to run and reports."""
+    results = json.loads((REPO / "docs" / "figures" / "many_shot_v4_results.json").read_text())
+    for index, cell in enumerate(results["cells"].values()):
+        cell["machine"] = {**cell["machine"], "cpu": "Intel Xeon", "avx512": True, "onednn": True,
+                           "intra_op_threads": "1"}
+        if index % 3 == 0:
+            cell["machine"].update(cpu="AMD EPYC", avx512=False)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    here = {"cpu": "Intel Xeon", "avx512": True, "onednn": True, "intra_op_threads": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("tfmeta.experiments.machine.describe", lambda: dict(here))
+        assert tool.main(["--resume", "--jobs", "2", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("many_shot.py: note: ")]
+    assert len(notes) == 1 and notes[0].startswith(
+        "many_shot.py: note: 19 kept cells were computed with other kernels (19 with cpu 'AMD EPYC', "
+        "avx512 False"), notes
+    assert f"every cell is in {tmp_path / 'results.json'} already: nothing to run" in out
+    assert (tmp_path / "summary.md").is_file()

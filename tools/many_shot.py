@@ -220,6 +220,13 @@ def run(argv):
         for name in args.methods:
             bench, method = configured(name, bindings)
             many_shot.check_settings(bench, [method], seeds, cells, args.finetune_lrs, results_path)
+        if not args.unit:  # once per run, not per worker
+            from tfmeta.experiments import machine
+
+            note = machine.other_kernels([cell.get("machine") for cell in cells.values()],
+                                         machine.describe())
+            if note:
+                print(f"{PROG}: note: {note}", flush=True)
     began = time.perf_counter()
     with errors.resumable(out):  # each cell is in results.json as soon as it is finished
         if args.jobs > 1 and not args.unit:
@@ -262,6 +269,9 @@ def run_side_by_side(argv, args, out, seeds, setups):
     units = [(name, seed) for seed in seeds for name in args.methods
              if many_shot.missing_cells(*setups[name], seed, cells, args.finetune_lrs)]
     units.sort(key=lambda unit: setups[unit[0]][1].kind == "none")  # stable: seed by seed otherwise
+    if not units:
+        print(f"every cell is in {results_path} already: nothing to run", flush=True)
+        return
     if results_path.exists():  # an older layout is converted once, here, not by every child
         bench, method = setups[args.methods[0]]
         many_shot.run(bench, [], [], out, resume=True, finetune_lrs=args.finetune_lrs)

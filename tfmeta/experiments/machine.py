@@ -78,3 +78,44 @@ def _threads(variable, configured):
     if configured:
         return str(configured)
     return os.environ.get(variable) or "default"
+
+
+#: What picks TensorFlow's CPU kernels and their rounding: cells that differ
+#: in one of these are not comparable bit for bit.
+KERNEL_FIELDS = ("cpu", "avx512", "onednn", "intra_op_threads")
+
+
+def other_kernels(records, here):
+    """A note when some of `records` (cells' `machine` dicts) differ from `here` in `KERNEL_FIELDS`, else None.
+
+    A resumed run on another machine adds cells computed with other kernels
+    to the kept ones: on one CPU the cells are deterministic, across CPUs a
+    cell's numbers move about as much as with another seed (docs/results.md,
+    many-shot v4). Records without a `machine` (older files) are skipped.
+
+    Example::
+
+        note = machine.other_kernels([c.get("machine") for c in cells.values()], machine.describe())
+        if note:
+            print(f"many_shot.py: note: {note}")
+    """
+    mine = {name: here.get(name) for name in KERNEL_FIELDS}
+    others = {}
+    for record in records:
+        if not record:
+            continue
+        theirs = {name: record.get(name) for name in KERNEL_FIELDS}
+        if theirs != mine:
+            key = tuple(theirs.items())
+            others[key] = others.get(key, 0) + 1
+    if not others:
+        return None
+
+    def say(fields):
+        return ", ".join(f"{name} {value!r}" for name, value in fields)
+
+    kept = "; ".join(f"{count} with {say(key)}" for key, count in others.items())
+    return (f"{sum(others.values())} kept cells were computed with other kernels ({kept}) than this "
+            f"process ({say(mine.items())}): their numbers differ from this machine's about as much as "
+            "with another seed; to compare methods, compute all their cells on one kind of machine "
+            "(or in another --output_dir).")
