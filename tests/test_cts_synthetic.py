@@ -211,3 +211,21 @@ def test_sweep_table_and_figure(small_sweep, tmp_path):
     counts = cts_synthetic.plot_k(cells, tmp_path / "k.png", ("reptile", "cts"), (10,), (0, 1),
                                   landscape_ks=(2, 10), count_ks=(2, 10), grid=5, quality_grid=8)
     assert set(counts) == {2, 10} and (tmp_path / "k.png").stat().st_size > 10_000
+
+
+def test_each_cell_records_its_machine_and_a_resume_notes_other_kernels(small_sweep, tmp_path):
+    from tfmeta.experiments import machine
+
+    folder, full = small_sweep
+    assert all(cell["machine"] == machine.describe() for cell in full.values())
+    stored = json.loads((folder / "full" / "results.json").read_text())
+    stored["cells"]["cts/K10/seed1"]["machine"]["cpu"] = "another CPU"
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "results.json").write_text(json.dumps(stored))
+    lines = []
+    resumed = cts_synthetic.sweep(("reptile", "cts"), inner_steps=(10,), task_seeds=(0, 1), config=SMALL,
+                                  processes=2, starts=STARTS, output_dir=tmp_path / "moved", resume=True,
+                                  log=lines.append)
+    assert resumed.keys() == full.keys()  # every cell kept: nothing measured again
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert len(notes) == 1 and "1 kept cell was computed with other kernels (1 with cpu 'another CPU'" in notes[0]

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from tfmeta import atomic
+from tfmeta.experiments import machine
 from tfmeta.experiments.complexity_run import CellStore, print_line, say
 from tfmeta.learners import ContinualTrajectoryShifting, Reptile
 from tfmeta.meta_model import MetaModel
@@ -257,13 +258,19 @@ def sweep(methods, inner_steps=(80, 100, 120), task_seeds=(0, 1, 2, 3, 4), confi
           processes=None, starts=GRID, output_dir=None, resume=False, log=print_line):
     """Measure every (method, K, task seed) cell; returns `{key: cell}`.
 
-    Each cell (`measure`'s dict plus its `settings`) is written atomically to
-    `output_dir/results.json` as soon as it is done, K by K and seed by seed.
-    With `resume=True` the cells already there are kept; a kept cell measured
-    with other settings is a `ConfigError`. M is `processes`, or
+    Each cell (`measure`'s dict plus its `settings` and the `machine` it was
+    computed on) is written atomically to `output_dir/results.json` as soon
+    as it is done, K by K and seed by seed. With `resume=True` the cells
+    already there are kept; a kept cell measured with other settings is a
+    `ConfigError`, kept cells of other kernels get one logged note
+    (`machine.other_kernels`). M is `processes`, or
     `processes_for(K)`.
     """
     store = CellStore(output_dir, "cts_synthetic", resume=resume)
+    computed_on = machine.describe()  # a record in every cell: resume does not compare it
+    note = machine.other_kernels([cell.get("machine") for cell in store.cells.values()], computed_on)
+    if note:
+        say(log, f"note: {note}")
     cells = {}
     for K in inner_steps:
         for seed in task_seeds:
@@ -274,7 +281,8 @@ def sweep(methods, inner_steps=(80, 100, 120), task_seeds=(0, 1, 2, 3, 4), confi
                 settings = cell_settings(method, setting, starts)
                 cell = store.get(key)
                 if cell is None:
-                    cell = store.put(key, {"settings": settings, **measure(method, setting, starts)})
+                    cell = store.put(key, {"settings": settings, "machine": computed_on,
+                                           **measure(method, setting, starts)})
                     say(log, f"{key}: mean loss {np.mean(cell['loss']):.3f} "
                              f"({cell['seconds']:.1f} s)")
                 else:

@@ -115,7 +115,9 @@ def other_kernels(records, here):
         return ", ".join(f"{name} {value!r}" for name, value in fields)
 
     kept = "; ".join(f"{count} with {say(key)}" for key, count in others.items())
-    return (f"{sum(others.values())} kept cells were computed with other kernels ({kept}) than this "
+    count = sum(others.values())
+    cells = "1 kept cell was" if count == 1 else f"{count} kept cells were"
+    return (f"{cells} computed with other kernels ({kept}) than this "
             f"process ({say(mine.items())}): their numbers differ from this machine's about as much as "
             "with another seed; to compare methods, compute all their cells on one kind of machine "
             "(or in another --output_dir).")
