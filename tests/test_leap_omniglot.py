@@ -144,6 +144,20 @@ def test_an_uninterrupted_run_records_every_cell_with_its_settings_and_curves(un
 
 
 @pytest.mark.data
+def test_each_cell_records_its_machine_and_a_resume_notes_other_kernels(uninterrupted, tmp_path):
+    from tfmeta.experiments import machine
+
+    out, results = uninterrupted
+    assert all(record["machine"] == machine.describe() for record in results["cells"].values())
+    moved = json.loads((out / "results.json").read_text())
+    next(iter(moved["cells"].values()))["machine"]["avx512"] = "another"
+    (tmp_path / "results.json").write_text(json.dumps(moved))
+    logged = []
+    experiment.run(TINY, _cells(), tmp_path, tool.train_learner, resume=True, log=logged.append)
+    assert len(logged) == 1 and logged[0].startswith("note: 1 kept cell was computed with other kernels ("), logged
+
+
+@pytest.mark.data
 def test_resume_skips_finished_cells_and_ends_as_an_uninterrupted_run(uninterrupted, tmp_path):
     _, whole = uninterrupted
     cells = _cells()

@@ -56,6 +56,7 @@ import numpy as np
 
 from tfmeta import atomic
 from tfmeta.evaluation import finetune_every_task, mean_curves, summary
+from tfmeta.experiments import machine
 from tfmeta.experiments.complexity_run import stop_if_interrupted
 from tfmeta.models import convnet
 from tfmeta.multitask import MultiTaskModel
@@ -326,7 +327,9 @@ def _check_settings(path, record, cell, settings):
 def run(config, cells, output_dir, train_learner, resume=False, overwrite=False, log=print):
     """Compute every cell of `cells` not yet in `output_dir/results.json`; return the results dict.
 
-    Each finished cell is written at once (atomically) with its settings.
+    Each finished cell is written at once (atomically) with its settings and
+    the `machine` it was computed on; kept cells of other kernels get one
+    logged note (`machine.other_kernels`).
     `train_learner(gin_file, bindings, run_dir, resume)` meta-trains with
     gin/<gin_file> under `bindings` in `run_dir` and returns the learned
     `keras.Model` (tools/leap_omniglot.py's runs the `tfmeta.train` job).
@@ -349,6 +352,10 @@ def run(config, cells, output_dir, train_learner, resume=False, overwrite=False,
     for cell in cells:  # settings first: a mismatch costs seconds, not a run
         if cell.key in recorded:
             _check_settings(path, recorded[cell.key], cell, cell.settings(config))
+    computed_on = machine.describe()  # a record in every cell: resume does not compare it
+    note = machine.other_kernels([record.get("machine") for record in recorded.values()], computed_on)
+    if note:
+        log(f"note: {note}")
     out.mkdir(parents=True, exist_ok=True)
     heldout = {}
     for cell in cells:
@@ -363,7 +370,7 @@ def run(config, cells, output_dir, train_learner, resume=False, overwrite=False,
         scores = _evaluate(config, model, heldout[cell.seed], cell.seed)
         recorded[cell.key] = {
             "method": cell.method, "alphabets": cell.alphabets, "seed": cell.seed,
-            "fraction": cell.fraction, "settings": cell.settings(config),
+            "fraction": cell.fraction, "settings": cell.settings(config), "machine": computed_on,
             "meta_updates_trained": cell.meta_updates(config) if cell.method in LEARNERS else None,
             "pretrain_seconds": trained - began, "finetune_seconds": time.perf_counter() - trained,
             **scores,
