@@ -6,6 +6,12 @@ import multiprocessing
 from tfmeta.experiments.complexity_run import CellStore
 
 
+def _cells(path):
+    """results.json's cells without the `machine` records (there once TensorFlow is imported)."""
+    cells = json.loads(path.read_text())["cells"]
+    return {key: {k: v for k, v in cell.items() if k != "machine"} for key, cell in cells.items()}
+
+
 def _fill(folder, prefix, count):
     store = CellStore(folder, "demo", resume=True)
     for index in range(count):
@@ -17,8 +23,7 @@ def test_resumed_stores_keep_each_others_cells(tmp_path):
     first.put("a", {"value": 1})
     second.put("b", {"value": 2})   # it started before "a" was written
     first.put("c", {"value": 3})
-    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
-    assert cells == {"a": {"value": 1}, "b": {"value": 2}, "c": {"value": 3}}
+    assert _cells(tmp_path / "results.json") == {"a": {"value": 1}, "b": {"value": 2}, "c": {"value": 3}}
 
 
 def test_processes_writing_at_once_lose_no_cell(tmp_path):
@@ -36,4 +41,20 @@ def test_processes_writing_at_once_lose_no_cell(tmp_path):
 def test_a_store_that_does_not_resume_replaces_the_file(tmp_path):
     CellStore(tmp_path, "demo", resume=True).put("old", {"value": 0})
     CellStore(tmp_path, "demo", resume=False).put("new", {"value": 1})
-    assert json.loads((tmp_path / "results.json").read_text())["cells"] == {"new": {"value": 1}}
+    assert _cells(tmp_path / "results.json") == {"new": {"value": 1}}
+
+
+def test_cells_record_their_machine_and_a_resume_notes_other_kernels(tmp_path):
+    import tensorflow  # noqa: F401  (the kernels a cell records are TensorFlow's)
+
+    from tfmeta.experiments import machine
+
+    store = CellStore(tmp_path, "demo")
+    assert store.put("a", {"value": 1}) == {"value": 1, "machine": machine.describe()}
+    store.put("b", {"value": 2, "machine": {**machine.describe(), "cpu": "another CPU"}})  # kept as given
+    lines = []
+    again = CellStore(tmp_path, "demo", resume=True, log=lines.append)
+    assert again.get("a")["machine"] == machine.describe()
+    assert lines[0] == "resuming: 2 cells already done"
+    assert len(lines) == 2 and lines[1].startswith(
+        "note: 1 kept cell was computed with other kernels (1 with cpu 'another CPU'"), lines

@@ -203,11 +203,16 @@ def test_kramers_fits_recover_their_constants():
 def test_cell_store_checkpoints_and_resumes(tmp_path):
     from tfmeta.experiments.complexity_run import CellStore, run
 
+    import tensorflow  # noqa: F401  (so the cell records the machine, as an experiment's do)
+
+    from tfmeta.experiments import machine
+
     store = CellStore(tmp_path, "kramers")
-    assert store.put("a", dict(steps=3)) == dict(steps=3)
+    cell = dict(steps=3, machine=machine.describe())
+    assert store.put("a", dict(steps=3)) == cell
     written = json.loads((tmp_path / "results.json").read_text())
-    assert written == dict(experiment="kramers", cells=dict(a=dict(steps=3)))
-    assert CellStore(tmp_path, "kramers", resume=True).get("a") == dict(steps=3)
+    assert written == dict(experiment="kramers", cells=dict(a=cell))
+    assert CellStore(tmp_path, "kramers", resume=True).get("a") == cell
     assert CellStore(tmp_path, "kramers", resume=False).get("a") is None
     said = []
     CellStore(tmp_path, "kramers", resume=True, log=said.append)

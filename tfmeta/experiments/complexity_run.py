@@ -23,11 +23,13 @@ import json
 import os
 import pathlib
 import signal
+import sys
 from typing import Callable, Optional
 
 import numpy as np
 
 from tfmeta import atomic
+from tfmeta.experiments import machine
 
 __all__ = ["CellStore", "checkpoints_cells", "describe_recipe", "print_line", "run", "say", "write_outputs"]
 
@@ -106,7 +108,11 @@ class CellStore:
     ``results.json`` keeps the ``"cells"`` entry, so resuming a finished run
     recomputes only its summary. With ``resume=False`` (or no folder) nothing
     is read and every cell is computed again (and the file replaced). Given a ``log``, a resumed
-    store says how many cells it found. After a Ctrl-C that something
+    store says how many cells it found, and in one note how many of them
+    were computed with other kernels than this process's
+    (``machine.other_kernels``): :meth:`put` records in each cell the
+    ``machine`` it was computed on (``machine.describe()``, once TensorFlow
+    is imported), unless the cell says already. After a Ctrl-C that something
     swallowed, :meth:`put` raises KeyboardInterrupt once the cell is saved.
 
     Example::
@@ -131,6 +137,20 @@ class CellStore:
             self.cells = dict(previous.get("cells", {}))
             self.resumed = len(self.cells)
             say(log, f"resuming: {self.resumed} cells already done")
+        self._machine = None
+        records = [cell.get("machine") for cell in self.cells.values() if isinstance(cell, dict)]
+        if any(records):
+            note = machine.other_kernels(records, self._computed_on() or {})
+            if note:
+                say(log, f"note: {note}")
+
+    def _computed_on(self):
+        # Only TensorFlow's kernels are recorded: a store whose process has not
+        # imported it (no cell computed with it) records nothing, and starts no
+        # TensorFlow just for the record.
+        if self._machine is None and "tensorflow" in sys.modules:
+            self._machine = machine.describe()
+        return self._machine
 
     def get(self, key: str):
         """The finished cell ``key``, or None."""
@@ -143,6 +163,8 @@ class CellStore:
         to results.json meanwhile (under a lock), so several workers can fill
         one experiment's cells side by side.
         """
+        if "machine" not in cell and self._computed_on():  # a record, not a setting: not compared
+            cell["machine"] = self._computed_on()
         self.cells[key] = cell
         if self.path is not None:
             with atomic.exclusive_lock(self.path.with_name(".results.json.lock")):

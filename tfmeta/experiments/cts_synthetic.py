@@ -31,7 +31,6 @@ import keras
 import numpy as np
 
 from tfmeta import atomic
-from tfmeta.experiments import machine
 from tfmeta.experiments.complexity_run import CellStore, print_line, say
 from tfmeta.learners import ContinualTrajectoryShifting, Reptile
 from tfmeta.meta_model import MetaModel
@@ -263,14 +262,10 @@ def sweep(methods, inner_steps=(80, 100, 120), task_seeds=(0, 1, 2, 3, 4), confi
     as it is done, K by K and seed by seed. With `resume=True` the cells
     already there are kept; a kept cell measured with other settings is a
     `ConfigError`, kept cells of other kernels get one logged note
-    (`machine.other_kernels`). M is `processes`, or
+    (`CellStore`). M is `processes`, or
     `processes_for(K)`.
     """
-    store = CellStore(output_dir, "cts_synthetic", resume=resume)
-    computed_on = machine.describe()  # a record in every cell: resume does not compare it
-    note = machine.other_kernels([cell.get("machine") for cell in store.cells.values()], computed_on)
-    if note:
-        say(log, f"note: {note}")
+    store = CellStore(output_dir, "cts_synthetic", resume=resume, log=log)  # records each cell's machine
     cells = {}
     for K in inner_steps:
         for seed in task_seeds:
@@ -281,8 +276,7 @@ def sweep(methods, inner_steps=(80, 100, 120), task_seeds=(0, 1, 2, 3, 4), confi
                 settings = cell_settings(method, setting, starts)
                 cell = store.get(key)
                 if cell is None:
-                    cell = store.put(key, {"settings": settings, "machine": computed_on,
-                                           **measure(method, setting, starts)})
+                    cell = store.put(key, {"settings": settings, **measure(method, setting, starts)})
                     say(log, f"{key}: mean loss {np.mean(cell['loss']):.3f} "
                              f"({cell['seconds']:.1f} s)")
                 else:

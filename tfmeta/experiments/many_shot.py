@@ -24,7 +24,7 @@ source-only validation split). A finished cell (method x seed x checkpoint
 x fine-tuning rate) goes to `results.json` at once (atomically, a
 `CellStore`) with the settings it was computed with (and, as a record
 that resume does not compare, the CPU, kernels and threads it was
-computed on: `machine.describe()`), and `resume=True` skips
+computed on: `CellStore` adds `machine.describe()`), and `resume=True` skips
 finished cells: a method x seed whose cells are all there is not trained
 again, one with some missing is meta-trained again from its seed
 (deterministic streams) and evaluated only where cells are missing; a
@@ -60,7 +60,6 @@ import keras
 import numpy as np
 
 from tfmeta import atomic
-from tfmeta.experiments import machine
 from tfmeta.experiments.complexity_run import CellStore
 from tfmeta.finetune import Finetuner, random_initialization
 from tfmeta.heads import with_new_head
@@ -592,7 +591,6 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
             atomic.write_text(path, json.dumps(previous, indent=1))
             log(f"{path}: converted to per-cell settings ({len(previous['cells'])} cells kept)")
     store = CellStore(out, EXPERIMENT, resume=resume)
-    computed_on = machine.describe()  # a record in every cell: resume does not compare it
     for seed in seeds:
         for method in methods:
             plan = [p for p in _plan(bench, method, seed, rates) if store.get(p[2]) is None]
@@ -613,7 +611,6 @@ def run(bench, methods, seeds=(0, 1, 2), output_dir="runs/many_shot", resume=Fal
                         "finetune_lr": rate, "pretrain_seconds": seconds,
                         "finetune_seconds": time.perf_counter() - began, "targets": scores,
                         "settings": cell_settings(at_rate, method),
-                        "machine": computed_on,
                     })
                     mean = np.mean([s["test_accuracy"] for s in scores.values()])
                     log(f"{key}: mean test accuracy {mean:.4f}")
