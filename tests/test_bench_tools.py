@@ -1,4 +1,5 @@
-"""tools/bench.py's `pytorch` table: every row runs, and PyTorch's rows are skipped cleanly without it.
+"""tools/bench.py's `pytorch` table: every row runs, and PyTorch's rows are skipped cleanly without it;
+tools/bench_tasks.py's rows and ratios.
 
 The smoke sizes (one block of 4 filters, 4 steps, 2 rounds) check that the
 table is built and consistent, not how fast anything is: no assertion here
@@ -101,3 +102,32 @@ def test_the_pytorch_network_is_tfmetas_convnet():
                    + (blocks - 1) * (9 * filters * filters + 3 * filters)
                    + filters * size * size * 20 + 20)
         assert keras_count == torch_count == by_hand
+
+
+def test_bench_tasks_prints_every_path_and_its_ratio_to_the_per_copy_step(capsys):
+    """tools/bench_tasks.py at smoke size, in this process: per copy, batched and in
+    shards for each filter count, ratios that are their medians' ratios, and the build
+    table (sizes too small to say anything of speed)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_tasks
+    finally:
+        sys.path.pop(0)
+    assert bench_tasks.run([
+        "--tasks", "3", "--filters", "2", "--steps", "2", "--rounds", "1", "--shards", "2",
+        "--build_tasks", "2", "3",
+    ]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"speed T=3 filters=2 conv=auto, (steps/s|steps per CPU-second): (.*)", out)
+    assert [unit for unit, _ in rows] == ["steps/s", "steps per CPU-second"], out
+    for _, row in rows:
+        cells = re.fullmatch(
+            r"per-copy (\d+), batched (\d+) \(([\d.]+)x\), batched in 2 shards (\d+) \(([\d.]+)x\)", row
+        )
+        assert cells, row
+        base, batched, ratio, sharded, sharded_ratio = (float(v) for v in cells.groups())
+        assert ratio == pytest.approx(batched / base, rel=0.02, abs=0.02)
+        assert sharded_ratio == pytest.approx(sharded / base, rel=0.02, abs=0.02)
+    builds = re.findall(r"build\+first chunk (per-copy|batched) \(filters=2\): T=2 [\d.]+ s, "
+                        r"T=3 [\d.]+ s, ratio [\d.]+", out)
+    assert builds == ["per-copy", "batched"], out

@@ -90,6 +90,10 @@ def test_configure_names_the_binding_to_fix():
         job.configure(_parts(), **{**_defaults(), **SETTINGS, "keep_checkpoints": 0})
     with pytest.raises(ValueError, match=r"train\.checkpoint_seconds=-1 must be a number of seconds > 0"):
         job.configure(_parts(), **{**_defaults(), **SETTINGS, "checkpoint_seconds": -1})
+    with pytest.raises(ValueError, match=r"train\.task_shards=0 is not a number of task shards"):
+        job.configure(_parts(), **{**_defaults(), **SETTINGS, "task_shards": 0})
+    with pytest.raises(ValueError, match=r"train\.task_shards='auto' splits .* set train\.vectorize_tasks = True"):
+        job.configure(_parts(), **{**_defaults(), **SETTINGS, "task_shards": "auto"})
 
 
 def test_only_how_a_run_logs_and_checkpoints_may_change_on_resume():

@@ -25,7 +25,7 @@ import tfmeta
 from tfmeta.inner_loop import InnerLoop, mean_loss
 from tfmeta.inner_optimizer import make_stateless
 from tfmeta.models import convnet
-from tfmeta.task_batched import TaskBatchedStep, _grouped_conv_probe, why_not_batched
+from tfmeta.task_batched import TaskBatchedStep, _grouped_conv_probe, task_shard_count, why_not_batched
 from tfmeta.task_state import TaskState
 from tfmeta.tasks.digits import digits_arrays
 from tfmeta.validation import ConfigError
@@ -80,13 +80,13 @@ def _digits(shape, tasks, steps, classes, dtype):
 
 
 def _steps_both_ways(model, learner, optimizer, conv, classes=10, dtype="float32", tasks=TASKS,
-                     jit_compile=False):
+                     jit_compile=False, shards=1):
     """The task states and losses after STEPS inner steps, per copy and batched."""
     optimizer = make_stateless(optimizer)
     optimizer.build(model.trainable_variables)
     loss = mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype))
     loop = InnerLoop(model, loss, learner, optimizer, vectorize=False)
-    batched = TaskBatchedStep(loop, conv=conv)
+    batched = TaskBatchedStep(loop, conv=conv, shards=shards)
     state = TaskState(L.Layer(name="owner"), model, optimizer, learner, tasks)
     start = state.read(tf.constant(True), 0)  # from phi, one seed stream per task
     x, y = _digits(model.input_shape[1:], tasks, STEPS, classes, dtype)
@@ -164,6 +164,47 @@ def test_batched_step_equals_per_copy_under_xla():
         tasks=2, jit_compile=True,
     )
     _assert_same(per_copy, batched)
+
+
+@pytest.mark.parametrize("shards", [2, "auto"])
+def test_tasks_in_shards_equal_per_copy(shards, monkeypatch):
+    # 3 tasks in 2 shards: one of 2 tasks, one of 1 ("auto" with one thread per
+    # op: one per core, so 2 or 3 on the CI's 2 cores or more).
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    assert task_shard_count(shards, TASKS) >= 2
+    per_copy, batched = _steps_both_ways(
+        _convnet(), tfmeta.Leap(), keras.optimizers.SGD(0.1, momentum=0.9), "auto", shards=shards,
+    )
+    _assert_same(per_copy, batched)
+    seeds = [v for v in batched[0][1] if v.dtype.is_integer]
+    assert len({tuple(s) for s in seeds[0].numpy()}) == TASKS  # each task its own dropout stream
+
+
+def test_task_shard_count(monkeypatch):
+    assert [task_shard_count(n, 3) for n in (1, 2, 3, 7)] == [1, 2, 3, 3]
+    # "auto" on a CPU (no GPU here): the cores over each op's threads, at most T.
+    assert tf.config.threading.get_intra_op_parallelism_threads() == 0  # set by the environment
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    assert task_shard_count("auto", 64) == cores
+    assert task_shard_count("auto", 1) == 1
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", str(cores))
+    assert task_shard_count("auto", 64) == 1
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS")
+    assert task_shard_count("auto", 64) == 1  # TensorFlow's default: every core per op
+
+
+@pytest.mark.parametrize("shards", [0, -1, 1.5, True, "all"])
+def test_bad_task_shards_are_refused(shards):
+    loop = InnerLoop(_convnet(), mean_loss("mse"), tfmeta.Reptile(), keras.optimizers.SGD(0.1))
+    with pytest.raises(ConfigError, match=r"task_shards=.* is not a number of task shards: use an int >= 1"):
+        TaskBatchedStep(loop, shards=shards)
+
+
+def test_task_shards_without_vectorized_tasks_is_refused():
+    with pytest.raises(ConfigError, match=r"task_shards=2 .* vectorize_tasks=False .* set vectorize_tasks=True"):
+        InnerLoop(_convnet(), mean_loss("mse"), tfmeta.Reptile(), keras.optimizers.SGD(0.1),
+                  task_shards=2)
 
 
 def test_functional_model_with_branches_and_regularizer_equals_per_copy():
@@ -268,14 +309,14 @@ def test_every_supported_layer_matches_its_per_task_call(make):
             np.testing.assert_array_equal(state[v][t], w)
 
 
-def _graph_nodes(step, tasks):
+def _graph_nodes(step, tasks, shards=1):
     """Nodes of the traced step, the functions it calls included."""
     model = convnet(5, input_shape=(8, 8, 1), filters=4, blocks=2)
     optimizer = make_stateless(keras.optimizers.SGD(0.1, momentum=0.9))
     optimizer.build(model.trainable_variables)
     loss = mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     loop = InnerLoop(model, loss, tfmeta.Leap(), optimizer, vectorize=False)
-    run = TaskBatchedStep(loop).step if step == "batched" else loop.step
+    run = TaskBatchedStep(loop, shards=shards).step if step == "batched" else loop.step
     start = TaskState(L.Layer(name="owner"), model, optimizer, tfmeta.Leap(), tasks).read(
         tf.constant(True), 0
     )
@@ -293,6 +334,10 @@ def test_traced_step_is_flat_in_the_number_of_tasks():
     assert abs(batched[8] - batched[2]) <= 0.01 * batched[2], batched
     assert per_copy[8] > 3 * per_copy[2], per_copy
     assert batched[8] < per_copy[8] / 2, (batched, per_copy)
+    # In shards the graph grows with the shards, not with T.
+    sharded = {tasks: _graph_nodes("batched", tasks, shards=2) for tasks in (4, 8)}
+    assert abs(sharded[8] - sharded[4]) <= 0.01 * sharded[4], sharded
+    assert 1.5 * batched[8] < sharded[8] < 2.5 * batched[8], (sharded, batched)
 
 
 class _Subclassed(keras.Model):

@@ -20,8 +20,9 @@ seed state):
   (stateless random ops use another bit generator under XLA, even with
   `alg="philox"`), so with dropout XLA's phi differs from the phi without
   XLA: the test checks that it does, which XLA silently off could not pass;
-- the convnet's tasks as one computation (`vectorize_tasks="auto"`) on 2
-  replicas give the phi of the tasks as copies on 1 (Reptile);
+- the convnet's tasks as one computation (`vectorize_tasks="auto"`, each
+  replica's tasks in 2 shards, `task_shards=2`) on 2 replicas give the phi
+  of the tasks as copies on 1 (Reptile);
 - the inner loop is a `tf.function` traced once per replica, and its XLA
   HLO can be read (`experimental_get_compiler_ir`);
 - a task that diverges (NaN inputs, in Leap's runs) is left out of the
@@ -184,10 +185,11 @@ def _main(part):
             "two_xla": meta_train(two, "reptile", True, conv=False, vectorize_tasks=True),
         }
         # the convnet's tasks as one computation (tfmeta.task_batched), 2 replicas,
-        # against Reptile's reference above (the tasks as copies)
+        # each replica's 2 tasks in 2 shards, against Reptile's reference above
+        # (the tasks as copies)
         out["batched"] = {
             "reference": out["reptile"]["reference"],
-            "two": meta_train(two, "reptile", False, vectorize_tasks="auto"),
+            "two": meta_train(two, "reptile", False, vectorize_tasks="auto", task_shards=2),
         }
         out["dropout"] = {"one": meta_train(one, "leap", False, dropout=True)}
     else:

@@ -32,7 +32,9 @@ import tensorflow as tf
 from tfmeta.heads import head_meta_learned
 from tfmeta.learners.base import MetaLearner
 from tfmeta.replicas import task_loss
-from tfmeta.task_batched import TaskBatchedStep, finish_task_step, quiet_pfor, why_not_batched
+from tfmeta.task_batched import (
+    TaskBatchedStep, check_task_shards, finish_task_step, quiet_pfor, why_not_batched,
+)
 from tfmeta.task_state import TaskState
 from tfmeta.validation import ConfigError
 
@@ -92,6 +94,9 @@ class InnerLoop:
             (`tfmeta.task_batched.TaskBatchedStep`) where the model allows it
             (`why_not_batched`); otherwise True uses `tf.vectorized_map` and
             "auto" falls back to copies of the step, with a warning.
+        task_shards: with the tasks as one computation, split them into this
+            many computations the executor runs side by side (an int >= 1, or
+            "auto"; `TaskBatchedStep`'s `shards`). 1 unless `vectorize`.
         max_task_loss: a finite loss above this (in absolute value) counts as
             diverged, like NaN or inf; `None`: only NaN and inf do.
         jit_compile: compile `run` with XLA (`tf.function(jit_compile=True)`),
@@ -112,6 +117,7 @@ class InnerLoop:
     optimizer: keras.optimizers.Optimizer
     unroll: int = 1
     vectorize: bool | str = False
+    task_shards: int | str = 1
     max_task_loss: float | None = None
     jit_compile: bool = False
     # A tfmeta.TaskHeads, not imported: inner_loop and task_heads share a floor
@@ -126,11 +132,18 @@ class InnerLoop:
                 "TaskHeads> (MetaModel does); without it they would step at the body's step count."
             )
         self.vectorize = check_vectorize(self.vectorize)
+        self.task_shards = check_task_shards(self.task_shards)
+        if not self.vectorize and self.task_shards != 1:
+            raise ConfigError(
+                f"task_shards={self.task_shards!r} splits tasks run as one computation, but "
+                "vectorize_tasks=False runs every task as a copy of the step already: set "
+                "vectorize_tasks=True (or 'auto') as well, or leave task_shards at 1."
+            )
         self._batched = self._not_batched = None
         if self.vectorize:
             reason = self._not_batched = why_not_batched(self.model)
             if reason is None:
-                self._batched = TaskBatchedStep(self)
+                self._batched = TaskBatchedStep(self, shards=self.task_shards)
             elif self.vectorize == "auto":
                 # The fallback is slower, never wrong: say so once, at compile.
                 self.vectorize = False

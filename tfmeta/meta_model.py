@@ -117,6 +117,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         inner_steps=None,
         inner_unroll=1,
         vectorize_tasks=False,
+        task_shards=1,
         max_task_loss=DEFAULT_MAX_TASK_LOSS,
         **kwargs,
     ):
@@ -145,6 +146,14 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 model allows it, else copies, with a warning naming the
                 layer. Equal to the copies to float rounding
                 (docs/performance.md, "Tasks as one computation").
+            task_shards: with `vectorize_tasks`, split the T tasks into this
+                many computations that run side by side (an int >= 1, or
+                "auto": the CPU cores over each op's threads and the
+                replicas, at most T, so 1 under TensorFlow's default threads;
+                1 where a GPU is visible). For a small convnet on 2 cores,
+                `task_shards="auto"` with `TF_NUM_INTRAOP_THREADS=1` ran
+                2.6-2.8x the T copies at default threads (docs/performance.md,
+                "Shards, threads").
             max_task_loss: an inner loss above this (in absolute value) counts
                 as diverged, like NaN or inf: the task is left out of the
                 meta-update and of the logged loss (`tfmeta.divergence`).
@@ -179,7 +188,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         self.max_task_loss = validation.check_max_task_loss(max_task_loss)
         self.inner_loop = InnerLoop(
             self.model, self.task_loss, learner, self.inner_optimizer,
-            unroll=self.inner_unroll, vectorize=self.vectorize_tasks,
+            unroll=self.inner_unroll, vectorize=self.vectorize_tasks, task_shards=task_shards,
             max_task_loss=self.max_task_loss, jit_compile=self.inner_jit_compile,
             heads=self.heads,
         )

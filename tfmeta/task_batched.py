@@ -28,7 +28,10 @@ computation instead:
   but slower, so the first trace logs one warning naming the part (the
   optimizer, or the loss) and pfor's reason.
 
-No op of the traced step depends on T. `why_not_batched(model)` names the
+No op of the traced step depends on T. With `shards=N` the T tasks run as
+N such computations of consecutive tasks, side by side (the graph grows
+with N, not T): on CPUs whose ops are too small to use every core, that is
+what keeps the cores busy. `why_not_batched(model)` names the
 first layer this cannot run (an LSTM, a subclassed model, a regularized
 activity, ...), so the caller can fall back to the per-copy step.
 
@@ -45,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 
 import keras
 import numpy as np
@@ -58,13 +62,65 @@ from tfmeta.replicas import task_loss
 from tfmeta.validation import ConfigError
 
 __all__ = [
-    "CONV_LOWERINGS", "TaskBatchedStep", "finish_task_step", "quiet_pfor", "why_not_batched",
+    "CONV_LOWERINGS", "TaskBatchedStep", "check_task_shards", "finish_task_step", "quiet_pfor",
+    "task_shard_count", "why_not_batched",
 ]
 
 #: How `TaskBatchedStep` runs a Conv2D for T tasks: "grouped" (one grouped
 #: convolution), "map" (`tf.map_fn` over the tasks), "auto" (grouped where
 #: the device computes it, e.g. CPUs with oneDNN and GPUs; map elsewhere).
 CONV_LOWERINGS = ("auto", "grouped", "map")
+
+
+def check_task_shards(shards):
+    """`shards` if it is an int >= 1 or "auto" (a ConfigError says so otherwise).
+
+    Example:
+        >>> check_task_shards("auto")
+        'auto'
+    """
+    if shards == "auto" or (isinstance(shards, (int, np.integer)) and not isinstance(shards, bool)
+                            and shards >= 1):
+        return shards
+    raise ConfigError(
+        f"task_shards={shards!r} is not a number of task shards: use an int >= 1 (1: all "
+        "tasks as one computation) or 'auto' (as many as the CPU cores over each op's "
+        "threads and the replicas, at most one per task; 1 where a GPU is visible)."
+    )
+
+
+def task_shard_count(shards, tasks):
+    """The number of shards `shards` (`check_task_shards`) means for `tasks` tasks.
+
+    "auto": 1 where a GPU is visible (one big computation suits it). On CPUs,
+    the cores this process may use over the threads each op takes
+    (`tf.config.threading`'s intra-op threads, else `TF_NUM_INTRAOP_THREADS`,
+    else all cores) and over the replicas in sync (in a replica context),
+    at most `tasks`: so with TensorFlow's default threads 1 shard, and with
+    `TF_NUM_INTRAOP_THREADS=1` one per core, the setting that measured
+    fastest for small models (docs/performance.md). An int is capped at `tasks`.
+
+    Example:
+        >>> task_shard_count(4, 3)
+        3
+    """
+    if shards != "auto":
+        return min(int(shards), tasks)
+    if tf.config.list_logical_devices("GPU"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    if not threads:
+        try:
+            threads = int(os.environ.get("TF_NUM_INTRAOP_THREADS", "0"))
+        except ValueError:
+            threads = 0
+    threads = threads if threads > 0 else cores
+    context = tf.distribute.get_replica_context()
+    replicas = 1 if context is None else context.num_replicas_in_sync
+    return max(1, min(tasks, cores // (threads * replicas)))
+
 
 L = keras.layers
 
@@ -201,17 +257,26 @@ class TaskBatchedStep:
         loop: the `InnerLoop` whose model, loss, learner, inner optimizer and
             `max_task_loss` the step uses.
         conv: how Conv2D layers run for T tasks, one of `CONV_LOWERINGS`.
+        shards: split the T tasks into this many groups of consecutive tasks,
+            each one batched computation of its own (an int >= 1, or "auto":
+            `task_shard_count`). The groups share no op, so the executor runs
+            them side by side on its inter-op threads: on a CPU whose ops are
+            too small to keep every core busy alone, this is what fills the
+            cores (docs/performance.md, "Tasks as one computation"). The
+            graph grows with the shards, not with T. Same results as 1 shard
+            to float rounding.
 
     Raises:
         ConfigError: `why_not_batched(loop.model)` is not `None` (the message
-            says why), or `conv` is not one of `CONV_LOWERINGS`.
+            says why), `conv` is not one of `CONV_LOWERINGS`, or `shards` is
+            not an int >= 1 or "auto".
 
     Example:
         >>> step = TaskBatchedStep(loop)
         >>> tasks, losses = step.step(tasks, x, y, index)   # as loop.step(...)
     """
 
-    def __init__(self, loop, conv="auto"):
+    def __init__(self, loop, conv="auto", shards=1):
         if conv not in CONV_LOWERINGS:
             raise ConfigError(
                 f"conv={conv!r} is not a Conv2D lowering: use one of {CONV_LOWERINGS}."
@@ -224,6 +289,7 @@ class TaskBatchedStep:
             )
         self.loop = loop
         self.conv = conv
+        self.shards = check_task_shards(shards)
         # What tf.vectorized_map must partly run as a while loop, and why
         # (None: nothing), found at the first trace of each map.
         self._while_loops = {}
@@ -245,6 +311,20 @@ class TaskBatchedStep:
 
     def step(self, tasks, x, y, index):
         """One inner step of every task: `(tasks, losses)`, stacked over tasks like `x`."""
+        count = task_shard_count(self.shards, x.shape[0])
+        if count == 1:
+            return self._step(tasks, x, y, index)
+        # Consecutive tasks, as even as the count allows: [3, 3, 2] for 8 in 3.
+        sizes = [len(part) for part in np.array_split(np.arange(x.shape[0]), count)]
+        parts = zip(*(tf.split(t, sizes) for t in tf.nest.flatten((tasks, x, y))))
+        outputs = [
+            self._step(*tf.nest.pack_sequence_as((tasks, x, y), list(part)), index)
+            for part in parts
+        ]
+        return tf.nest.map_structure(lambda *shards: tf.concat(shards, 0), *outputs)
+
+    def _step(self, tasks, x, y, index):
+        """`step` for tasks as one computation."""
         params, non_trainable, opt_vars, learner_state = tasks
         model = self.loop.model
         with tf.GradientTape() as tape:
@@ -704,13 +784,22 @@ def _grouped_conv_probe(config, dtype, device):
 
 
 def _grouped_conv_works(layer, acts, kernel):
-    """Whether the T tasks' convolution runs as one grouped op here (cached)."""
-    channels = acts.value.shape[-1] if acts.in_channels else acts.tasks * acts.value.shape[-1]
-    height, width = acts.value.shape[-3:-1]
+    """Whether the T tasks' convolution runs as one grouped op here (cached).
+
+    The probe has the layer's per-group shapes but at most 2 groups: whether
+    the device's kernels compute grouped convolutions does not depend on how
+    many groups there are, and a probe of T groups would make the trace's
+    cost grow with T (one convolution per group).
+    """
     tasks, *per_task = kernel.shape
+    groups = tasks * layer.groups
+    probed = min(groups, 2)
+    channels = acts.value.shape[-1] if acts.in_channels else tasks * acts.value.shape[-1]
+    height, width = acts.value.shape[-3:-1]
     config = (
-        (height, width, channels), (*per_task[:3], tasks * per_task[3]), tuple(layer.strides),
-        layer.padding.upper(), tuple(layer.dilation_rate), tasks * layer.groups,
+        (height, width, channels // groups * probed),
+        (*per_task[:3], tasks * per_task[3] // groups * probed), tuple(layer.strides),
+        layer.padding.upper(), tuple(layer.dilation_rate), probed,
     )
     return _grouped_conv_probe(config, acts.value.dtype.name, acts.value.device)
 

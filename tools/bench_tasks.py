@@ -2,19 +2,28 @@
 """Tasks as one computation vs T copies of the step, side by side in one run.
 
     python tools/bench_tasks.py [--tasks 8] [--filters 16 64] [--steps 10] [--rounds 5]
-                                [--conv auto] [--build_tasks 4 32]
+                                [--conv auto] [--shards N|auto] [--build_tasks 4 32]
+                                [--intra_op_threads N]
 
 `speed`: inner steps per second (one step of one task counts as one) of a
 chunk of `--steps` inner steps of T tasks on Leap's Omniglot convnet (4 x
 [Conv 3x3, MaxPool, BatchNorm, ReLU] -> Dense 20, 28x28x1, batch 20, Leap,
-inner SGD), through `InnerLoop.run` with the per-copy step and with
-`TaskBatchedStep.step` (`tfmeta.task_batched`), alternating rounds; the
-median of each and their ratio, per second of wall time and per second of
-this process's CPU time (which other processes on a shared machine disturb
-less).
+inner SGD), through `InnerLoop.run` with the per-copy step, with
+`TaskBatchedStep.step` (`tfmeta.task_batched`: the T tasks as one
+computation) and with it in `--shards` shards (computations side by side;
+default one per CPU core),
+alternating rounds; the median of each and its ratio to the per-copy step,
+per second of wall time and per second of this process's CPU time (which
+other processes on a shared machine disturb less).
+
+`--intra_op_threads N` gives TensorFlow's ops N threads each (as
+`TF_NUM_INTRAOP_THREADS=N`), for all three: run the tool once with and once
+without it to compare the thread settings.
 
 `build`: graph build + first chunk (seconds) of each path at T = 4 and
-T = 32, and the T=32 / T=4 ratio.
+T = 32, and the T=32 / T=4 ratio (each build runs its own grouped-conv
+probes, as a fresh process would, after an untimed build at T = 2 that
+takes the process's one-time costs).
 
 Images are scikit-learn's real digits resized to 28x28 (no download).
 The machine is shared: run it briefly, and compare ratios, not absolutes.
@@ -22,6 +31,7 @@ The machine is shared: run it briefly, and compare ratios, not absolutes.
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import statistics
 import sys
@@ -53,8 +63,8 @@ def _chunk(tasks, steps):
     return x, y
 
 
-def _runner(tasks, filters, steps, conv, batched):
-    """A traced-on-first-call function running one chunk, and its arguments."""
+def _runner(tasks, filters, steps, conv, shards):
+    """`shards`: None for the per-copy step, else `TaskBatchedStep`'s shards."""
     import keras
     import tensorflow as tf
 
@@ -72,10 +82,10 @@ def _runner(tasks, filters, steps, conv, batched):
     learner = tfmeta.Leap()
     loss = mean_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     loop = InnerLoop(model, loss, learner, optimizer)
-    if batched:
+    if shards is not None:
         # What the wiring in InnerLoop.step does: the batched step in its place.
         loop = dataclasses.replace(loop)
-        loop.step = TaskBatchedStep(loop, conv=conv).step
+        loop.step = TaskBatchedStep(loop, conv=conv, shards=shards).step
     state = TaskState(keras.layers.Layer(name="owner"), model, optimizer, learner, tasks)
     start = state.read(tf.constant(True), 0)
     x, y = _chunk(tasks, steps)
@@ -88,9 +98,16 @@ def _runner(tasks, filters, steps, conv, batched):
     return lambda: float(run(start))
 
 
-def speed(tasks, filters, steps, rounds, conv):
-    runs = {name: _runner(tasks, filters, steps, conv, name == "batched")
-            for name in ("per-copy", "batched")}
+def speed(tasks, filters, steps, rounds, conv, shards):
+    from tfmeta.task_batched import task_shard_count
+
+    if shards is None:
+        shards = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = task_shard_count(shards, tasks)
+    runs = {"per-copy": _runner(tasks, filters, steps, conv, None),
+            "batched": _runner(tasks, filters, steps, conv, 1)}
+    if count > 1:
+        runs[f"batched in {count} shards"] = _runner(tasks, filters, steps, conv, count)
     for run in runs.values():
         run()  # build
     rates = {name: [] for name in runs}
@@ -103,19 +120,25 @@ def speed(tasks, filters, steps, rounds, conv):
             cpu_rates[name].append(tasks * steps / (time.process_time() - cpu_began))
     for unit, values in (("steps/s", rates), ("steps per CPU-second", cpu_rates)):
         medians = {name: statistics.median(r) for name, r in values.items()}
-        print(
-            f"speed T={tasks} filters={filters} conv={conv}: per-copy "
-            f"{medians['per-copy']:.0f} {unit}, batched {medians['batched']:.0f} {unit}, "
-            f"batched / per-copy = {medians['batched'] / medians['per-copy']:.2f}",
-            flush=True,
+        base = medians["per-copy"]
+        rows = ", ".join(
+            f"{name} {value:.0f}" + ("" if name == "per-copy" else f" ({value / base:.2f}x)")
+            for name, value in medians.items()
         )
+        print(f"speed T={tasks} filters={filters} conv={conv}, {unit}: {rows}", flush=True)
 
 
 def build(task_counts, filters, steps, conv):
+    from tfmeta.task_batched import _grouped_conv_probe
+
     times = {}
     for name in ("per-copy", "batched"):
+        # Untimed: the process's one-time costs (lazy imports, first kernels) fall on neither T.
+        _runner(2, filters, steps, conv, 1 if name == "batched" else None)()
         for tasks in task_counts:
-            run = _runner(tasks, filters, steps, conv, name == "batched")
+            # Each build probes the grouped convolutions itself, as in a fresh process.
+            _grouped_conv_probe.cache_clear()
+            run = _runner(tasks, filters, steps, conv, 1 if name == "batched" else None)
             began = time.perf_counter()
             run()
             times[name, tasks] = time.perf_counter() - began
@@ -127,6 +150,12 @@ def build(task_counts, filters, steps, conv):
         )
 
 
+def _shards(text):
+    if text == "auto":
+        return text
+    return errors.at_least(1)(text)
+
+
 def run(argv):
     """The command line `argv`; errors propagate (`main` reports them)."""
     count = errors.at_least(1)
@@ -136,15 +165,23 @@ def run(argv):
     parser.add_argument("--steps", type=count, default=10)
     parser.add_argument("--rounds", type=count, default=5)
     parser.add_argument("--conv", default="auto", choices=("auto", "grouped", "map"))
+    parser.add_argument("--shards", type=_shards, default=None,
+                        help="task shards of the third row: an int >= 1 or 'auto' "
+                             "(default: one per CPU core)")
     parser.add_argument("--build_tasks", type=count, nargs=2, default=[4, 32])
+    parser.add_argument("--intra_op_threads", type=count, default=None)
     parser.add_argument("--skip", choices=("speed", "build"), default=None)
     args = parser.parse_args(argv)
     import tensorflow as tf
 
+    if args.intra_op_threads is not None:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or "TensorFlow's default"
+    print(f"intra-op threads: {threads}", flush=True)
     tf.get_logger().setLevel("ERROR")  # every runner is a new tf.function: no retracing notes
     if args.skip != "speed":
         for filters in args.filters:
-            speed(args.tasks, filters, args.steps, args.rounds, args.conv)
+            speed(args.tasks, filters, args.steps, args.rounds, args.conv, args.shards)
     if args.skip != "build":
         build(args.build_tasks, args.filters[0], args.steps, args.conv)
     return 0

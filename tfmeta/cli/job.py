@@ -53,7 +53,7 @@ __all__ = ["Parts", "Settings", "TrainingJob", "configure", "train"]
 def train(
     output_dir, tasks, model, learner, loss, inner_steps, meta_updates, tasks_per_batch=None,
     batch_size=1, steps_per_chunk=1, meta_optimizer=None, inner_optimizer=None, epochs=1,
-    steps_per_execution=1, vectorize_tasks=False, jit_compile="auto", max_task_loss=DEFAULT_MAX_TASK_LOSS,
+    steps_per_execution=1, vectorize_tasks=False, task_shards=1, jit_compile="auto", max_task_loss=DEFAULT_MAX_TASK_LOSS,
     evaluation=None, heads=None,
     overwrite=False, seed=0, verbose=1, checkpoint_every=None, checkpoint_seconds=300.0,
     keep_checkpoints=2, deterministic=True, resume=False, strategy="default", bindings=None,
@@ -137,7 +137,7 @@ class TrainingJob:
                 inner_optimizer=parts.inner_optimizer or keras.optimizers.SGD(0.1),
                 loss=parts.loss, learner=parts.learner, inner_steps=s.inner_steps,
                 steps_per_execution=s.steps_per_execution, vectorize_tasks=s.vectorize_tasks,
-                jit_compile=s.jit_compile, max_task_loss=s.max_task_loss,
+                task_shards=s.task_shards, jit_compile=s.jit_compile, max_task_loss=s.max_task_loss,
             )
         x_spec = self._check_stream()
         self._plan_epochs()

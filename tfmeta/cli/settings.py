@@ -22,19 +22,22 @@ from typing import Any, Callable
 
 from tfmeta import distribute, validation
 from tfmeta.checkpoint import IncompatibleCheckpointError
+from tfmeta.task_batched import check_task_shards
 
 __all__ = ["Parts", "RESUMABLE_CHANGES", "Settings", "check_same_bindings", "configure", "fixed_bindings"]
 
 #: Bindings a resumed run may change: how it logs, checkpoints, compiles and is
 #: evaluated, and how many train steps one execution runs (`resumable_fit`
 #: finishes the epoch in whole executions that divide its remaining steps,
-#: `tfmeta.checkpoint.execution_size`: the steps compute the same). Everything
+#: `tfmeta.checkpoint.execution_size`: the steps compute the same) or how
+#: many computations the tasks are split into (`task_shards`: the same to
+#: float rounding, like `jit_compile`). Everything
 #: else must be the run's own, its length included (other meta_updates would
 #: move its epoch boundaries away from the checkpoint's).
 RESUMABLE_CHANGES = (
     "train.verbose", "train.evaluation", "train.checkpoint_every", "train.checkpoint_seconds",
     "train.keep_checkpoints", "train.overwrite", "train.jit_compile", "train.deterministic",
-    "train.steps_per_execution",
+    "train.steps_per_execution", "train.task_shards",
 )
 RESUMABLE_PREFIXES = ("heldout_finetuning.", "himmelblau_adaptation.", "finetune.")
 
@@ -79,7 +82,7 @@ class Settings:
             batches (T None: all tasks).
         epochs: the meta-updates are split into this many Keras epochs (one
             progress bar, history row and TensorBoard point each).
-        steps_per_execution, vectorize_tasks, jit_compile, max_task_loss: see
+        steps_per_execution, vectorize_tasks, task_shards, jit_compile, max_task_loss: see
             `MetaModel.compile` (a task whose inner loss exceeds `max_task_loss`
             counts as diverged; None turns the check off).
             `steps_per_execution` is lowered to a divisor of the steps per
@@ -120,6 +123,7 @@ class Settings:
     epochs: int
     steps_per_execution: int
     vectorize_tasks: bool | str
+    task_shards: int | str
     jit_compile: Any
     max_task_loss: float | None
     overwrite: bool
@@ -173,6 +177,7 @@ def configure(parts, **options):
             "then come at every epoch's end and every train.checkpoint_seconds)",
         )
     options["checkpoint_seconds"] = _check_seconds(options["checkpoint_seconds"])
+    _check_task_shards(options["task_shards"], options["vectorize_tasks"])
     validation.check_learning_rate(parts.meta_optimizer, "meta_optimizer", "meta/SGD.learning_rate (train.meta_optimizer)")
     validation.check_learning_rate(parts.inner_optimizer, "inner_optimizer", "inner/SGD.learning_rate (train.inner_optimizer)")
     settings = Settings(**options)
@@ -186,6 +191,19 @@ def configure(parts, **options):
         )
         settings.steps_per_execution = 1
     return settings
+
+
+def _check_task_shards(shards, vectorize):
+    try:
+        check_task_shards(shards)
+    except validation.ConfigError as error:
+        raise validation.ConfigError(f"train.{error}") from None
+    if shards != 1 and vectorize is False:
+        raise validation.ConfigError(
+            f"train.task_shards={shards!r} splits tasks that run as one computation, but "
+            "train.vectorize_tasks=False runs each task as a copy of the step: set "
+            "train.vectorize_tasks = True (or 'auto'), or leave train.task_shards at 1."
+        )
 
 
 def _check_seconds(seconds):
