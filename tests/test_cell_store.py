@@ -58,3 +58,19 @@ def test_cells_record_their_machine_and_a_resume_notes_other_kernels(tmp_path):
     assert lines[0] == "resuming: 2 cells already done"
     assert len(lines) == 2 and lines[1].startswith(
         "note: 1 kept cell was computed with other kernels (1 with cpu 'another CPU'"), lines
+
+
+def test_a_store_without_tensorflow_notes_no_kernels(tmp_path, monkeypatch):
+    """A process that has not imported TensorFlow has no kernels to compare the
+    kept records with: no note (it would call every cell foreign), and no record."""
+    import tensorflow  # noqa: F401
+
+    from tfmeta.experiments import machine
+
+    CellStore(tmp_path, "demo").put("a", {"value": 1})
+    monkeypatch.setattr(CellStore, "_computed_on", lambda self: None)
+    lines = []
+    again = CellStore(tmp_path, "demo", resume=True, log=lines.append)
+    assert lines == ["resuming: 1 cells already done"]
+    assert again.put("b", {"value": 2}) == {"value": 2}
+    assert again.get("a")["machine"] == machine.describe()

@@ -139,8 +139,11 @@ class CellStore:
             say(log, f"resuming: {self.resumed} cells already done")
         self._machine = None
         records = [cell.get("machine") for cell in self.cells.values() if isinstance(cell, dict)]
-        if any(records):
-            note = machine.other_kernels(records, self._computed_on() or {})
+        here = self._computed_on()
+        # Without TensorFlow in this process there are no kernels to compare
+        # with: every record would look foreign.
+        if any(records) and here is not None:
+            note = machine.other_kernels(records, here)
             if note:
                 say(log, f"note: {note}")
 
