@@ -55,7 +55,7 @@ def _check_measured(rows, names, baseline):
 
 
 def test_without_torch_its_rows_are_skipped_and_the_tensorflow_rows_run():
-    rows, goals = _smoke("--no_torch")
+    rows, goals = _smoke("--no_torch", "--one_thread")
     for name in TORCH_ROWS:
         assert rows[name][1].startswith("skipped: PyTorch is not installed"), rows[name]
     tf_rows = [f"oneDNN on: {name}" for name in TF_ROWS]
@@ -66,11 +66,17 @@ def test_without_torch_its_rows_are_skipped_and_the_tensorflow_rows_run():
         _check_measured(rows, ["oneDNN on: Leap T=4, tasks batched"], "oneDNN on: fused tf.function loop")
     else:
         assert rows["Leap T=4, tasks batched"][1].startswith("not run")
-    # no PyTorch, no ratio to it: only Leap's time over Reptile's
-    (row,) = goals
-    assert row[:5] == ["oneDNN on", "no PyTorch", "-", "-", "-"]
-    leap, reptile = _rate(rows["oneDNN on: Leap T=4"]), _rate(rows["oneDNN on: Reptile T=4"])
-    assert float(row[5].split("%")[0]) == pytest.approx(100 * (reptile / leap - 1), abs=3)
+    # --one_thread: the same rows in a worker with one thread per op, the batched
+    # one in shards
+    one = "oneDNN on, 1 thread per op"
+    _check_measured(rows, [f"{one}: {name}" for name in TF_ROWS] + [f"{one}: Leap T=4, tasks batched in shards"],
+                    "oneDNN on: fused tf.function loop")
+    # no PyTorch, no ratio to it: only Leap's time over Reptile's, per worker
+    assert [row[0] for row in goals] == ["oneDNN on", one]
+    for row, label in zip(goals, ("oneDNN on", one)):
+        assert row[1:5] == ["no PyTorch", "-", "-", "-"] and row[6] == "-"
+        leap, reptile = _rate(rows[f"{label}: Leap T=4"]), _rate(rows[f"{label}: Reptile T=4"])
+        assert float(row[5].split("%")[0]) == pytest.approx(100 * (reptile / leap - 1), abs=3)
 
 
 def test_with_torch_every_row_is_measured_against_plain_pytorch():

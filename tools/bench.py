@@ -548,6 +548,7 @@ KERNEL_NAMES = {"on": "oneDNN on", "off": "oneDNN off", "avx2": "oneDNN on, AVX2
 # PyTorch as on a CPU without AVX-512: its oneDNN and its own (ATen) kernels capped at AVX2.
 TORCH_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 WORKER_PREFIX = "BENCH-WORKER "
+ONE_THREAD = "1 thread per op"  # the label of `pytorch --one_thread`'s workers
 NO_TORCH_ENV = "TFMETA_BENCH_NO_TORCH"  # set by --no_torch: the workers behave as without PyTorch
 
 
@@ -812,10 +813,20 @@ def pytorch(args):
     batched = f"Leap T={T}, tasks batched"
     if args.batched == "on" or (args.batched == "auto" and _batched_wired()):
         tf_runs.append((batched, "meta", {"learner": "leap", "tasks": T, **BATCHED_OPTION}))
-    groups = _torch_groups(args) + [
-        (KERNEL_NAMES[kernels], KERNELS[kernels], [(n, k, dict(o)) for n, k, o in tf_runs])
-        for kernels in args.kernels
-    ]
+    # One thread per op, T tasks side by side: the copies, and the batched step
+    # in one shard per core (task_shards="auto" gives that under one thread).
+    one_thread_runs = [run for run in tf_runs if run[0] != batched] + [(
+        f"{batched} in shards", "meta",
+        {"learner": "leap", "tasks": T, **BATCHED_OPTION, "task_shards": "auto"},
+    )]
+    groups = _torch_groups(args)
+    for kernels in args.kernels:
+        groups.append((KERNEL_NAMES[kernels], KERNELS[kernels], [(n, k, dict(o)) for n, k, o in tf_runs]))
+        if args.one_thread:
+            groups.append((
+                f"{KERNEL_NAMES[kernels]}, {ONE_THREAD}", {**KERNELS[kernels], **_thread_env(1, 2)},
+                [(n, k, dict(o)) for n, k, o in one_thread_runs],
+            ))
     title = (
         f"Steps/s (one SGD step of one task = one step), Leap Omniglot convnet ({args.blocks} x "
         f"[Conv 3x3 {args.filters}, MaxPool, BatchNorm, ReLU] -> Dense {CLASSES}, batch {BATCH}, "
@@ -845,11 +856,18 @@ def _goals(median, args):
     print("Goals, from the medians:")
     print(
         f"| TensorFlow kernels | reference | Leap T={T} / ref (>= 1.5) | Leap T=1 / ref (>= 1.2) "
-        f"| fused loop / ref (>= 1.0) | Leap's time over Reptile's (<= +5%) |"
+        f"| fused loop / ref (>= 1.0) | Leap's time over Reptile's (<= +5%) "
+        f"| Leap T={T}, tasks batched / ref (>= 1.5) |"
     )
-    print("|---|---|---|---|---|---|")
-    for kernels in args.kernels:
-        rate = lambda name: median.get(f"{KERNEL_NAMES[kernels]}: {name}")  # noqa: E731
+    print("|---|---|---|---|---|---|---|")
+    labels = [
+        (kernels, label) for kernels in args.kernels
+        for label in (KERNEL_NAMES[kernels], f"{KERNEL_NAMES[kernels]}, {ONE_THREAD}")
+        if any(name.startswith(f"{label}: ") for name in median)
+    ]
+    for kernels, label in labels:
+        rate = lambda name: median.get(f"{label}: {name}")  # noqa: E731
+        batched = rate(f"Leap T={T}, tasks batched") or rate(f"Leap T={T}, tasks batched in shards")
         leap, reptile = rate(f"Leap T={T}"), rate(f"Reptile T={T}")
         cost = f"{reptile / leap - 1:+.1%} {'met' if reptile / leap <= 1.05 else 'NOT met'}" if leap and reptile else "-"
         references = []
@@ -860,12 +878,13 @@ def _goals(median, args):
                 fastest = max(torch, key=torch.get)
                 references.append((f"fastest: {fastest}", torch[fastest]))
         for reference, base in references or [("no PyTorch", None)]:
-            cells = [
-                f"{rate(name) / base:.2f} {'met' if rate(name) / base >= goal else 'NOT met'}"
-                if base and rate(name) else "-"
-                for name, goal in goals
-            ]
-            print(f"| {KERNEL_NAMES[kernels]} | {reference} | {' | '.join(cells)} | {cost} |")
+            def cell(value, goal):
+                if not (base and value):
+                    return "-"
+                return f"{value / base:.2f} {'met' if value / base >= goal else 'NOT met'}"
+
+            cells = [cell(rate(name), goal) for name, goal in goals]
+            print(f"| {label} | {reference} | {' | '.join(cells)} | {cost} | {cell(batched, 1.5)} |")
 
 
 def _thread_env(intra, inter):
@@ -1030,6 +1049,10 @@ def run(argv):
             p.add_argument("--batched", choices=("auto", "on", "off"), default="auto",
                            help="the Leap row with the tasks batched (compile option "
                                 f"{BATCHED_OPTION}); auto: once tfmeta/inner_loop.py uses task_batched")
+            p.add_argument("--one_thread", action="store_true",
+                           help="per kernel set, a second TensorFlow worker with one thread per "
+                                "op (TF_NUM_INTRAOP_THREADS=1, TF_NUM_INTEROP_THREADS=2), which "
+                                "also runs the tasks batched in one shard per core")
         else:
             p.add_argument("--group", choices=SETTING_GROUPS, default="threads",
                            help="threads: intra/inter-op pools (default); model: fused BatchNorm, "
