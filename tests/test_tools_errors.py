@@ -341,3 +341,33 @@ def test_ctrl_c_outside_an_experiment_and_bugs(capsys, monkeypatch):
     monkeypatch.setenv("TFMETA_DEBUG", "1")
     with pytest.raises(errors.Stopped):
         _stopped(KeyboardInterrupt(), [])
+
+
+def test_a_ctrl_c_that_c_code_reports_as_another_error_still_ends_as_ctrl_c(capsys, monkeypatch, tmp_path):
+    """A KeyboardInterrupt raised while C code runs (TensorFlow's tracing) can come out as
+    `SystemError: ... bad argument to internal function`: after a Ctrl-C, that error is the
+    interrupt, inside an experiment (its cells named) and outside; without one, a bug."""
+    import signal
+
+    monkeypatch.delenv("TFMETA_DEBUG", raising=False)
+
+    def hit(argv):
+        signal.getsignal(signal.SIGINT).interrupted = True  # what CtrlC does on SIGINT
+        raise SystemError("Objects/listobject.c:338: bad argument to internal function")
+
+    def in_experiment(argv):
+        with errors.resumable(tmp_path):
+            hit(argv)
+
+    assert errors.run_tool("tool.py", hit, []) == 130
+    assert capsys.readouterr().err == "tool.py: interrupted\n"
+    assert errors.run_tool("tool.py", in_experiment, ["--seeds", "0"], script="tools/tool.py") == 130
+    assert capsys.readouterr().err == (
+        f"tool.py: interrupted; finished cells are saved in {tmp_path}; continue with the same "
+        "command and --resume: python tools/tool.py --seeds 0 --resume\n")
+
+    def bug(argv):
+        raise SystemError("a bug")
+
+    with pytest.raises(SystemError):
+        errors.run_tool("tool.py", bug, [])

@@ -85,6 +85,27 @@ def resumable(directory):
         yield
     except (KeyboardInterrupt, Interrupted) as stop:
         raise Stopped(directory, unwrap(stop) if isinstance(stop, Interrupted) else None) from stop
+    except Exception as error:
+        if not ctrl_c_received():
+            raise
+        raise Stopped(directory, None) from error  # the Ctrl-C, as C code reported it
+
+
+def ctrl_c_received():
+    """Whether `run_tool`'s SIGINT handler (`CtrlC`) has seen Ctrl-C in this process.
+
+    The KeyboardInterrupt it raises can surface as another error: raised
+    while C code runs (in TensorFlow's tracing, say), it may come out as
+    ``SystemError: ... bad argument to internal function``. After a Ctrl-C,
+    such an error is the interrupt.
+
+    Example::
+
+        except Exception:
+            if ctrl_c_received():
+                return EXIT_INTERRUPTED
+    """
+    return bool(getattr(signal.getsignal(signal.SIGINT), "interrupted", False))
 
 
 def continue_command(argv, program=None, prog="tool.py"):
@@ -164,16 +185,22 @@ def run_tool(prog, run, argv=None, script=None, stopped=None):
     hold_stderr_at_import()
     quiet_cpp_logs()
     use_kernel_defaults()
+    def ended(stop):
+        line = stopped(stop, argv) if stopped else _interrupted_line(stop, argv, script, prog)
+        print(f"{prog}: {line}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+    ctrl_c = CtrlC()
     try:
-        with _recording_ctrl_c():
+        with _recording_ctrl_c() as ctrl_c:
             return run(argv)
     except (KeyboardInterrupt, Interrupted, Stopped) as stop:
         if debug_enabled():
             raise
-        line = stopped(stop, argv) if stopped else _interrupted_line(stop, argv, script, prog)
-        print(f"{prog}: {line}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return ended(stop)
     except Exception as error:  # noqa: BLE001 - only bad input is reported in one line
+        if ctrl_c.interrupted and not debug_enabled():
+            return ended(KeyboardInterrupt())  # the Ctrl-C, as C code it interrupted reported it
         if not isinstance(error, expected()):
             raise
         return report(prog, error)
@@ -206,14 +233,15 @@ class CtrlC:
 @contextlib.contextmanager
 def _recording_ctrl_c():
     if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set signal handlers
+        yield CtrlC()  # only the main thread may set signal handlers: never interrupted
         return
     # Also when SIGINT is ignored: started in the background by a script (no
     # job control), a tool inherits it so, and `timeout -s INT` or `kill -INT`
     # could not stop it with its cells saved.
-    previous = signal.signal(signal.SIGINT, CtrlC())
+    handler = CtrlC()
+    previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield
+        yield handler
     finally:
         # None: set outside Python, which Python cannot restore; its default instead.
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
