@@ -200,6 +200,28 @@ def test_kramers_fits_recover_their_constants():
         fit_kramers([1.0, 1.0], [3.0, 4.0])
 
 
+def test_loss_curve_bound_reads_each_fine_tuning_at_a_fraction_of_the_median():
+    from tfmeta.experiments.complexity_prediction import loss_curve_bound
+
+    # Three candidates, measured 100, 200, 400 steps (median 200), checks
+    # every 10 steps. At 5 % (k = 10) the slowest has the lowest loss (rho
+    # -0.5 by hand: ranks (1, 2, 3) against (2, 3, 1)); at 50 % (k = 100)
+    # the fastest has converged at step 100 and "a" is read at its last check.
+    def cell(name, losses):
+        return dict(candidate=name, curve=[[10 * i, v] for i, v in enumerate(losses)])
+
+    cells = [cell("a", [2.0, 1.5, 1.0, 0.5, 0.3, 0.2]),  # stops at step 50
+             cell("b", [2.0, 1.9, 1.5, 1.2, 1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]),
+             cell("c", [2.0, 1.2, 1.1, 1.05, 1.0, 0.95, 0.9, 0.9, 0.85, 0.8, 0.75])]
+    bound = loss_curve_bound(["a", "b", "c"], cells, [100.0, 200.0, 400.0],
+                             fractions=(0.05, 0.5))
+    assert bound["0.05"] == dict(step=10, spearman=pytest.approx(-0.5))
+    # k = 100: a 0.2 (its last check, step 50), b 0.3, c 0.75: the measured order
+    assert bound["0.5"] == dict(step=100, spearman=pytest.approx(1.0))
+    # a cell without a curve (measured before curves were kept): no bound
+    assert loss_curve_bound(["a"], [dict(candidate="a")], [100.0]) == {}
+
+
 def test_cell_store_checkpoints_and_resumes(tmp_path):
     from tfmeta.experiments.complexity_run import CellStore, run
 

@@ -52,7 +52,8 @@ from tfmeta.experiments.complexity_run import CellStore, say
 from tfmeta.experiments.complexity_settings import TransferSettings, with_settings
 from tfmeta.experiments.complexity_tasks import export_baseline
 
-__all__ = ["ALPHAS", "KAPPAS", "fit_constants", "prediction_experiment", "prediction_markdown"]
+__all__ = ["ALPHAS", "BOUND_FRACTIONS", "KAPPAS", "fit_constants", "loss_curve_bound",
+           "prediction_experiment", "prediction_markdown"]
 
 #: The grid :func:`fit_constants` searches.
 ALPHAS = tuple(float(a) for a in np.round(np.arange(0.5, 4.01, 0.25), 2))
@@ -140,6 +141,7 @@ def _summary(target, names, cells, constants, max_steps):
                              agree=bool(slower == predicted_slower)))
     ratios = np.array([r["ratio"] for r in rows])
     return dict(
+        loss_curve_bound=loss_curve_bound(names, cells, measured),
         target=target, candidates=rows, spearman=spearman(predicted, measured),
         measured_rank=rankdata(measured).tolist(), predicted_rank=rankdata(predicted).tolist(),
         transfer=transfer,
@@ -147,6 +149,47 @@ def _summary(target, names, cells, constants, max_steps):
         within_2x=float(np.mean(np.maximum(ratios, 1 / ratios) <= 2.0)),
         median_ratio=float(np.median(ratios)),
     )
+
+
+#: Fractions of the target's median fine-tuning at which
+#: :func:`loss_curve_bound` reads the fine-tunings' own loss curves.
+BOUND_FRACTIONS = (0.05, 0.1, 0.25, 0.5)
+
+
+def loss_curve_bound(names, cells, measured, fractions=BOUND_FRACTIONS):
+    """What reading the loss along the fine-tuning itself would rank:
+    for each fraction ``f``, Spearman rho between the candidates' measured
+    steps (``measured``, in the order of ``names``) and their training loss
+    at step ``k``, the first check at or after ``f`` x the median measured
+    steps over the candidates (mean over seeds; a run that converged before
+    ``k`` counts its last loss).
+
+    A probe that reads only the loss and costs ``f`` of the median
+    fine-tuning sees at most what this sees, so it bounds every loss-reading
+    probe at that budget. Returns ``{f: {"step": k, "spearman": rho}}``
+    (``{}`` when a cell has no recorded curve: cells measured before curves
+    were kept).
+    """
+    if not all(c.get("curve") for c in cells):
+        return {}
+    median = float(np.median(measured))
+    out = {}
+    for f in fractions:
+        checks = sorted({s for c in cells for s, _ in c["curve"] if s >= f * median})
+        if not checks:
+            continue
+        k = checks[0]
+        loss = []
+        for name in names:
+            mine = [c for c in cells if c["candidate"] == name]
+            loss.append(float(np.mean([_loss_at(c["curve"], k) for c in mine])))
+        out[f"{f:g}"] = dict(step=int(k), spearman=spearman(loss, measured))
+    return out
+
+
+def _loss_at(curve, step):
+    """The loss at the last check at or before ``step``."""
+    return [loss for s, loss in curve if s <= step][-1]
 
 
 @with_settings(TransferSettings)
@@ -256,7 +299,8 @@ def prediction_experiment(
             t0 = time.perf_counter()
             run = train(arrays, dataclasses.replace(finetune_recipe, seed=fs), init=start)
             cell.update(steps=int(run.steps), converged=bool(run.converged),
-                        finetune_seconds=time.perf_counter() - t0, done=True)
+                        finetune_seconds=time.perf_counter() - t0, done=True,
+                        curve=[[int(step), float(loss)] for step, loss in run.curve])
             store.put(keys[name, fs], cell)
             p = cell["prediction"]
             say(log, f"{target} | {name} | seed {fs}: {cell['steps']} steps "
@@ -319,6 +363,12 @@ def prediction_markdown(out) -> str:
             lines.append(f"| {row['name']} | {row['steps']:.0f} ± {row['steps_std']:.0f} | "
                          f"{row['predicted']:.0f} | {mr:g} | {pr:g} | "
                          f"{row['cost_fraction']:.1%} |")
+        if t["loss_curve_bound"]:
+            lines += ["", "The fine-tunings' own loss at step k, as a predictor (Spearman rho "
+                      "with the measured steps; k = the first check at a fraction of the "
+                      "median fine-tuning): " + "; ".join(
+                          f"{f} (k = {b['step']}): {b['spearman']:.2f}"
+                          for f, b in t["loss_curve_bound"].items()) + "."]
         if t["transfer"]:
             lines += ["", "Against the random baseline (slower = negative transfer): " + "; ".join(
                 f"{x['candidate']} vs {x['baseline']}: measured "
