@@ -1,4 +1,5 @@
-"""`CellStore`: several processes fill one results.json side by side (many_shot --jobs)."""
+"""`CellStore`: several processes fill one results.json side by side (many_shot
+--jobs); what a cell records of its settings."""
 
 import json
 import multiprocessing
@@ -74,3 +75,17 @@ def test_a_store_without_tensorflow_notes_no_kernels(tmp_path, monkeypatch):
     assert lines == ["resuming: 1 cells already done"]
     assert again.put("b", {"value": 2}) == {"value": 2}
     assert again.get("a")["machine"] == machine.describe()
+
+
+def test_factories_are_recorded_by_name_and_arguments_without_an_address():
+    import functools
+
+    from tfmeta.experiments.complexity_run import describe_callable
+    from tfmeta.experiments.complexity_tasks import conv_classifier
+
+    assert describe_callable(conv_classifier) == "conv_classifier"
+    assert (describe_callable(functools.partial(conv_classifier, filters=(16, 32)))
+            == "conv_classifier({'filters': (16, 32)})")
+    assert (describe_callable(functools.partial(conv_classifier, 10, units=64))
+            == "conv_classifier([10], {'units': 64})")
+    assert "0x" not in describe_callable(lambda: None)

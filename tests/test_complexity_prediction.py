@@ -75,6 +75,25 @@ def test_no_descent_predicts_never_and_a_start_under_the_threshold_zero():
     assert dragged > plain
 
 
+def test_repeats_are_combined_by_their_mean_descent_so_one_rise_is_not_never():
+    # Three batch orders from U = 2: one raised the loss to 2.1, two lowered
+    # it to 1.0. The mean end loss is 4.1 / 3; with alpha = 1 and kappa = 0
+    # the speed is (3 / 4.1 - 1 / 2) / k and T = k + (1 / 0.1 - 3 / 4.1) / speed.
+    k, thr = 10, 0.1
+    probes = [dict(loss_end=(u, u, u), log_det=(5.0, 5.0)) for u in (2.1, 1.0, 1.0)]
+    out = combine_probes((2.0, 2.0, 2.0), probes, k, thr, 0.01, PredictorConstants(1.0, 0.0))
+    speed = (3 / 4.1 - 0.5) / k
+    assert out["steps"] == pytest.approx(k + (1 / thr - 3 / 4.1) / speed)
+    assert out["per_repeat"][0] == math.inf          # that order alone: no descent
+    assert out["stderr_log"] == math.inf and (out["low"], out["high"]) == (0.0, math.inf)
+    # every order descending: a finite spread; all rising: never
+    probes[0]["loss_end"] = (1.2, 1.2, 1.2)
+    out = combine_probes((2.0, 2.0, 2.0), probes, k, thr, 0.01, PredictorConstants(1.0, 0.0))
+    assert 0 < out["stderr_log"] < math.inf and out["low"] < out["steps"] < out["high"]
+    rising = [dict(loss_end=(2.1, 2.1, 2.1), log_det=(5.0, 5.0))] * 2
+    assert combine_probes((2.0,) * 3, rising, k, thr, 0.01, PredictorConstants())["steps"] == math.inf
+
+
 # --------------------------------------------------------------------------
 # the probe against a NumPy re-derivation
 

@@ -459,32 +459,37 @@ def combine_probes(start, probes, probe_steps, threshold, noise_scale, constants
     """
     k = int(probe_steps)
     diffusion = constants.kappa * noise_scale
-    alpha, inv = constants.alpha, -1.0 / constants.alpha
-    per_repeat, per_half, effective, speeds = [], [], [], []
-    for probe in probes:
-        ld0, ld1 = probe["log_det"]
-        # U_eff at the probe's end relative to its start: the two halves'
-        # log-dets are k/2 steps apart, so over the probe log|H| changes by
-        # 2 (ld1 - ld0).
-        delta = 2.0 * diffusion * (ld1 - ld0)
-        u0, uk = start[2], probe["loss_end"][2]
-        per_repeat.append(steps_from_probe(u0, uk, u0, uk + delta, k, threshold, alpha))
-        per_half.append([steps_from_probe(start[h], probe["loss_end"][h], start[h],
-                                          probe["loss_end"][h] + delta, k, threshold, alpha)
-                         for h in (0, 1)])
-        effective.append(uk + delta)
-        speeds.append((max(uk + delta, 1e-12) ** inv - u0 ** inv) / k)
+    inv = -1.0 / constants.alpha
+
+    def predicted(u_start, u_end, delta):
+        return steps_from_probe(u_start, u_end, u_start, u_end + delta, k, threshold,
+                                constants.alpha)
+
+    # U_eff at the probe's end relative to its start: the two halves'
+    # log-dets are k/2 steps apart, so over the probe log|H| changes by
+    # 2 (ld1 - ld0).
+    deltas = [2.0 * diffusion * (p["log_det"][1] - p["log_det"][0]) for p in probes]
+    ends = np.array([p["loss_end"] for p in probes], np.float64)  # repeats x (half, half, all)
+    per_repeat = [predicted(start[2], end[2], d) for end, d in zip(ends, deltas)]
+    # The prediction extrapolates the mean descent over the repeats (batch
+    # orders), an estimate of the expected U(k): a repeat whose batches
+    # happened to raise the loss then lowers the speed instead of making
+    # the whole prediction inf, as a mean of per-repeat extrapolations
+    # would (``per_repeat`` keeps those).
+    delta, end = float(np.mean(deltas)), ends.mean(axis=0)
+    steps = predicted(start[2], end[2], delta)
+    effective = float(end[2] + delta)
     logs = np.log(np.maximum(np.asarray(per_repeat, np.float64), 1e-9))
-    if np.all(np.isfinite(logs)):
-        steps = float(np.exp(logs.mean()))
+    halves_log = np.log(np.maximum([predicted(start[h], end[h], delta) for h in (0, 1)], 1e-9))
+    if math.isfinite(steps) and np.all(np.isfinite(logs)) and np.all(np.isfinite(halves_log)):
         var = logs.var(ddof=1) / len(logs) if len(logs) > 1 else 0.0
-        halves_log = np.log(np.maximum(np.asarray(per_half, np.float64), 1e-9))
-        if np.all(np.isfinite(halves_log)):
-            # the two halves of the evaluation examples: the SE of their mean is |diff| / 2
-            var += float(np.mean((halves_log[:, 0] - halves_log[:, 1]) ** 2) / 4.0) / len(logs)
+        # The two halves of the evaluation examples: the SE of their mean is
+        # |diff| / 2. Every repeat is evaluated on the same examples, so
+        # more repeats do not shrink this part.
+        var += float((halves_log[0] - halves_log[1]) ** 2 / 4.0)
         se = float(np.sqrt(var))
-    else:
-        steps, se = math.inf, math.inf
+    else:  # no descent on the mean, in a repeat or on a half: no finite bound
+        se = math.inf
     return dict(
         steps=steps, stderr_log=se,
         low=steps * math.exp(-se) if math.isfinite(se) else 0.0,
@@ -495,7 +500,8 @@ def combine_probes(start, probes, probe_steps, threshold, noise_scale, constants
         log_det_start=float(np.mean([p["log_det"][0] for p in probes])),
         log_det_end=float(np.mean([p["log_det"][1] for p in probes])),
         diffusion=diffusion, effective_start=float(start[2]),
-        effective_end=float(np.mean(effective)), speed=float(np.mean(speeds)),
+        effective_end=effective,
+        speed=float((max(effective, 1e-12) ** inv - start[2] ** inv) / k),
         repeats=len(probes),
     )
 

@@ -16,7 +16,10 @@ targets are evaluated with them: Spearman rho between the predicted and the
 measured steps over the candidates (means over seeds), negative transfer
 (every candidate slower than its random baseline must be predicted slower,
 and faster ones faster), ratio to the measured steps, and the predictor's
-cost as a fraction of the fine-tuning it predicts. Run by
+cost as a fraction of the fine-tuning it predicts. Each fine-tuning's loss
+curve is kept in its cell, and :func:`loss_curve_bound` reports how well the
+fine-tunings' own loss at 5-50 % of the median run ranks the candidates:
+what any probe that reads only the loss could see at that cost. Run by
 ``tools/complexity.py`` with ``gin/complexity_prediction.gin``; numbers in
 docs/results.md.
 
@@ -356,12 +359,13 @@ def prediction_markdown(out) -> str:
                   f"**{t['spearman']:.3f}** over {len(t['candidates'])} candidates; median "
                   f"predicted/measured {t['median_ratio']:.2f}, within 2x "
                   f"{t['within_2x']:.0%}.", "",
-                  "| candidate | measured steps (mean ± std) | predicted (geo. mean) | "
+                  "| candidate | measured steps (mean ± std) | per seed | predicted (geo. mean) | "
                   "measured rank | predicted rank | predict / fine-tune time |",
-                  "|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|"]
         for row, mr, pr in zip(t["candidates"], t["measured_rank"], t["predicted_rank"]):
+            seeds = ", ".join(str(v) for v in row["steps_per_seed"])
             lines.append(f"| {row['name']} | {row['steps']:.0f} ± {row['steps_std']:.0f} | "
-                         f"{row['predicted']:.0f} | {mr:g} | {pr:g} | "
+                         f"{seeds} | {row['predicted']:.0f} | {mr:g} | {pr:g} | "
                          f"{row['cost_fraction']:.1%} |")
         if t["loss_curve_bound"]:
             lines += ["", "The fine-tunings' own loss at step k, as a predictor (Spearman rho "

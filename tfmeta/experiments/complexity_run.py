@@ -31,7 +31,8 @@ import numpy as np
 from tfmeta import atomic
 from tfmeta.experiments import machine
 
-__all__ = ["CellStore", "checkpoints_cells", "describe_recipe", "print_line", "run", "say", "write_outputs"]
+__all__ = ["CellStore", "checkpoints_cells", "describe_callable", "describe_recipe", "print_line", "run",
+           "say", "write_outputs"]
 
 
 def print_line(message):
@@ -66,12 +67,23 @@ def describe_recipe(recipe) -> dict:
         describe_recipe(default_recipe(5e-4))["optimizer"]   # "sgd({'learning_rate': 0.1, ...})"
     """
     out = dataclasses.asdict(recipe)
-    opt = recipe.optimizer
-    if isinstance(opt, functools.partial):
-        out["optimizer"] = f"{getattr(opt.func, '__name__', opt.func)}({opt.keywords})"
-    else:
-        out["optimizer"] = repr(opt)
+    out["optimizer"] = describe_callable(recipe.optimizer)
     return out
+
+
+def describe_callable(fn) -> str:
+    """A factory as results.json records it: ``name({keywords})`` for a
+    ``functools.partial``, the name of a function, else its ``repr``. No
+    memory address: two runs of one configuration record the same text.
+
+    Example::
+
+        describe_callable(functools.partial(sgd, learning_rate=0.1))   # "sgd({'learning_rate': 0.1})"
+    """
+    if isinstance(fn, functools.partial):
+        args = f"{list(fn.args)}, " if fn.args else ""
+        return f"{describe_callable(fn.func)}({args}{fn.keywords})"
+    return getattr(fn, "__name__", None) or repr(fn)
 
 
 def write_outputs(out, output_dir, plot_fn, figure_name, markdown, log):

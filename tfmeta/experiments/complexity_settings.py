@@ -32,7 +32,12 @@ from typing import Any, Callable, Optional
 
 from tfmeta.complexity import TrainingRecipe
 from tfmeta.complexity.measure import resolve_beta
-from tfmeta.experiments.complexity_run import describe_recipe, print_line, write_outputs
+from tfmeta.experiments.complexity_run import (
+    describe_callable,
+    describe_recipe,
+    print_line,
+    write_outputs,
+)
 from tfmeta.experiments.complexity_tasks import default_recipe, mlp_classifier, task_arrays
 
 __all__ = [
@@ -95,7 +100,7 @@ class TrainSettings:
     def describe(self) -> dict:
         """The settings an experiment's ``results.json`` records."""
         return dict(examples=int(self.examples), recipe=describe_recipe(self.recipe),
-                    model=repr(self.model_fn))
+                    model=describe_callable(self.model_fn))
 
     def write_outputs(self, out, output_dir, plot_fn, figure_name, markdown):
         """:func:`~tfmeta.experiments.complexity_run.write_outputs` with this
