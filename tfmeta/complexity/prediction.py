@@ -29,9 +29,9 @@ the cross-entropy tail, where the gradient scales with the loss),
 with ``k = probe_steps`` and ``thr = recipe.loss_threshold``. The two
 constants ``alpha`` and ``kappa`` (:data:`DEFAULT_CONSTANTS`) were fitted once
 on candidates fine-tuned to a task the evaluation does not use (see
-docs/complexity.md). The uncertainty combines the spread of ``log T`` over
-probe repeats (batch orders) and over the two halves of the evaluation
-examples.
+docs/complexity.md). With several probe repeats (batch orders) ``T`` is
+extrapolated from their mean descent; the uncertainty combines the spread of
+the repeats' own ``log T`` and the two halves of the evaluation examples.
 
 Example::
 
@@ -104,11 +104,12 @@ class StepsPrediction:
     """What :func:`predict_steps` returns.
 
     Attributes:
-      steps: predicted SGD steps to ``recipe.loss_threshold`` (``inf`` when
-        the probe's effective potential did not descend).
+      steps: predicted SGD steps to ``recipe.loss_threshold``, from the
+        repeats' mean descent (``inf`` when the effective potential did not
+        descend on their mean).
       stderr_log: standard error of ``log(steps)``.
       low, high: ``steps * exp(-/+ stderr_log)``.
-      per_repeat: the prediction of each probe repeat.
+      per_repeat: the prediction of each probe repeat on its own.
       loss_start, loss_end: ``U`` before and after the probe (mean over
         repeats for the end).
       log_det_start, log_det_end: ``sum_i log(1 + F_ii/gamma)`` in the first
