@@ -283,9 +283,10 @@ def test_predicted_ranking_of_initializations_on_real_mnist(tfds_dir):
     # random initialization and models trained (to loss 0.1) on 300 other
     # MNIST images and on 300 Fashion-MNIST images. Measured over seeds 0-5
     # of these settings: fine-tuning steps scratch 100-130 > fashion 60-90 >
-    # mnist@3 40-60 in every seed; predicted (DEFAULT_CONSTANTS) scratch
-    # 531-1390 > fashion 34-50 > mnist@3 20-27, with fashion / mnist@3 >= 1.26
-    # and scratch / fashion >= 10.8; Spearman rho 1.0 in all six.
+    # mnist@3 40-60 in every seed; predicted (DEFAULT_CONSTANTS, repeats
+    # combined by their mean descent) scratch 530-1389 > fashion 34-50 >
+    # mnist@3 20-27, with fashion / mnist@3 >= 1.26 and scratch / fashion
+    # >= 10.8; Spearman rho 1.0 in all six.
     import dataclasses
 
     from tfmeta.experiments.complexity_tasks import conv_classifier, default_recipe, task_arrays
