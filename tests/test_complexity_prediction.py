@@ -195,6 +195,30 @@ def test_cost_rule_stops_repeats_and_bad_input_is_refused():
 # Kramers' fits and resumable experiments
 
 
+def test_data_the_model_cannot_take_is_refused_naming_the_fix():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    recipe = cx.TrainingRecipe(optimizer=lambda: keras.optimizers.SGD(0.1), batch_size=8,
+                               loss_threshold=0.1, steps=20)
+    x = np.random.default_rng(0).random((64, 4)).astype("float32")
+    y = np.arange(64) % 3
+    with_nan = x.copy()
+    with_nan[5, 1] = np.nan
+    cases = [
+        ((x, np.full(64, 5)), r"labels range over 5\.\.5 but the model has 3 outputs .*num_classes=6"),
+        ((x, y[:60]), "has 64 inputs but 60 labels"),
+        ((with_nan, y), "non-finite inputs .* in 1 examples, the first at index 5"),
+        ((x[:, :3], y), r"examples have shape \(3,\) but the model takes \(4,\)"),
+        ((x, y + 0.5), "labels must be integer class ids .* such as 0.5"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cx.predict_steps(model, data, recipe)
+        with pytest.raises(ValueError, match=message):
+            cx.train(data, recipe, init=model)
+    # whole-number float labels are class ids
+    assert cx.train((x, y.astype("float32")), recipe, init=model).steps > 0
+
+
 def test_kramers_fits_recover_their_constants():
     from tfmeta.experiments.complexity_kramers import (
         FLOOR_RATIOS,

@@ -33,6 +33,8 @@ __all__ = [
     "check_task_batch",
     "check_task_batches",
     "check_trainable",
+    "model_input_shape",
+    "output_units",
     "resolve_loss",
 ]
 
@@ -93,7 +95,8 @@ def check_learning_rate(optimizer, name, setting=None, allow_zero=False):
         )
 
 
-def _model_input_shape(model):
+def model_input_shape(model):
+    """The per-example input shape ``model`` declares (None where it declares none)."""
     inputs = getattr(model, "inputs", None)
     if inputs:
         return tuple(inputs[0].shape[1:])
@@ -110,7 +113,7 @@ def check_task_batch(model, x_shape, y_shape=None):
     per-example shape differs.
     """
     x_shape = tuple(None if d is None else int(d) for d in x_shape)
-    expected = _model_input_shape(model)
+    expected = model_input_shape(model)
     layout = "[tasks T, steps per chunk S, batch B, *input_shape]"
     if expected is None:
         if len(x_shape) < 4:
@@ -145,7 +148,8 @@ def check_task_batch(model, x_shape, y_shape=None):
             )
 
 
-def _output_units(model):
+def output_units(model):
+    """The last dimension of ``model``'s first output (None where it declares none)."""
     outputs = getattr(model, "outputs", None)
     if outputs:
         return outputs[0].shape[-1]
@@ -162,7 +166,7 @@ def check_labels(model, y, loss):
     name = getattr(loss, "name", None) or getattr(loss, "__name__", "") or str(loss)
     if "sparse" not in str(name).lower() and "Sparse" not in type(loss).__name__:
         return
-    units = _output_units(model)
+    units = output_units(model)
     y = np.asarray(y)
     if units is None or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
         return

@@ -94,7 +94,7 @@ def to_numpy(data, max_examples=None):
         if y is None:
             raise ValueError("labels are required here: pass (x, y)")
         x = np.asarray(x)
-        y = np.asarray(sparse_labels(y))
+        y = np.asarray(sparse_labels(_integral(y)))
         if max_examples is not None:
             x, y = x[:max_examples], y[:max_examples]
         return x, y
@@ -107,6 +107,59 @@ def to_numpy(data, max_examples=None):
     if not xs:
         raise ValueError("empty dataset")
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def _integral(y):
+    """``y`` unchanged, unless it is rank-1 floats that are not whole
+    numbers: class ids cast to integers would silently truncate them."""
+    y = np.asarray(y)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.floating) and not np.all(y == np.round(y)):
+        sample = y[y != np.round(y)][0]
+        raise ValueError(
+            f"labels must be integer class ids (or one-hot rows); got floats such as "
+            f"{sample:g}: pass the class index of each example")
+    return y
+
+
+def check_supervised(model, x, y, name="data"):
+    """Refuse arrays ``(x, y)`` that ``model`` cannot be trained or
+    evaluated on, in one line that names the fix: unequal lengths, no
+    examples, non-finite inputs, examples of another shape than the model
+    takes, labels outside its classes.
+
+    Example::
+
+        check_supervised(model, x, y, "target_data")
+        # ValueError: target_data labels range over 0..11 but the model has 10 outputs ...
+    """
+    from tfmeta.validation import model_input_shape, output_units
+
+    if len(x) != len(y):
+        raise ValueError(f"{name} has {len(x)} inputs but {len(y)} labels: pass one label "
+                         "per example")
+    if len(x) == 0:
+        raise ValueError(f"{name} has no examples")
+    if np.issubdtype(x.dtype, np.floating):
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if not finite.all():
+            raise ValueError(
+                f"{name} has non-finite inputs (NaN or inf) in {int((~finite).sum())} examples, "
+                f"the first at index {int(np.flatnonzero(~finite)[0])}: drop or repair them")
+    expected = model_input_shape(model)
+    if expected is not None and (len(expected) != x.ndim - 1 or any(
+            need is not None and need != have for need, have in zip(expected, x.shape[1:]))):
+        raise ValueError(
+            f"{name} examples have shape {tuple(x.shape[1:])} but the model takes "
+            f"{tuple(expected)}: reshape the data or use a model for this input shape")
+    units = output_units(model)
+    if units is None:
+        units = int(model(x[:1], training=False).shape[-1])
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= units:
+        raise ValueError(
+            f"{name} labels range over {low}..{high} but the model has {units} outputs "
+            f"(classes 0..{units - 1}): give it a head with {high + 1} classes "
+            f"(num_classes={high + 1}, or tfmeta.complexity.replace_head) or relabel the data")
 
 
 def num_examples(data):

@@ -401,6 +401,7 @@ def predict_steps(
     seed = int(recipe.seed if seed is None else seed)
     model = _resolve_start(model_or_init, num_classes, seed)
     x, y = _data.to_numpy(target_data)
+    _data.check_supervised(model, x, y, "target_data")
     n, batch, k = len(x), int(recipe.batch_size), int(probe_steps)
     if batch > n:
         raise ValueError(f"batch_size {batch} is larger than the {n} target examples")

@@ -211,6 +211,7 @@ def fit_to_threshold(model, data, recipe: TrainingRecipe) -> TrainResult:
     materialized in memory, shuffled with ``recipe.seed`` each epoch.
     """
     x, y = _data.to_numpy(data)
+    _data.check_supervised(model, x, y)
     n = int(x.shape[0])
     eval_n = n if recipe.eval_examples is None else min(n, int(recipe.eval_examples))
     eval_data = (x[:eval_n], y[:eval_n])
