@@ -217,6 +217,17 @@ def test_data_the_model_cannot_take_is_refused_naming_the_fix():
             cx.train(data, recipe, init=model)
     # whole-number float labels are class ids
     assert cx.train((x, y.astype("float32")), recipe, init=model).steps > 0
+    # the Fisher with the data's labels and C_beta check every batch, datasets too
+    import tensorflow as tf
+
+    out_of_range = tf.data.Dataset.from_tensor_slices((x, np.full(64, 4))).batch(16)
+    for data in (out_of_range, (x, np.full(64, 5))):
+        with pytest.raises(ValueError, match="labels range over .* but the model has 3 outputs"):
+            cx.diagonal_fisher(model, data, labels="empirical")
+        with pytest.raises(ValueError, match="labels range over .* but the model has 3 outputs"):
+            cx.complexity(model, data, lam=1.0, weight_decay=5e-4)
+    with pytest.raises(ValueError, match="a batch of 64 inputs but 60 labels"):
+        cx.complexity(model, (x, y[:60]), lam=1.0, weight_decay=5e-4)
 
 
 def test_kramers_fits_recover_their_constants():

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.input_options import without_autotuning
+from tfmeta.validation import model_input_shape, output_units
 
 
 def _split(element):
@@ -132,8 +133,6 @@ def check_supervised(model, x, y, name="data"):
         check_supervised(model, x, y, "target_data")
         # ValueError: target_data labels range over 0..11 but the model has 10 outputs ...
     """
-    from tfmeta.validation import model_input_shape, output_units
-
     if len(x) != len(y):
         raise ValueError(f"{name} has {len(x)} inputs but {len(y)} labels: pass one label "
                          "per example")
@@ -151,15 +150,35 @@ def check_supervised(model, x, y, name="data"):
         raise ValueError(
             f"{name} examples have shape {tuple(x.shape[1:])} but the model takes "
             f"{tuple(expected)}: reshape the data or use a model for this input shape")
+    _check_classes(name, y, classes(model, x))
+
+
+def classes(model, x):
+    """How many classes ``model`` outputs (its last output dimension; found
+    by calling it on one example of ``x`` where it declares none)."""
     units = output_units(model)
-    if units is None:
-        units = int(model(x[:1], training=False).shape[-1])
-    low, high = int(y.min()), int(y.max())
+    return int(model(x[:1], training=False).shape[-1]) if units is None else int(units)
+
+
+def _check_classes(name, y, units):
+    low, high = int(np.min(y)), int(np.max(y))
     if low < 0 or high >= units:
         raise ValueError(
             f"{name} labels range over {low}..{high} but the model has {units} outputs "
             f"(classes 0..{units - 1}): give it a head with {high + 1} classes "
             f"(num_classes={high + 1}, or tfmeta.complexity.replace_head) or relabel the data")
+
+
+def batch_labels(x, y, units, name="data"):
+    """Sparse labels of one batch, checked against its inputs and the
+    model's ``units`` classes (see :func:`check_supervised`)."""
+    y = sparse_labels(y)
+    if int(y.shape[0]) != int(x.shape[0]):
+        raise ValueError(f"{name} has a batch of {int(x.shape[0])} inputs but "
+                         f"{int(y.shape[0])} labels: pass one label per example")
+    if int(y.shape[0]):
+        _check_classes(name, y.numpy(), units)
+    return y
 
 
 def num_examples(data):
@@ -222,10 +241,12 @@ def mean_cross_entropy(model, data, from_logits=True, batch_size=None,
     fn = _loss_fn(model, from_logits)
     total, count = 0.0, 0
     default_bs = None if isinstance(data, tf.data.Dataset) else 512
+    units = None
     for x, y in iterate_batches(data, batch_size or default_bs, num_samples):
         if y is None:
             raise ValueError("the training loss needs labels: pass (x, y)")
-        total += float(fn(tf.convert_to_tensor(x), sparse_labels(y)))
+        units = classes(model, x) if units is None else units
+        total += float(fn(tf.convert_to_tensor(x), batch_labels(x, y, units)))
         count += int(x.shape[0])
     if count == 0:
         raise ValueError("empty dataset")

@@ -280,7 +280,9 @@ def diagonal_fisher(
         if mode == "empirical":
             if y is None:
                 raise ValueError("labels='empirical' needs (x, y) data")
-            y = _data.sparse_labels(y)
+            if index == 0:
+                units = _data.classes(model, x)
+            y = _data.batch_labels(x, y, units)
         else:
             y = tf.zeros([int(x.shape[0])], tf.int32)
         s, s2, tr = fn(
