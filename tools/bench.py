@@ -597,7 +597,7 @@ def bench_torch(steps, filters, blocks=4, data=None, channels_last=False, thread
     return run
 
 
-MODEL_VARIANTS = ("leap", "bn_pool", "fused_bn", "channels_first")
+MODEL_VARIANTS = ("leap", "bn_pool", "fused_bn", "channels_first", "noinline_pool")
 
 
 def _model_variant(name):
@@ -605,7 +605,10 @@ def _model_variant(name):
 
     "bn_pool": BatchNorm before MaxPool (4x the BatchNorm work); "fused_bn":
     Keras' BatchNormalization (moments and arithmetic, many small ops) as
-    TensorFlow's one fused kernel (FusedBatchNormV3); "channels_first": NCHW layers.
+    TensorFlow's one fused kernel (FusedBatchNormV3); "channels_first": NCHW layers;
+    "noinline_pool": MaxPool's gradient in a function that is not inlined, as
+    `tfmeta.task_batched` lowers it (oneDNN's rewrite otherwise misses the
+    MaxPool / MaxPoolGrad pair inside a while loop).
     """
     if name not in MODEL_VARIANTS:
         raise ValueError(f"unknown model variant {name!r}: use one of {MODEL_VARIANTS}")
@@ -627,15 +630,22 @@ def _model_variant(name):
                 stat.assign(stat * self.momentum + value * (1.0 - self.momentum))
             return out
 
+    class NoinlinePool(layers.MaxPooling2D):
+        def call(self, inputs):
+            from tfmeta.task_batched import _max_pool_2d
+
+            return _max_pool_2d(self, inputs)
+
     def build(classes, filters, blocks):
         fmt = "channels_first" if name == "channels_first" else "channels_last"
         norm = FusedBatchNorm if name == "fused_bn" else layers.BatchNormalization
+        pooling = NoinlinePool if name == "noinline_pool" else layers.MaxPooling2D
         model = keras.Sequential(
             [keras.Input((1, 28, 28) if fmt == "channels_first" else (28, 28, 1))], name=f"convnet_{name}"
         )
         for _ in range(blocks):
             conv = layers.Conv2D(filters, 3, padding="same", data_format=fmt)
-            pool = layers.MaxPooling2D(2, padding="same", data_format=fmt)
+            pool = pooling(2, padding="same", data_format=fmt)
             bn = norm(axis=1 if fmt == "channels_first" else -1, momentum=0.9)
             for layer in (conv, bn, pool) if name == "bn_pool" else (conv, pool, bn):
                 model.add(layer)
@@ -915,8 +925,12 @@ def _setting_groups(group, kernels, T):
             ("fused loop, fused BatchNorm", "fused", {"model": "fused_bn"}),
             ("fused loop, BatchNorm before MaxPool", "fused", {"model": "bn_pool"}),
             ("fused loop, NCHW (channels_first)", "fused", {"model": "channels_first"}),
+            ("fused loop, MaxPool gradient not inlined", "fused", {"model": "noinline_pool"}),
             leap,
             (f"Leap T={T}, fused BatchNorm", "meta", {"learner": "leap", "tasks": T, "model": "fused_bn"}),
+            (f"Leap T={T}, MaxPool gradient not inlined", "meta",
+             {"learner": "leap", "tasks": T, "model": "noinline_pool"}),
+            (f"Leap T={T}, tasks batched", "meta", {"learner": "leap", "tasks": T, **BATCHED_OPTION}),
         ])]
     if group == "grappler":
         return [(name, base, [fused, leap])] + [
