@@ -228,6 +228,9 @@ def test_data_the_model_cannot_take_is_refused_naming_the_fix():
             cx.complexity(model, data, lam=1.0, weight_decay=5e-4)
     with pytest.raises(ValueError, match="a batch of 64 inputs but 60 labels"):
         cx.complexity(model, (x, y[:60]), lam=1.0, weight_decay=5e-4)
+    fractional = tf.data.Dataset.from_tensor_slices((x, y + 0.5)).batch(16)
+    with pytest.raises(ValueError, match="labels must be integer class ids .* such as 0.5"):
+        cx.diagonal_fisher(model, fractional, labels="empirical")
 
 
 def test_kramers_fits_recover_their_constants():

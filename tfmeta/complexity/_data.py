@@ -47,6 +47,14 @@ def sparse_labels(y):
         y = tf.argmax(y, axis=-1)
     elif y.shape.rank == 2:
         y = tf.squeeze(y, axis=-1)
+    if y.dtype.is_floating and tf.executing_eagerly():
+        # The cast below would silently truncate a float that is no class id.
+        values = y.numpy()
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            raise ValueError(
+                f"labels must be integer class ids (or one-hot rows); got floats such as "
+                f"{fractional[0]:g}: pass the class index of each example")
     return tf.cast(y, tf.int32)
 
 
@@ -95,7 +103,7 @@ def to_numpy(data, max_examples=None):
         if y is None:
             raise ValueError("labels are required here: pass (x, y)")
         x = np.asarray(x)
-        y = np.asarray(sparse_labels(_integral(y)))
+        y = np.asarray(sparse_labels(y))
         if max_examples is not None:
             x, y = x[:max_examples], y[:max_examples]
         return x, y
@@ -108,18 +116,6 @@ def to_numpy(data, max_examples=None):
     if not xs:
         raise ValueError("empty dataset")
     return np.concatenate(xs), np.concatenate(ys)
-
-
-def _integral(y):
-    """``y`` unchanged, unless it is rank-1 floats that are not whole
-    numbers: class ids cast to integers would silently truncate them."""
-    y = np.asarray(y)
-    if y.ndim == 1 and np.issubdtype(y.dtype, np.floating) and not np.all(y == np.round(y)):
-        sample = y[y != np.round(y)][0]
-        raise ValueError(
-            f"labels must be integer class ids (or one-hot rows); got floats such as "
-            f"{sample:g}: pass the class index of each example")
-    return y
 
 
 def check_supervised(model, x, y, name="data"):
@@ -155,9 +151,15 @@ def check_supervised(model, x, y, name="data"):
 
 def classes(model, x):
     """How many classes ``model`` outputs (its last output dimension; found
-    by calling it on one example of ``x`` where it declares none)."""
+    by calling it once on one example of ``x`` where it declares none)."""
     units = output_units(model)
-    return int(model(x[:1], training=False).shape[-1]) if units is None else int(units)
+    if units is not None:
+        return int(units)
+    cache = model_cache(model, "classes")
+    key = variables_key(model)
+    if key not in cache:
+        cache[key] = int(model(x[:1], training=False).shape[-1])
+    return cache[key]
 
 
 def _check_classes(name, y, units):
