@@ -204,6 +204,10 @@ def _main(part):
             "two_xla": meta_train(two, "leap", True, dropout=True),
         }
         out["hlo"] = _hlo(one_xla)
+        # Leap's diverging task again, the tasks as one computation under XLA
+        out["batched_nan"] = meta_train(
+            one, "leap", True, nan_task=T - 1, vectorize_tasks="auto", inner_unroll=2
+        )
     print("RESULT " + json.dumps(out))
 
 
@@ -318,6 +322,16 @@ def test_a_diverged_task_is_left_out_under_xla_per_replica(runs):
     run = runs["leap"]  # same phi as without XLA: test_two_replicas_with_xla_...[leap]
     assert run["reference"]["skipped_tasks"] == run["two_xla"]["skipped_tasks"] == 1
     assert np.all(np.isfinite(np.concatenate([np.ravel(p) for p in run["two_xla"]["phi"]])))
+
+
+def test_a_diverged_task_stays_in_its_task_when_tasks_are_one_xla_computation(runs):
+    """XLA's CPU grouped convolution spreads one group's NaN into every group's
+    filter gradient: the lowering probe must see it and lower otherwise, or
+    every task of the batch diverges with the one that did (DivergenceError)."""
+    run, reference = runs["batched_nan"], runs["leap"]["reference"]
+    assert run["batched"] and run["xla"] and not reference["batched"]
+    assert run["skipped_tasks"] == reference["skipped_tasks"] == 1
+    assert_same_run(run, reference)
 
 
 def test_resume_under_xla_per_replica_ends_where_the_straight_run_does(runs):

@@ -289,6 +289,10 @@ class TaskBatchedStep:
             )
         self.loop = loop
         self.conv = conv
+        # The grouped-conv probe must check the kernels the step will run:
+        # XLA's, when the loop is compiled (its CPU grouped-conv filter
+        # gradient lets one group's NaN into every group's).
+        self._xla = bool(getattr(loop, "jit_compile", False))
         self.shards = check_task_shards(shards)
         # What tf.vectorized_map must partly run as a while loop, and why
         # (None: nothing), found at the first trace of each map.
@@ -335,7 +339,8 @@ class TaskBatchedStep:
         model = self.loop.model
         with tf.GradientTape() as tape:
             tape.watch(params)
-            state = _TaskValues(model, params, non_trainable, self.conv)
+            xla = self._xla or _traced_for_xla()
+            state = _TaskValues(model, params, non_trainable, self.conv, xla)
             y_pred = _run_model(model, x, state, training=True)
             losses = self._vectorized_map(
                 f"the task loss {self.loop.loss.name!r}",
@@ -358,6 +363,17 @@ class TaskBatchedStep:
         )
         new_non_trainable = [state[v] for v in model.non_trainable_variables]
         return (list(new_params), new_non_trainable, list(new_opt_vars), learner_state), losses
+
+
+def _traced_for_xla():
+    """Whether the function being traced is compiled with XLA (`jit_compile`,
+    the caller's own too). TensorFlow has no public API for it; where its
+    private one is gone, only the inner loop's own `jit_compile` counts."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager
@@ -411,10 +427,10 @@ class _TaskValues:
     seed states) replace the value, so a layer used twice sees its update.
     """
 
-    def __init__(self, model, params, non_trainable, conv):
+    def __init__(self, model, params, non_trainable, conv, xla=False):
         variables = list(model.trainable_variables) + list(model.non_trainable_variables)
         self._values = {id(v): value for v, value in zip(variables, [*params, *non_trainable])}
-        self.conv = conv
+        self.conv, self.xla = conv, xla
 
     def __getitem__(self, variable):
         return self._values[id(variable)]
@@ -551,7 +567,7 @@ def _conv2d(layer, acts, state, training):
     kernel = state[layer.kernel]  # [T, kh, kw, C / groups, F]
     conv = state.conv
     if conv == "auto":
-        conv = "grouped" if _grouped_conv_works(layer, acts, kernel) else "map"
+        conv = "grouped" if _grouped_conv_works(layer, acts, kernel, state.xla) else "map"
     if conv == "map":
         return _per_task_calls(layer, acts, state, training)
     # Task t's filters see its channels t*C .. (t+1)*C - 1 and give its
@@ -754,19 +770,29 @@ def _conv_and_grads(x, kernel, dy, strides, padding, dilations, groups):
 
 
 @functools.lru_cache(maxsize=None)
-def _grouped_conv_probe(config, dtype, device):
+def _grouped_conv_probe(config, dtype, device, xla=False):
     """Whether `device` computes this grouped convolution and its gradients right.
 
     TensorFlow's CPU kernels have grouped convolutions only with oneDNN, and
     oneDNN only in float32/bfloat16; without it the gradient kernels raise
     or, in a graph, may return garbage. So the probe compares, in a graph, one
-    grouped op with one op per group on the layer's shapes (batch 1).
-    `config` = (input `[H, W, C]`, kernel `[kh, kw, C / G, F]`, strides,
-    padding, dilations, groups G).
+    grouped op with one op per group on the layer's shapes (batch 1), twice:
+    on finite values, and with the last group's input and output gradient
+    NaN, as a diverged task's are. Then the other groups must come out as
+    before: XLA's CPU kernels (`xla=True`: the grouped op compiled with
+    XLA, as in a `jit_compile` inner loop) fill every group's filter
+    gradient with NaN, so one diverged task would take every task of its
+    batch down with it. `config` = (input `[H, W, C]`, kernel
+    `[kh, kw, C / G, F]`, strides, padding, dilations, groups G).
     """
     shape, kernel_shape, strides, padding, dilations, groups = config
     rng = np.random.default_rng(0)
     x, kernel = rng.standard_normal([1, *shape]), rng.standard_normal(kernel_shape)
+    grouped = functools.partial(
+        _conv_and_grads, strides=strides, padding=padding, dilations=dilations, groups=1
+    )
+    if xla:
+        grouped = tf.function(grouped, jit_compile=True, autograph=False)
     # A graph of its own: the probe runs while the caller is being traced,
     # with its tape recording (which tf.init_scope would switch off here).
     with tf.Graph().as_default() as graph, tf.device(device or None):
@@ -774,22 +800,42 @@ def _grouped_conv_probe(config, dtype, device):
         out_shape = _conv_and_grads(*inputs, 1.0, strides, padding, dilations, groups)[0].shape
         dy = tf.compat.v1.placeholder(dtype, out_shape)
         expected = _conv_and_grads(*inputs, dy, strides, padding, dilations, groups)
-        got = _conv_and_grads(*inputs, dy, strides, padding, dilations, 1)
-    feed = dict(zip([*inputs, dy], [x, kernel, rng.standard_normal(out_shape)]))
+        got = grouped(*inputs, dy)
+    dy_value = rng.standard_normal(out_shape)
+    # The last group diverged: NaN in its input channels and its outputs' gradient.
+    x_nan, dy_nan = x.copy(), dy_value.copy()
+    x_nan[..., -(shape[-1] // groups):] = np.nan
+    dy_nan[..., -(kernel_shape[-1] // groups):] = np.nan
     with tf.compat.v1.Session(graph=graph) as session:
-        expected = session.run(expected, feed)
-        try:
-            got = session.run(got, feed)
-        except _KERNEL_ERRORS:
-            return False
+        runs = []
+        for values in ((x, dy_value), (x_nan, dy_nan)):
+            feed = dict(zip([*inputs, dy], [values[0], kernel, values[1]]))
+            expected_values = session.run(expected, feed)
+            try:
+                runs.append((session.run(got, feed), expected_values))
+            except _KERNEL_ERRORS:
+                return False
     tolerance = 1e-3 if dtype in ("float16", "bfloat16") else 1e-4
-    return all(
-        g.shape == e.shape and np.allclose(g, e, rtol=tolerance, atol=tolerance * np.abs(e).max())
-        for g, e in zip(got, expected)
+
+    def same(got, expected):
+        return all(
+            g.shape == e.shape and np.allclose(g, e, rtol=tolerance, atol=tolerance * np.abs(e).max())
+            for g, e in zip(got, expected)
+        )
+
+    def healthy(values):
+        # y, dx and dkernel hold the groups one after another along their
+        # last axis (outputs, inputs, outputs): all but the last group's.
+        return [v[..., : v.shape[-1] // groups * (groups - 1)] for v in values]
+
+    (clean, clean_expected), (nan, nan_expected) = runs
+    # One group (a shard of one task) has no other group to keep clean.
+    return same(clean, clean_expected) and (
+        groups == 1 or same(healthy(nan), healthy(nan_expected))
     )
 
 
-def _grouped_conv_works(layer, acts, kernel):
+def _grouped_conv_works(layer, acts, kernel, xla=False):
     """Whether the T tasks' convolution runs as one grouped op here (cached).
 
     The probe has the layer's per-group shapes but at most 2 groups: whether
@@ -807,7 +853,7 @@ def _grouped_conv_works(layer, acts, kernel):
         (*per_task[:3], tasks * per_task[3] // groups * probed), tuple(layer.strides),
         layer.padding.upper(), tuple(layer.dilation_rate), probed,
     )
-    return _grouped_conv_probe(config, acts.value.dtype.name, acts.value.device)
+    return _grouped_conv_probe(config, acts.value.dtype.name, acts.value.device, xla)
 
 
 _HANDLERS = {
