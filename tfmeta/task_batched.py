@@ -68,7 +68,9 @@ __all__ = [
 
 #: How `TaskBatchedStep` runs a Conv2D for T tasks: "grouped" (one grouped
 #: convolution), "map" (`tf.map_fn` over the tasks), "auto" (grouped where
-#: the device computes it, e.g. CPUs with oneDNN and GPUs; map elsewhere).
+#: the device computes it right and keeps a diverged task's NaN in that
+#: task, e.g. CPUs with oneDNN and GPUs, not XLA on CPU; map elsewhere, with
+#: one warning that says why).
 CONV_LOWERINGS = ("auto", "grouped", "map")
 
 
@@ -771,7 +773,7 @@ def _conv_and_grads(x, kernel, dy, strides, padding, dilations, groups):
 
 @functools.lru_cache(maxsize=None)
 def _grouped_conv_probe(config, dtype, device, xla=False):
-    """Whether `device` computes this grouped convolution and its gradients right.
+    """Why `device` cannot run this grouped convolution for T tasks (None: it can).
 
     TensorFlow's CPU kernels have grouped convolutions only with oneDNN, and
     oneDNN only in float32/bfloat16; without it the gradient kernels raise
@@ -783,7 +785,8 @@ def _grouped_conv_probe(config, dtype, device, xla=False):
     XLA, as in a `jit_compile` inner loop) fill every group's filter
     gradient with NaN, so one diverged task would take every task of its
     batch down with it. `config` = (input `[H, W, C]`, kernel
-    `[kh, kw, C / G, F]`, strides, padding, dilations, groups G).
+    `[kh, kw, C / G, F]`, strides, padding, dilations, groups G). The reason
+    completes "its grouped convolution ...".
     """
     shape, kernel_shape, strides, padding, dilations, groups = config
     rng = np.random.default_rng(0)
@@ -813,8 +816,8 @@ def _grouped_conv_probe(config, dtype, device, xla=False):
             expected_values = session.run(expected, feed)
             try:
                 runs.append((session.run(got, feed), expected_values))
-            except _KERNEL_ERRORS:
-                return False
+            except _KERNEL_ERRORS as error:
+                return f"raises {type(error).__name__} in {dtype}"
     tolerance = 1e-3 if dtype in ("float16", "bfloat16") else 1e-4
 
     def same(got, expected):
@@ -829,14 +832,17 @@ def _grouped_conv_probe(config, dtype, device, xla=False):
         return [v[..., : v.shape[-1] // groups * (groups - 1)] for v in values]
 
     (clean, clean_expected), (nan, nan_expected) = runs
+    if not same(clean, clean_expected):
+        return f"gives wrong values in {dtype}"
     # One group (a shard of one task) has no other group to keep clean.
-    return same(clean, clean_expected) and (
-        groups == 1 or same(healthy(nan), healthy(nan_expected))
-    )
+    if groups > 1 and not same(healthy(nan), healthy(nan_expected)):
+        return "lets one task's NaN into the other tasks' gradients"
+    return None
 
 
 def _grouped_conv_works(layer, acts, kernel, xla=False):
-    """Whether the T tasks' convolution runs as one grouped op here (cached).
+    """Whether the T tasks' convolution runs as one grouped op here (cached);
+    where not, one warning per reason says so and why.
 
     The probe has the layer's per-group shapes but at most 2 groups: whether
     the device's kernels compute grouped convolutions does not depend on how
@@ -853,7 +859,20 @@ def _grouped_conv_works(layer, acts, kernel, xla=False):
         (*per_task[:3], tasks * per_task[3] // groups * probed), tuple(layer.strides),
         layer.padding.upper(), tuple(layer.dilation_rate), probed,
     )
-    return _grouped_conv_probe(config, acts.value.dtype.name, acts.value.device, xla)
+    device = acts.value.device or "this device"
+    kernels = "XLA's" if xla else "TensorFlow's"
+    reason = _grouped_conv_probe(config, acts.value.dtype.name, acts.value.device, xla)
+    if reason and (device, kernels, reason) not in _MAP_LOWERING_WARNED:
+        _MAP_LOWERING_WARNED.add((device, kernels, reason))
+        logging.getLogger("tfmeta").warning(
+            "The batched tasks run Conv2D %r as a tf.map_fn over the tasks, not as one grouped "
+            "convolution: %s grouped convolution on %s %s. Right, but slower; other Conv2D "
+            "layers here do the same without another warning.", layer.name, kernels, device, reason,
+        )
+    return reason is None
+
+
+_MAP_LOWERING_WARNED = set()  # (device, kernels, reason) already said
 
 
 _HANDLERS = {
