@@ -112,8 +112,10 @@ def test_the_pytorch_network_is_tfmetas_convnet():
 
 def test_bench_tasks_prints_every_path_and_its_ratio_to_the_per_copy_step(capsys):
     """tools/bench_tasks.py at smoke size, in this process: per copy, batched and in
-    shards for each filter count, ratios that are their medians' ratios, and the build
-    table (sizes too small to say anything of speed)."""
+    shards for each filter count, ratios that are their medians' ratios, the build
+    table (sizes too small to say anything of speed), and each path's profile: op
+    types only (not the executor's enclosing spans), the convolutions among them,
+    shares that add up to at most the whole."""
     sys.path.insert(0, str(REPO / "tools"))
     try:
         import bench_tasks
@@ -121,7 +123,7 @@ def test_bench_tasks_prints_every_path_and_its_ratio_to_the_per_copy_step(capsys
         sys.path.pop(0)
     assert bench_tasks.run([
         "--tasks", "3", "--filters", "2", "--steps", "2", "--rounds", "1", "--shards", "2",
-        "--build_tasks", "2", "3",
+        "--build_tasks", "2", "3", "--profile",
     ]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"speed T=3 filters=2 conv=auto, (steps/s|steps per CPU-second): (.*)", out)
@@ -137,3 +139,12 @@ def test_bench_tasks_prints_every_path_and_its_ratio_to_the_per_copy_step(capsys
     builds = re.findall(r"build\+first chunk (per-copy|batched) \(filters=2\): T=2 [\d.]+ s, "
                         r"T=3 [\d.]+ s, ratio [\d.]+", out)
     assert builds == ["per-copy", "batched"], out
+    profiles = dict(re.findall(r"profile T=3 filters=2 (per-copy|batched), ms over 3 chunks "
+                               r"\(total [\d.]+\): (.*)", out))
+    assert sorted(profiles) == ["batched", "per-copy"], out
+    for name, row in profiles.items():
+        ops = re.findall(r"(\S+) [\d.]+ \((\d+)%\)", row)
+        assert len(ops) == 12 and all(re.fullmatch(r"_?[A-Z]\w*", op) for op, _ in ops), row
+        assert any("Conv2D" in op for op, _ in ops), row
+        assert not {"Process", "Run", "Start", "Done"} & {op for op, _ in ops}, row
+        assert sum(int(share) for _, share in ops) <= 100 + len(ops), row  # rounded shares

@@ -3,7 +3,7 @@
 
     python tools/bench_tasks.py [--tasks 8] [--filters 16 64] [--steps 10] [--rounds 5]
                                 [--conv auto] [--shards N|auto] [--build_tasks 4 32]
-                                [--intra_op_threads N]
+                                [--intra_op_threads N] [--skip speed build] [--profile]
 
 `speed`: inner steps per second (one step of one task counts as one) of a
 chunk of `--steps` inner steps of T tasks on Leap's Omniglot convnet (4 x
@@ -24,6 +24,10 @@ without it to compare the thread settings.
 T = 32, and the T=32 / T=4 ratio (each build runs its own grouped-conv
 probes, as a fresh process would, after an untimed build at T = 2 that
 takes the process's one-time costs).
+
+`--profile`: where each path's time goes, after the rest: `tf.profiler`
+over 3 chunks of the first `--filters`, each op type's time summed over
+the executor threads (milliseconds, share of the total), the 12 largest.
 
 Images are scikit-learn's real digits resized to 28x28 (no download).
 The machine is shared: run it briefly, and compare ratios, not absolutes.
@@ -150,6 +154,52 @@ def build(task_counts, filters, steps, conv):
         )
 
 
+def _op_times(logdir):
+    """`{op type: milliseconds}` summed over every event of the trace in `logdir`."""
+    import collections
+
+    # TensorFlow's own protobuf of the trace files (no TensorBoard plugin needed).
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    (path,) = pathlib.Path(logdir).rglob("*.xplane.pb")
+    space.ParseFromString(path.read_bytes())
+    totals = collections.Counter()
+    for plane in space.planes:
+        names = {key: meta.name for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                # "node name:op type" is one op's run; the executor's and the
+                # eager runtime's own spans ("ExecutorState::Process",
+                # "EagerLocalExecute: f") enclose those and are left out.
+                if ":" in name and "::" not in name and " " not in name:
+                    totals[name.rsplit(":", 1)[1]] += event.duration_ps / 1e9
+    return totals
+
+
+def profile(tasks, filters, steps, conv):
+    import tempfile
+
+    import tensorflow as tf
+
+    for name, shards in (("per-copy", None), ("batched", 1)):
+        run = _runner(tasks, filters, steps, conv, shards)
+        run()  # build
+        with tempfile.TemporaryDirectory() as logdir:
+            tf.profiler.experimental.start(logdir)
+            try:
+                for _ in range(3):
+                    run()
+            finally:
+                tf.profiler.experimental.stop()
+            totals = _op_times(logdir)
+        total = sum(totals.values())
+        rows = ", ".join(f"{op} {ms:.0f} ({ms / total:.0%})" for op, ms in totals.most_common(12))
+        print(f"profile T={tasks} filters={filters} {name}, ms over 3 chunks (total {total:.0f}): "
+              f"{rows}", flush=True)
+
+
 def _shards(text):
     if text == "auto":
         return text
@@ -170,7 +220,8 @@ def run(argv):
                              "(default: one per CPU core)")
     parser.add_argument("--build_tasks", type=count, nargs=2, default=[4, 32])
     parser.add_argument("--intra_op_threads", type=count, default=None)
-    parser.add_argument("--skip", choices=("speed", "build"), default=None)
+    parser.add_argument("--skip", choices=("speed", "build"), nargs="+", default=[])
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     import tensorflow as tf
 
@@ -179,11 +230,13 @@ def run(argv):
     threads = tf.config.threading.get_intra_op_parallelism_threads() or "TensorFlow's default"
     print(f"intra-op threads: {threads}", flush=True)
     tf.get_logger().setLevel("ERROR")  # every runner is a new tf.function: no retracing notes
-    if args.skip != "speed":
+    if "speed" not in args.skip:
         for filters in args.filters:
             speed(args.tasks, filters, args.steps, args.rounds, args.conv, args.shards)
-    if args.skip != "build":
+    if "build" not in args.skip:
         build(args.build_tasks, args.filters[0], args.steps, args.conv)
+    if args.profile:
+        profile(args.tasks, args.filters[0], args.steps, args.conv)
     return 0
 
 
