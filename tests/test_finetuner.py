@@ -94,8 +94,10 @@ def test_a_model_keras_cannot_clone_is_refused_with_the_fix():
 
 
 def test_finetuner_checks_steps_like_finetune():
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
         Finetuner(steps=0)
+    with pytest.raises(ValueError, match=r"steps=4\.5 must be an integer >= 1"):
+        Finetuner(steps=4.5)
     with pytest.raises(ValueError, match="does not divide"):
         Finetuner(steps=10, steps_per_execution=3)
 

@@ -51,7 +51,7 @@ import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tfmeta import atomic
+from tfmeta import atomic, validation
 from tfmeta.input_options import without_autotuning
 
 __all__ = [
@@ -338,8 +338,7 @@ def _architecture(model):
 
 
 def _check_steps(steps):
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    validation.check_positive_int("steps", steps, "the number of optimizer steps, e.g. steps=100")
 
 
 def _compile(model, optimizer, loss, execution):
@@ -365,6 +364,9 @@ def _copy_state(source, target):
 def _train_and_test(model, curves, train_data, test_data, steps, batch_size, seed, callbacks,
                     verbose):
     """One ``fit`` of ``steps`` steps of the compiled, recording ``model``, then ``evaluate``."""
+    _check_data(model, train_data, "train_data")
+    if test_data is not None:
+        _check_data(model, test_data, "test_data")
     model.fit(
         without_autotuning(_training_dataset(train_data, batch_size, seed)),
         epochs=1,
@@ -495,6 +497,31 @@ def _stop_recording(model):
     """Undo ``_record_steps``; the train function goes too, since its graph writes into the curves."""
     del model.train_step
     model.train_function = None
+
+
+def _check_data(model, data, name):
+    """Refuse data the compiled ``model`` cannot take, in one line naming the fix
+    (``tfmeta.validation.check_examples``; labels outside its classes for a sparse loss)."""
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        expected = validation.model_input_shape(model)
+        x_spec = spec[0] if isinstance(spec, (tuple, list)) else None
+        if (expected is not None and isinstance(x_spec, tf.TensorSpec)
+                and x_spec.shape.rank == len(expected)):
+            raise validation.ConfigError(
+                f"{name} yields single examples of shape {tuple(x_spec.shape)}, not batches: "
+                f"batch it first (e.g. {name}.batch(20))")
+        return
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise validation.ConfigError(
+            f"{name} must be a tf.data.Dataset of (x, y) batches or a tuple of arrays (x, y), "
+            f"got {type(data).__name__}")
+    x, y = (np.asarray(part) for part in data)
+    validation.check_examples(model, x, y, name)
+    units = validation.output_units(model)
+    if (units is not None and validation.is_sparse_loss(model.loss)
+            and np.issubdtype(y.dtype, np.integer)):
+        validation.check_class_ids(name, y, units)
 
 
 def _training_dataset(train_data, batch_size, seed):

@@ -28,6 +28,8 @@ replica; each runs its tasks' inner loops alone, and a meta-update averages
 over all T tasks (`tfmeta.replicas`, `tfmeta.distribute`, docs/performance.md).
 """
 
+import re
+
 import keras
 import tensorflow as tf
 
@@ -214,10 +216,12 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 f"MetaModel.compile needs `learner`, a tfmeta meta-learner such as "
                 f"tfmeta.Leap() or tfmeta.Reptile(); got {learner!r}."
             )
-        if inner_steps is None or int(inner_steps) < 1:
-            raise ConfigError(f"inner_steps (K) must be an integer >= 1, got {inner_steps!r}.")
-        if int(inner_unroll) < 1:
-            raise ConfigError(f"inner_unroll must be >= 1, got {inner_unroll!r}.")
+        # Not int(): inner_steps=2.5 would quietly become K = 2.
+        validation.check_positive_int(
+            "inner_steps", inner_steps, "set inner_steps to K, the length of each task's inner "
+            "trajectory, e.g. inner_steps=100",
+        )
+        validation.check_positive_int("inner_unroll", inner_unroll)
         learner.schedule.check_inner_steps(int(inner_steps))
         if kwargs.pop("auto_scale_loss", False):
             raise ConfigError(
@@ -446,9 +450,19 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 "MetaModel.fit consumes each trajectory's chunks in order: leave "
                 "shuffle=False and let the task distribution shuffle tasks."
             )
+        for name in ("validation_data", "validation_split"):
+            if arguments.get(name):
+                # Keras would find out only at the end of the first epoch.
+                raise ConfigError(
+                    f"MetaModel.fit does not take {name}=: a meta-learned initialization is "
+                    "evaluated by fine-tuning it on held-out tasks (tfmeta.finetune, or "
+                    "tfmeta.evaluation.heldout_finetuning after fit); leave it out."
+                )
         x = arguments.get("x")
         if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
             _check_stream_arguments(arguments)
+            validation.check_inner_steps_of(x, self.inner_steps)
+        _check_steps_per_epoch(self, x, arguments.get("steps_per_epoch"))
         replicas.check_fit_executions(self, arguments)
         callbacks = arguments.get("callbacks")
         if callbacks is None or isinstance(callbacks, (list, tuple)):
@@ -459,10 +473,14 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         validation.check_task_batches(
             self.model, getattr(self, "task_loss", None), x, arguments.get("y")
         )
-        if "validation_data" in arguments:
-            arguments["validation_data"] = without_autotuning(arguments["validation_data"])
         arguments["x"] = without_autotuning(x)
-        return super().fit(**arguments)
+        try:
+            return super().fit(**arguments)
+        except tf.errors.InvalidArgumentError as error:
+            reason = _label_out_of_range(error, self.model)
+            if reason is None:
+                raise
+            raise ConfigError(reason) from None
 
     def steps_for(self, meta_updates, steps_per_chunk=None):
         """How many task-batch chunks (train steps) `meta_updates` meta-updates take.
@@ -474,6 +492,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         Example:
             >>> meta.fit(dataset, steps_per_epoch=meta.steps_for(1000, steps_per_chunk=10))
         """
+        validation.check_positive_int("meta_updates", meta_updates)
         chunk = steps_per_chunk or getattr(self, "chunk_steps", None)
         if chunk is None:
             raise ConfigError("steps_for needs steps_per_chunk until the MetaModel is built.")
@@ -496,6 +515,37 @@ _STREAM_CARRIES = {
     "sample_weight": _NO_WEIGHTS,
     "class_weight": _NO_WEIGHTS,
 }
+
+
+def _check_steps_per_epoch(meta, x, steps):
+    """Refuse a `steps_per_epoch` that is not a count, and none for an endless stream
+    (Keras would run its first epoch forever)."""
+    fix = ("pass steps_per_epoch=meta.steps_for(meta_updates, steps_per_chunk=S), the train "
+           "steps (chunks) of that many meta-updates")
+    if steps is not None:
+        validation.check_positive_int("steps_per_epoch", steps, fix)
+    elif (isinstance(x, tf.data.Dataset)
+          and int(x.cardinality()) == int(tf.data.INFINITE_CARDINALITY)):
+        raise ConfigError(
+            "MetaModel.fit got an endless stream of task batches (task distributions repeat "
+            f"forever) and no steps_per_epoch, so its first epoch would never end: {fix}."
+        )
+
+
+def _label_out_of_range(error, model):
+    """The fix for `error` if it is a sparse loss's label outside the model's classes
+    (found only when the step runs, e.g. in a later task batch of a stream), else None."""
+    match = re.search(r"label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)",
+                      str(error))
+    if match is None:
+        return None
+    label, units = int(match.group(1)), int(match.group(2))
+    if label >= units:
+        fix = f"give the model's head at least {label + 1} units, or use tasks with fewer classes"
+    else:
+        fix = "labels must be class ids 0..units-1"
+    return (f"a task batch has label {label} but the model {model.name!r} has {units} outputs "
+            f"(classes 0..{units - 1}): {fix}.")
 
 
 def _check_stream_arguments(arguments):

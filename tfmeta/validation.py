@@ -156,6 +156,12 @@ def output_units(model):
     return None
 
 
+def is_sparse_loss(loss):
+    """Whether `loss` (a Keras loss, its name or a function) takes class ids as labels."""
+    name = getattr(loss, "name", None) or getattr(loss, "__name__", "") or str(loss)
+    return "sparse" in str(name).lower() or "Sparse" in type(loss).__name__
+
+
 def check_labels(model, y, loss):
     """Check that integer labels `y` index the model's outputs (sparse losses).
 
@@ -163,8 +169,7 @@ def check_labels(model, y, loss):
     labels must lie in `0..units-1` where `units` is the model's last output
     dimension.
     """
-    name = getattr(loss, "name", None) or getattr(loss, "__name__", "") or str(loss)
-    if "sparse" not in str(name).lower() and "Sparse" not in type(loss).__name__:
+    if not is_sparse_loss(loss):
         return
     units = output_units(model)
     y = np.asarray(y)
@@ -177,6 +182,85 @@ def check_labels(model, y, loss):
             f"(classes 0..{units - 1}): give the model's head {high + 1} units (e.g. "
             f"mlp.num_classes = {high + 1} / convnet.num_classes = {high + 1}) or use "
             "tasks with fewer classes."
+        )
+
+
+def check_examples(model, x, y, name="data"):
+    """Refuse arrays ``(x, y)`` of examples ``model`` cannot take, in one line
+    that names the fix: unequal lengths, no examples, non-finite inputs,
+    examples of another shape than the model takes.
+
+    Example::
+
+        check_examples(model, x, y[:60], "train_data")
+        # ConfigError: train_data has 64 inputs but 60 labels: pass one label per example
+    """
+    if len(x) != len(y):
+        raise ConfigError(f"{name} has {len(x)} inputs but {len(y)} labels: pass one label "
+                          "per example")
+    if len(x) == 0:
+        raise ConfigError(f"{name} has no examples")
+    if np.issubdtype(x.dtype, np.floating):
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if not finite.all():
+            raise ConfigError(
+                f"{name} has non-finite inputs (NaN or inf) in {int((~finite).sum())} examples, "
+                f"the first at index {int(np.flatnonzero(~finite)[0])}: drop or repair them")
+    expected = model_input_shape(model)
+    if expected is not None and (len(expected) != x.ndim - 1 or any(
+            need is not None and need != have for need, have in zip(expected, x.shape[1:]))):
+        raise ConfigError(
+            f"{name} examples have shape {tuple(x.shape[1:])} but the model takes "
+            f"{tuple(expected)}: reshape the data or use a model for this input shape")
+
+
+def check_class_ids(name, y, units):
+    """Refuse sparse labels ``y`` outside ``0..units-1`` (a model of ``units`` classes).
+
+    Example::
+
+        check_class_ids("train_data", y, 10)
+        # ConfigError: train_data labels range over 0..11 but the model has 10 outputs ...
+    """
+    low, high = int(np.min(y)), int(np.max(y))
+    if low < 0 or high >= units:
+        raise ConfigError(
+            f"{name} labels range over {low}..{high} but the model has {units} outputs "
+            f"(classes 0..{units - 1}): give it a head with {high + 1} classes "
+            f"(num_classes={high + 1}, e.g. load_initialization(path, num_classes={high + 1}) "
+            "or tfmeta.complexity.replace_head) or relabel the data")
+
+
+#: The attribute of a task stream that holds the K it was built for (`mark_inner_steps`).
+INNER_STEPS_MARK = "tfmeta_inner_steps"
+
+
+def mark_inner_steps(dataset, inner_steps):
+    """`dataset` (a task distribution's stream), marked with the K its trajectories keep
+    each meta-batch's tasks for, so that `MetaModel.fit` can check compile's K
+    (`check_inner_steps_of`). Any transformation of the dataset drops the mark.
+
+    Example::
+
+        return mark_inner_steps(stream, inner_steps)   # in TaskDistribution.as_dataset
+    """
+    setattr(dataset, INNER_STEPS_MARK, int(inner_steps))
+    return dataset
+
+
+def check_inner_steps_of(dataset, inner_steps):
+    """Refuse a task stream marked with another K than `inner_steps` (unmarked: not known).
+
+    Its trajectories would silently mix two meta-batches' tasks (a shorter
+    stream K) or run one meta-batch's tasks as several trajectories (a longer one).
+    """
+    built = getattr(dataset, INNER_STEPS_MARK, None)
+    if built is not None and built != inner_steps:
+        raise ConfigError(
+            f"the task stream keeps each meta-batch's tasks for inner_steps={built} but "
+            f"compile has inner_steps={inner_steps}, so trajectories would not be one "
+            f"meta-batch's {inner_steps} steps: build the stream with "
+            f"as_dataset(inner_steps={inner_steps}, ...) or compile with inner_steps={built}"
         )
 
 
@@ -372,9 +456,10 @@ def _check_builtin_shapes(name, outputs, labels, integer):
 def check_task_batches(model, loss, x, y=None):
     """Check task batches (a `tf.data.Dataset` of `(x, y)`, or arrays) against model and loss.
 
-    The shapes must fit the model (`check_task_batch`) and the loss must
-    compare the labels with the model's outputs (`check_loss_on_outputs`).
-    Streams whose element shapes are unknown are left to the first step.
+    The shapes must fit the model (`check_task_batch`), the loss must
+    compare the labels with the model's outputs (`check_loss_on_outputs`),
+    and array labels must be the model's classes (`check_labels`). Streams
+    whose element shapes are unknown are left to the first step.
     """
     import tensorflow as tf
 
@@ -394,3 +479,7 @@ def check_task_batches(model, loss, x, y=None):
     check_task_batch(model, tuple(x_shape), tuple(y_shape))
     if loss is not None and len(x_shape) >= 4 and len(y_shape) >= 3:
         check_loss_on_outputs(model, loss, tuple(x_shape), tuple(y_shape), tf.as_dtype(y_dtype).name)
+    if loss is not None and not isinstance(x, tf.data.Dataset):
+        # Arrays are at hand: every label is checked now. A stream's labels are
+        # checked by the step (MetaModel.fit names the fix if one is out of range).
+        check_labels(model, y, loss)

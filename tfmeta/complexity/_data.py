@@ -14,11 +14,12 @@ with ``argmax``.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from tfmeta.input_options import without_autotuning
-from tfmeta.validation import model_input_shape, output_units
+from tfmeta.validation import check_class_ids, check_examples, output_units
 
 
 def _split(element):
@@ -120,33 +121,16 @@ def to_numpy(data, max_examples=None):
 
 def check_supervised(model, x, y, name="data"):
     """Refuse arrays ``(x, y)`` that ``model`` cannot be trained or
-    evaluated on, in one line that names the fix: unequal lengths, no
-    examples, non-finite inputs, examples of another shape than the model
-    takes, labels outside its classes.
+    evaluated on, in one line that names the fix (``check_examples``), and
+    labels outside its classes.
 
     Example::
 
         check_supervised(model, x, y, "target_data")
         # ValueError: target_data labels range over 0..11 but the model has 10 outputs ...
     """
-    if len(x) != len(y):
-        raise ValueError(f"{name} has {len(x)} inputs but {len(y)} labels: pass one label "
-                         "per example")
-    if len(x) == 0:
-        raise ValueError(f"{name} has no examples")
-    if np.issubdtype(x.dtype, np.floating):
-        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-        if not finite.all():
-            raise ValueError(
-                f"{name} has non-finite inputs (NaN or inf) in {int((~finite).sum())} examples, "
-                f"the first at index {int(np.flatnonzero(~finite)[0])}: drop or repair them")
-    expected = model_input_shape(model)
-    if expected is not None and (len(expected) != x.ndim - 1 or any(
-            need is not None and need != have for need, have in zip(expected, x.shape[1:]))):
-        raise ValueError(
-            f"{name} examples have shape {tuple(x.shape[1:])} but the model takes "
-            f"{tuple(expected)}: reshape the data or use a model for this input shape")
-    _check_classes(name, y, classes(model, x))
+    check_examples(model, x, y, name)
+    check_class_ids(name, y, classes(model, x))
 
 
 def classes(model, x):
@@ -162,15 +146,6 @@ def classes(model, x):
     return cache[key]
 
 
-def _check_classes(name, y, units):
-    low, high = int(np.min(y)), int(np.max(y))
-    if low < 0 or high >= units:
-        raise ValueError(
-            f"{name} labels range over {low}..{high} but the model has {units} outputs "
-            f"(classes 0..{units - 1}): give it a head with {high + 1} classes "
-            f"(num_classes={high + 1}, or tfmeta.complexity.replace_head) or relabel the data")
-
-
 def batch_labels(x, y, units, name="data"):
     """Sparse labels of one batch, checked against its inputs and the
     model's ``units`` classes (see :func:`check_supervised`)."""
@@ -179,7 +154,7 @@ def batch_labels(x, y, units, name="data"):
         raise ValueError(f"{name} has a batch of {int(x.shape[0])} inputs but "
                          f"{int(y.shape[0])} labels: pass one label per example")
     if int(y.shape[0]):
-        _check_classes(name, y.numpy(), units)
+        check_class_ids(name, y.numpy(), units)
     return y
 
 
@@ -189,6 +164,62 @@ def num_examples(data):
         return sum(int(tf.shape(x)[0]) for x, _ in iterate_batches(data))
     x, _ = _split(data)
     return int(x.shape[0])
+
+
+def check_class_scores(model, from_logits):
+    """Refuse a model whose outputs are not ``[batch, classes >= 2]`` scores of the kind
+    ``from_logits`` says (logits, or probabilities when False), where its layers tell.
+
+    A softmax output read as logits gives a Fisher about two orders of magnitude
+    too small, and logits read as probabilities are clipped to garbage, both
+    silently; so the last layer's activation is checked (Sequential and
+    functional models; a subclassed model's outputs are taken on trust).
+
+    Example::
+
+        check_class_scores(softmax_model, from_logits=True)
+        # ValueError: the model outputs probabilities (its last layer applies softmax) ...
+    """
+    outputs = getattr(model, "outputs", None)
+    if outputs and len(outputs) == 1:
+        shape = tuple(outputs[0].shape)
+        if len(shape) != 2 or (shape[-1] is not None and shape[-1] < 2):
+            raise ValueError(
+                f"the model outputs shape {shape}, not [batch, classes] class scores with at "
+                "least 2 classes: end it in a Dense(num_classes) of logits (for a binary "
+                "task, Dense(2) instead of one sigmoid unit)")
+    layer = _last_layer(model)
+    if layer is None:
+        return
+    softmax = isinstance(layer, keras.layers.Softmax) or (
+        getattr(layer, "activation", None) is keras.activations.softmax)
+    linear = getattr(layer, "activation", None) is keras.activations.linear
+    if from_logits and softmax:
+        raise ValueError(
+            f"the model outputs probabilities (its last layer {layer.name!r} applies "
+            "softmax) but from_logits=True reads them as logits: pass from_logits=False, "
+            "or end the model in logits")
+    if not from_logits and linear and isinstance(layer, keras.layers.Dense):
+        raise ValueError(
+            f"the model outputs logits (its last layer {layer.name!r} is a Dense without "
+            "activation) but from_logits=False reads them as probabilities: pass "
+            "from_logits=True")
+
+
+def _last_layer(model):
+    """The layer that makes the output of a Sequential or functional model (None if unknown)."""
+    while isinstance(model, keras.Sequential) or (
+            type(model) is keras.Model or type(model).__name__ == "Functional"):
+        if not model.layers:
+            return None
+        if isinstance(model, keras.Sequential):
+            model = model.layers[-1]
+        else:
+            outputs = model.outputs or []
+            if len(outputs) != 1:
+                return None
+            model = outputs[0]._keras_history.operation
+    return model if isinstance(model, keras.layers.Layer) else None
 
 
 def log_probs(outputs, from_logits):
@@ -240,6 +271,7 @@ def mean_cross_entropy(model, data, from_logits=True, batch_size=None,
 
     Returns ``(mean_loss, number_of_examples)``.
     """
+    check_class_scores(model, from_logits)
     fn = _loss_fn(model, from_logits)
     total, count = 0.0, 0
     default_bs = None if isinstance(data, tf.data.Dataset) else 512

@@ -267,6 +267,7 @@ def diagonal_fisher(
         raise ValueError(f"path must be 'auto', 'vectorized' or 'per_example', got {path!r}")
     if not model.built:
         raise ValueError("the model must be built")
+    _data.check_class_scores(model, from_logits)
     mode = "empirical" if labels == "empirical" else ("exact" if exact else "sample")
     tvars = list(model.trainable_variables)
     sums = [np.zeros(v.shape, np.float64) for v in tvars]

@@ -87,6 +87,15 @@ def export_initialization(model, path, *, overwrite=False, metadata=None, head_m
 
         export_initialization(model, "runs/init", metadata={"meta_steps": 1000})
     """
+    wrapper = any(c.__name__ == "MetaModel" for c in type(model).__mro__)
+    if wrapper and isinstance(getattr(model, "model", None), keras.Model):
+        # Its own input is a stream of task batches, so the advice _input_spec
+        # would give cannot help (export/ must not import meta_model).
+        raise TypeError(
+            f"export_initialization got the {type(model).__name__} wrapper, whose input is a "
+            "stream of task batches: export the network it meta-trained, "
+            "export_initialization(meta.model, path)"
+        )
     path = pathlib.Path(path)
     if metadata is None:
         metadata = {}
@@ -94,7 +103,17 @@ def export_initialization(model, path, *, overwrite=False, metadata=None, head_m
         json.dumps(metadata)
     except (TypeError, ValueError) as err:
         raise TypeError(f"metadata must be JSON-serializable: {err}") from err
+    file_above = next((p for p in path.parents if p.is_file()), None)
+    if file_above is not None:
+        raise FileExistsError(
+            f"{file_above} is a file, so {path} cannot be a folder under it: choose another path"
+        )
     atomic.recover_directory(path)
+    if path.is_file():
+        raise FileExistsError(
+            f"{path} is a file, not an export folder; refusing to replace it. Remove it or "
+            "choose another path."
+        )
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(

@@ -44,6 +44,9 @@ class TaskDistribution:
                 element, equal to those tasks of the whole stream and costing
                 only their input work (one worker's share; see
                 `check_task_shard` and `tfmeta.distribute.task_sharded`).
+
+        Returns the stream marked with K (`tfmeta.validation.mark_inner_steps`),
+        so that `MetaModel.fit` refuses it under another `inner_steps`.
         """
         raise NotImplementedError
 

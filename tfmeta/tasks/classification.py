@@ -49,6 +49,7 @@ import tensorflow as tf
 
 from tfmeta.distribute import task_sharded
 from tfmeta.tasks.base import TaskDistribution
+from tfmeta.validation import mark_inner_steps
 
 __all__ = ["ClassificationTask", "ClassificationTasks"]
 
@@ -453,12 +454,12 @@ class ClassificationTasks(TaskDistribution):
             .prefetch(tf.data.AUTOTUNE)
         )
         if task_shard is not None or not _augments_rows(augment):
-            return stream
-        return task_sharded(stream, lambda shard: self.as_dataset(
+            return mark_inner_steps(stream, K)
+        return mark_inner_steps(task_sharded(stream, lambda shard: self.as_dataset(
             tasks_per_batch=T, inner_steps=K, batch_size=B, steps_per_chunk=S, seed=seed,
             augment=False if augment is None else augment, start=start, task_shard=shard,
             with_task_ids=with_task_ids,
-        ))
+        )), K)
 
     # ------------------------------------------------------------ fine-tuning
     def finetune_data(self, i: int, split: str = "train", batch_size: int = 20, seed: int = 0,

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfmeta.distribute import task_sharded
 from tfmeta.tasks.base import TaskDistribution
+from tfmeta.validation import mark_inner_steps
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -161,11 +162,11 @@ class RotatedHimmelblau(TaskDistribution):
         y = np.zeros((last - first, steps_per_chunk, batch_size), "float32")
         stream = tf.data.Dataset.from_tensors((x, y)).repeat()
         if task_shard is not None:
-            return stream
-        return task_sharded(stream, lambda shard: self.as_dataset(
+            return mark_inner_steps(stream, inner_steps)
+        return mark_inner_steps(task_sharded(stream, lambda shard: self.as_dataset(
             inner_steps=inner_steps, batch_size=batch_size, steps_per_chunk=steps_per_chunk,
             task_shard=shard,
-        ))
+        )), inner_steps)
 
     def task_losses(self, points):
         """Each task's loss at its own point: `points` is `[num_tasks, 2]`."""

@@ -1,0 +1,198 @@
+"""A new user's mistakes with the Python API end in one line naming the fix, before any step.
+
+Each case is a mistake that used to end in a raw TensorFlow traceback, a fit
+that never ended, or a silently wrong number (the values before the fix are
+in the test names' docstrings): labels outside the model's classes, an
+endless task stream without `steps_per_epoch`, `validation_data`, a
+fractional K; `finetune` given data the model cannot take; a Fisher of
+probabilities read as logits; `export_initialization` given the MetaModel or
+a path under a file. Nothing is trained or written when they fail.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfmeta
+from tfmeta import complexity as cx
+from tfmeta.finetune import Finetuner, finetune
+from tfmeta.tasks.digits import digits_arrays, digits_tasks
+from tfmeta.validation import ConfigError
+
+SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mlp(units=5, activation=None):
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Flatten(),
+        keras.layers.Dense(16, activation="relu"), keras.layers.Dense(units, activation=activation),
+    ])
+
+
+def meta(units=5, **options):
+    model = tfmeta.MetaModel(mlp(units))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), inner_optimizer=keras.optimizers.SGD(0.1),
+                  loss=SCE, learner=tfmeta.Reptile(), inner_steps=options.pop("inner_steps", 4),
+                  **options)
+    return model
+
+
+@pytest.fixture(scope="module")
+def stream():
+    """Endless 5-way task batches of real digits: T = 2, K = 4, S = 2, B = 5."""
+    pretrain, _ = digits_tasks(num_pretrain=8, num_heldout=1)
+    return pretrain.as_dataset(tasks_per_batch=2, inner_steps=4, batch_size=5, steps_per_chunk=2)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = digits_arrays()
+    return (x.astype("float32") / 255.0).reshape(-1, 8, 8, 1), y.astype("int32")
+
+
+def _weights(model):
+    return [w.copy() for w in model.get_weights()]
+
+
+def _unchanged(model, before):
+    return all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before))
+
+
+# ------------------------------------------------------------------ MetaModel
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["copies", "batched"])
+def test_stream_labels_outside_the_classes_name_the_head_size(stream, vectorize):
+    """Was: a 53-line InvalidArgumentError from SparseSoftmaxCrossEntropyWithLogits."""
+    model = meta(units=3, vectorize_tasks=vectorize)
+    with pytest.raises(ConfigError) as error:
+        model.fit(stream, steps_per_epoch=2, verbose=0)
+    assert str(error.value).count("\n") == 0
+    assert "has 3 outputs (classes 0..2): give the model's head at least 5 units" in str(error.value)
+    assert int(model.meta_updates.numpy()) == 0
+
+
+def test_array_labels_outside_the_classes_are_refused_before_any_step():
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 2, 5, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 5, (4, 2, 5)).astype("int32")
+    model = meta(units=3)
+    with pytest.raises(ConfigError, match=r"labels range over 0\.\.4 but the model has 3 outputs"):
+        model.fit(x, y, batch_size=2, steps_per_epoch=1, verbose=0)
+    assert not model.built  # refused before the first step built anything
+
+
+def test_an_endless_stream_needs_steps_per_epoch(stream):
+    """Was: fit(stream, epochs=2) never left epoch 1 (300 steps and counting)."""
+    model = meta()
+    with pytest.raises(ConfigError, match="endless stream .* steps_per_epoch=meta.steps_for"):
+        model.fit(stream, epochs=2, verbose=0)
+    for steps in (0, -6, 2.5):
+        with pytest.raises(ConfigError, match=rf"steps_per_epoch={steps} must be an integer >= 1"):
+            model.fit(stream, steps_per_epoch=steps, verbose=0)
+    with pytest.raises(ConfigError, match="meta_updates=0 must be an integer >= 1"):
+        model.steps_for(0, steps_per_chunk=2)
+    assert not model.built
+    # The advice works: 2 meta-updates of K = 4 in chunks of 2.
+    history = model.fit(stream, steps_per_epoch=model.steps_for(2, steps_per_chunk=2), verbose=0)
+    assert int(model.meta_updates.numpy()) == 2 and len(history.history["loss"]) == 1
+
+
+def test_validation_data_and_a_fractional_k_are_refused_up_front(stream):
+    """Was: NotImplementedError after the whole first epoch; inner_steps=2.5 ran as K = 2."""
+    model = meta()
+    with pytest.raises(ConfigError, match="does not take validation_data=: .*tfmeta.finetune"):
+        model.fit(stream, steps_per_epoch=40, validation_data=stream, validation_steps=1, verbose=0)
+    assert not model.built
+    with pytest.raises(ConfigError, match=r"inner_steps=2\.5 must be an integer >= 1"):
+        meta(inner_steps=2.5)
+
+
+# ------------------------------------------------------------------ finetune
+
+
+def test_finetune_refuses_data_the_model_cannot_take(digits):
+    """Was: raw InvalidArgumentError / ValueError / ShuffleDataset errors, or Keras'
+    flattened sizes (784 vs 64) instead of the shapes."""
+    x, y = digits
+    model = mlp(units=10)
+    before = _weights(model)
+    cases = [
+        (dict(train_data=(x[:200], y[:200] % 10), test_data=(x[:50], y[:50] + 3)),
+         r"test_data labels range over 3\.\.12 but the model has 10 outputs .*num_classes=13"),
+        (dict(train_data=(x[:200], y[:100])), "train_data has 200 inputs but 100 labels"),
+        (dict(train_data=(x[:0], y[:0])), "train_data has no examples"),
+        (dict(train_data=tf.data.Dataset.from_tensor_slices((x, y))),
+         r"yields single examples of shape \(8, 8, 1\), not batches: batch it first"),
+        (dict(train_data=(x.reshape(-1, 64), y)),
+         r"examples have shape \(64,\) but the model takes \(8, 8, 1\)"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            finetune(model, steps=4, **arguments)
+        with pytest.raises(ConfigError, match=message):
+            Finetuner(steps=4)(model, **arguments)
+    assert _unchanged(model, before)  # nothing was trained
+    with pytest.raises(ConfigError, match=r"labels range over 0\.\.9 but the model has 5 outputs"):
+        finetune(mlp(units=5), (x[:200], y[:200]), steps=4)
+    # Right data still fine-tunes.
+    result = finetune(model, (x[:200], y[:200]), (x[200:300], y[200:300]), steps=4)
+    assert len(result.losses) == 4 and not _unchanged(model, before)
+
+
+# ------------------------------------------------------------------ complexity
+
+
+def test_fisher_refuses_outputs_that_are_not_the_scores_it_is_told(digits):
+    """Was: a softmax model read as logits gave a Fisher trace 84x too small, silently."""
+    x, y = digits[0][:64], digits[1][:64]
+    probs = mlp(units=10, activation="softmax")
+    with pytest.raises(ValueError, match="outputs probabilities .* pass from_logits=False"):
+        cx.diagonal_fisher(probs, (x, y))
+    with pytest.raises(ValueError, match="outputs probabilities .* pass from_logits=False"):
+        cx.complexity(probs, (x, y), lam=0.1, weight_decay=5e-4)
+    with pytest.raises(ValueError, match="outputs logits .* pass from_logits=True"):
+        cx.diagonal_fisher(mlp(units=10), (x, y), from_logits=False)
+    with pytest.raises(ValueError, match=r"outputs shape \(None, 1\), not \[batch, classes\] .*Dense\(2\)"):
+        cx.diagonal_fisher(mlp(units=1, activation="sigmoid"), (x, y))
+    # The same weights give the same Fisher as logits and as probabilities (exact expectation).
+    logits = mlp(units=10)
+    probs.set_weights(logits.get_weights())
+    as_logits = cx.diagonal_fisher(logits, (x, y), exact=True).trace
+    as_probs = cx.diagonal_fisher(probs, (x, y), exact=True, from_logits=False).trace
+    assert as_probs == pytest.approx(as_logits, rel=1e-4)
+
+
+# ------------------------------------------------------------------ export
+
+
+def test_export_names_the_wrapper_and_a_file_in_the_way(tmp_path):
+    model = meta()
+    with pytest.raises(TypeError, match=r"got the MetaModel wrapper.*export_initialization\(meta.model"):
+        tfmeta.export_initialization(model, tmp_path / "init")
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    with pytest.raises(FileExistsError, match="afile is a file, so .* cannot be a folder under it"):
+        tfmeta.export_initialization(mlp(), blocker / "init")
+    with pytest.raises(FileExistsError, match="afile is a file, not an export folder"):
+        tfmeta.export_initialization(mlp(), blocker, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert blocker.read_text() == "mine"
+
+
+def test_a_stream_built_for_another_k_is_refused(stream):
+    """Was: silently wrong. With the stream's K = 4 and compile's K = 8, one
+    trajectory ran two meta-batches' tasks ([1, 4] for two chunks, then [2, 0])."""
+    for k in (8, 2):
+        model = meta(inner_steps=k)
+        with pytest.raises(ConfigError, match=rf"stream keeps .* for inner_steps=4 but compile has "
+                                              rf"inner_steps={k}.*as_dataset\(inner_steps={k}"):
+            model.fit(stream, steps_per_epoch=4, verbose=0)
+        assert not model.built
+    # The mark goes with any transformation (an unmarked stream is not checked).
+    assert getattr(stream.map(lambda x, y: (x, y)), "tfmeta_inner_steps", None) is None
+    model = meta(inner_steps=4)
+    model.fit(stream, steps_per_epoch=2, verbose=0)
+    assert int(model.meta_updates.numpy()) == 1
