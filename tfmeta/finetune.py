@@ -511,6 +511,8 @@ def _check_data(model, data, name):
             raise validation.ConfigError(
                 f"{name} yields single examples of shape {tuple(x_spec.shape)}, not batches: "
                 f"batch it first (e.g. {name}.batch(20))")
+        if isinstance(x_spec, tf.TensorSpec):
+            validation.warn_if_unscaled(model, x_spec.dtype, name)
         return
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise validation.ConfigError(
@@ -518,6 +520,7 @@ def _check_data(model, data, name):
             f"got {type(data).__name__}")
     x, y = (np.asarray(part) for part in data)
     validation.check_examples(model, x, y, name)
+    validation.warn_if_unscaled(model, x.dtype, name)
     units = validation.output_units(model)
     if (units is not None and validation.is_sparse_loss(model.loss)
             and np.issubdtype(y.dtype, np.integer)):

@@ -31,6 +31,7 @@ over all T tasks (`tfmeta.replicas`, `tfmeta.distribute`, docs/performance.md).
 import re
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfmeta import replicas, validation
@@ -217,10 +218,12 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 f"tfmeta.Leap() or tfmeta.Reptile(); got {learner!r}."
             )
         # Not int(): inner_steps=2.5 would quietly become K = 2.
-        validation.check_positive_int(
-            "inner_steps", inner_steps, "set inner_steps to K, the length of each task's inner "
-            "trajectory, e.g. inner_steps=100",
-        )
+        if (isinstance(inner_steps, bool) or not isinstance(inner_steps, (int, np.integer))
+                or inner_steps < 1):
+            raise ConfigError(
+                f"inner_steps (K) must be an integer >= 1, got {inner_steps!r}: set it to the "
+                "length of each task's inner trajectory, e.g. inner_steps=100."
+            )
         validation.check_positive_int("inner_unroll", inner_unroll)
         learner.schedule.check_inner_steps(int(inner_steps))
         if kwargs.pop("auto_scale_loss", False):
@@ -463,6 +466,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
             _check_stream_arguments(arguments)
             validation.check_inner_steps_of(x, self.inner_steps)
         _check_steps_per_epoch(self, x, arguments.get("steps_per_epoch"))
+        _check_array_batch_size(x, arguments.get("batch_size"))
         replicas.check_fit_executions(self, arguments)
         callbacks = arguments.get("callbacks")
         if callbacks is None or isinstance(callbacks, (list, tuple)):
@@ -524,11 +528,25 @@ def _check_steps_per_epoch(meta, x, steps):
            "steps (chunks) of that many meta-updates")
     if steps is not None:
         validation.check_positive_int("steps_per_epoch", steps, fix)
-    elif (isinstance(x, tf.data.Dataset)
+    elif (isinstance(x, tf.data.Dataset) and keras.config.max_steps_per_epoch() is None
           and int(x.cardinality()) == int(tf.data.INFINITE_CARDINALITY)):
         raise ConfigError(
             "MetaModel.fit got an endless stream of task batches (task distributions repeat "
             f"forever) and no steps_per_epoch, so its first epoch would never end: {fix}."
+        )
+
+
+def _check_array_batch_size(x, batch_size):
+    """Arrays of tasks `[N, S, B, ...]` are batched by Keras along N: the batch is T
+    tasks, and must be whole (a partial last batch has no static T)."""
+    if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)) or not hasattr(x, "shape"):
+        return
+    tasks = int(x.shape[0])
+    if batch_size is None or isinstance(batch_size, bool) or tasks % int(batch_size):
+        raise ConfigError(
+            f"MetaModel.fit on arrays takes each meta-batch's T tasks from their first axis "
+            f"(batch_size={batch_size!r}): pass batch_size=T, a divisor of the {tasks} tasks "
+            f"in x (e.g. batch_size={tasks})."
         )
 
 

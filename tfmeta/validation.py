@@ -18,12 +18,17 @@ Example::
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 
 import numpy as np
 
 __all__ = [
     "ConfigError",
+    "INNER_STEPS_MARK",
+    "check_class_ids",
+    "check_examples",
+    "check_inner_steps_of",
     "check_labels",
     "check_learning_rate",
     "check_loss_dtype",
@@ -33,9 +38,12 @@ __all__ = [
     "check_task_batch",
     "check_task_batches",
     "check_trainable",
+    "is_sparse_loss",
+    "mark_inner_steps",
     "model_input_shape",
     "output_units",
     "resolve_loss",
+    "warn_if_unscaled",
 ]
 
 
@@ -264,6 +272,51 @@ def check_inner_steps_of(dataset, inner_steps):
         )
 
 
+_WARNED_UNSCALED = set()
+
+
+def warn_if_unscaled(model, dtype, name="x"):
+    """Log one warning when integer inputs (uint8 images in 0..255, say) reach a model
+    that does not rescale them itself: it still trains, on inputs 255x too large.
+
+    Not an error: a model may begin with a layer of its own that takes them
+    (Rescaling, Normalization, Embedding and the lookups are recognized).
+
+    Example::
+
+        warn_if_unscaled(model, x.dtype, "train_data")   # x: uint8 digits
+        # WARNING tfmeta: train_data is uint8 ... convert with x.astype("float32") / 255 ...
+    """
+    import keras
+    import tensorflow as tf
+
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_integer:
+        return False
+    first = model
+    while isinstance(first, keras.Model):
+        layers = [layer for layer in first.layers if not isinstance(layer, keras.layers.InputLayer)]
+        if not layers:
+            return False
+        first = layers[0]
+    takes_integers = (keras.layers.Rescaling, keras.layers.Normalization, keras.layers.Embedding,
+                      keras.layers.IntegerLookup, keras.layers.CategoryEncoding,
+                      keras.layers.Discretization, keras.layers.Hashing)
+    if isinstance(first, takes_integers):
+        return False
+    key = (id(model), name, dtype.name)
+    if key in _WARNED_UNSCALED:  # once per model and input, however many calls check it
+        return True
+    _WARNED_UNSCALED.add(key)
+    logging.getLogger("tfmeta").warning(
+        "%s is %s, and the model (first layer %r) does not rescale it: integer images "
+        "(0..255) train and measure on inputs 255x larger than tfmeta's task streams "
+        "(float32 in [0, 1]). Convert with x.astype(\"float32\") / 255, or begin the "
+        "model with keras.layers.Rescaling(1 / 255).", name, dtype.name, first.name,
+    )
+    return True
+
+
 def check_trainable(model):
     """Refuse a model without trainable weights: there would be no phi to meta-learn."""
     if not model.trainable_variables:
@@ -431,9 +484,14 @@ def _check_builtin_shapes(name, outputs, labels, integer):
                 f"{name} needs one vector of class scores per label: end the model with "
                 "Flatten() (or GlobalAveragePooling2D()) and Dense(num_classes)."
             )
+        if labels == outputs:
+            fix = ("these look one-hot: pass class ids (np.argmax(y, -1)) or use "
+                   "keras.losses.CategoricalCrossentropy(from_logits=True)")
+        else:
+            fix = f"give each example labels of shape {outputs[:-1]}"
         raise ConfigError(
             f"{name} needs one class index per output vector, i.e. labels of shape "
-            f"{outputs[:-1]} per example for outputs {outputs}; got labels {labels}."
+            f"{outputs[:-1]} per example for outputs {outputs}; got labels {labels}: {fix}."
         )
     if name not in _ELEMENTWISE_LOSSES:
         return
@@ -470,8 +528,10 @@ def check_task_batches(model, loss, x, y=None):
         if not all(isinstance(s, tf.TensorSpec) for s in spec[:2]):
             return
         x_shape, y_shape, y_dtype = spec[0].shape, spec[1].shape, spec[1].dtype
+        warn_if_unscaled(model, spec[0].dtype)
     elif y is not None and hasattr(x, "shape") and hasattr(y, "shape"):
         x_shape, y_shape, y_dtype = tf.TensorShape(x.shape), tf.TensorShape(y.shape), y.dtype
+        warn_if_unscaled(model, x.dtype)
     else:
         return
     if x_shape.rank is None or y_shape.rank is None:

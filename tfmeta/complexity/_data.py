@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.input_options import without_autotuning
-from tfmeta.validation import check_class_ids, check_examples, output_units
+from tfmeta.validation import check_class_ids, check_examples, output_units, warn_if_unscaled
 
 
 def _split(element):
@@ -57,6 +57,16 @@ def sparse_labels(y):
                 f"labels must be integer class ids (or one-hot rows); got floats such as "
                 f"{fractional[0]:g}: pass the class index of each example")
     return tf.cast(y, tf.int32)
+
+
+def input_dtype(data):
+    """The dtype of the inputs of ``data`` (a dataset of ``(x, y)`` or ``x``, or arrays)."""
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        spec = spec[0] if isinstance(spec, (tuple, list)) else spec
+        return spec.dtype
+    x = data[0] if isinstance(data, (tuple, list)) else data
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def iterate_batches(data, batch_size=None, num_samples=None):
@@ -130,6 +140,7 @@ def check_supervised(model, x, y, name="data"):
         # ValueError: target_data labels range over 0..11 but the model has 10 outputs ...
     """
     check_examples(model, x, y, name)
+    warn_if_unscaled(model, x.dtype, name)
     check_class_ids(name, y, classes(model, x))
 
 
@@ -272,6 +283,7 @@ def mean_cross_entropy(model, data, from_logits=True, batch_size=None,
     Returns ``(mean_loss, number_of_examples)``.
     """
     check_class_scores(model, from_logits)
+    warn_if_unscaled(model, input_dtype(data), "data")
     fn = _loss_fn(model, from_logits)
     total, count = 0.0, 0
     default_bs = None if isinstance(data, tf.data.Dataset) else 512

@@ -51,6 +51,7 @@ import tensorflow as tf
 
 from tfmeta.complexity import _data
 from tfmeta.complexity.per_example import PATHS, squared_gradients, vectorization_blocker
+from tfmeta.validation import warn_if_unscaled
 
 __all__ = ["FisherEstimate", "diagonal_fisher"]
 
@@ -268,6 +269,7 @@ def diagonal_fisher(
     if not model.built:
         raise ValueError("the model must be built")
     _data.check_class_scores(model, from_logits)
+    warn_if_unscaled(model, _data.input_dtype(data), "data")
     mode = "empirical" if labels == "empirical" else ("exact" if exact else "sample")
     tvars = list(model.trainable_variables)
     sums = [np.zeros(v.shape, np.float64) for v in tvars]
