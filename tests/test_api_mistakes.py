@@ -254,3 +254,18 @@ def test_meta_training_on_integer_images_warns(stream, caplog):
     meta().fit(raw, steps_per_epoch=2, verbose=0)
     warned = [r.getMessage() for r in caplog.records if r.name == "tfmeta"]
     assert len(warned) == 1 and warned[0].startswith("x is uint8, and the model"), warned
+
+
+def test_task_ids_beyond_the_heads_name_num_heads():
+    """Was: the right message, inside a 35-line InvalidArgumentError of assert_less."""
+    pretrain, _ = digits_tasks(num_pretrain=8, num_heldout=1)
+    stream = pretrain.as_dataset(tasks_per_batch=2, inner_steps=4, batch_size=5,
+                                 steps_per_chunk=2, with_task_ids=True)
+    model = tfmeta.MetaModel(mlp(5), heads=tfmeta.TaskHeads(3, 5))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), inner_optimizer=keras.optimizers.SGD(0.1),
+                  loss=SCE, learner=tfmeta.Reptile(), inner_steps=4)
+    with pytest.raises(ConfigError) as error:
+        model.fit(stream, steps_per_epoch=8, verbose=0)
+    assert str(error.value) == (
+        "a task batch has task ids out of range: task_ids must be in 0..2 "
+        "(TaskHeads(num_heads=3)): give every source task an index below num_heads.")

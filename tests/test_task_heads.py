@@ -300,7 +300,7 @@ def test_metamodel_refuses_batches_without_ids_and_ids_out_of_range():
     meta = meta_model(make_net(), TaskHeads(3))
     meta.compile(optimizer="sgd", inner_optimizer="sgd", learner=Reptile(), inner_steps=K,
                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="task_ids must be in 0..2"):
+    with pytest.raises(ConfigError, match="task ids out of range: task_ids must be in 0..2"):
         meta.fit(tf.data.Dataset.from_tensor_slices((xs, ys, ids)), epochs=1, verbose=0)
 
 
@@ -430,6 +430,7 @@ def test_bank_rows_are_the_heads_initializers_reseeded_per_head_with_unused_clas
 @pytest.mark.parametrize("make, message", [
     (lambda: TaskHeads(0), "num_heads"),
     (lambda: TaskHeads(2, num_classes=[3]), "one integer >= 1 per head"),
+    (lambda: TaskHeads(2, num_classes=2.5), r"num_classes=\[2\.5\]\) needs one integer >= 1"),
     (lambda: TaskHeads(2, num_classes=[3, 9]).bind(make_net()), "has 5 units"),
     (lambda: TaskHeads(2).bind(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])),
      "no trainable weights besides its head"),
@@ -676,3 +677,8 @@ def test_a_restarted_head_takes_adams_first_step_while_the_body_goes_on(vectoriz
         assert_close([p[t] for p in tasks[0]], body + head, f"task {t} parameter")
     iterations = [j for j, w in enumerate(inner.variables) if w is inner.iterations]
     np.testing.assert_array_equal(tasks[2][iterations[0]].numpy(), [3] * T)
+
+
+def test_one_class_count_is_every_heads():
+    assert TaskHeads(3, num_classes=5).num_classes == TaskHeads(3, num_classes=[5, 5, 5]).num_classes
+    assert repr(TaskHeads(3, 5)) == repr(TaskHeads(3, [5, 5, 5]))

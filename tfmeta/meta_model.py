@@ -481,7 +481,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         try:
             return super().fit(**arguments)
         except tf.errors.InvalidArgumentError as error:
-            reason = _label_out_of_range(error, self.model)
+            reason = _bad_task_batch(error, self.model)
             if reason is None:
                 raise
             raise ConfigError(reason) from None
@@ -550,9 +550,13 @@ def _check_array_batch_size(x, batch_size):
         )
 
 
-def _label_out_of_range(error, model):
-    """The fix for `error` if it is a sparse loss's label outside the model's classes
-    (found only when the step runs, e.g. in a later task batch of a stream), else None."""
+def _bad_task_batch(error, model):
+    """The one-line fix for `error` if a task batch's values are what the step refused
+    (found only when it runs, e.g. in a later batch of a stream), else None: a
+    sparse loss's label outside the model's classes, or a task id beyond `TaskHeads`."""
+    heads = re.search(r"(task_ids must be [^\n\]]*)", str(error))
+    if heads is not None:
+        return f"a task batch has task ids out of range: {heads.group(1)}."
     match = re.search(r"label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)",
                       str(error))
     if match is None:

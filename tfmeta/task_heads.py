@@ -105,10 +105,11 @@ class TaskHeads:
 
     Args:
         num_heads: the number of source tasks (task ids are 0..num_heads-1).
-        num_classes: None (every head uses all the Dense layer's units), or
-            one count per head, each <= the units: sources with different
-            label spaces share one head shape of max-units. A head's unused
-            classes (units >= its count) get the bias `UNUSED_CLASS_BIAS`
+        num_classes: None (every head uses all the Dense layer's units), one
+            count for every head, or one count per head, each <= the units:
+            sources with different label spaces share one head shape of
+            max-units. A head's unused classes (units >= its count) get the
+            bias `UNUSED_CLASS_BIAS`
             (-1e4), so their softmax probability is ~0 (0 in float32): they
             never win, get zero gradients and never move. The bank
             re-imposes that bias at every write, so inner weight decay
@@ -150,8 +151,13 @@ class TaskHeads:
                 f"TaskHeads(num_heads={num_heads!r}): give the number of source tasks, an "
                 "integer >= 1 (task ids are 0..num_heads-1)."
             )
+        if isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, bool):
+            num_classes = [num_classes] * int(num_heads)
         if num_classes is not None:
-            num_classes = list(num_classes)
+            try:
+                num_classes = list(num_classes)
+            except TypeError:
+                num_classes = [num_classes]  # refused just below, by name
             if len(num_classes) != num_heads or not all(
                 isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
                 for n in num_classes
