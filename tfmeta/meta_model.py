@@ -445,7 +445,14 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         `steps_per_epoch` must be a multiple of `steps_per_execution` unless
         the stream is known to end within the epoch
         (`replicas.check_whole_executions`). Arguments count by position or
-        name, as in `keras.Model.fit`.
+        name, as in `keras.Model.fit`. Refused before any step, in one line
+        naming the fix: `validation_data` / `validation_split` (evaluate by
+        fine-tuning instead), an endless stream without `steps_per_epoch`
+        (unless `keras.config.max_steps_per_epoch` caps the epoch), a task
+        distribution's stream built for another `inner_steps`, arrays without
+        a `batch_size` (T) dividing their tasks; a label outside the model's
+        classes or a task id beyond its `TaskHeads` found by a step ends
+        `fit` with a `ConfigError` saying so.
         """
         arguments = replicas.fit_arguments(self, *args, **kwargs)
         if arguments.setdefault("shuffle", False):
@@ -465,7 +472,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
             _check_stream_arguments(arguments)
             validation.check_inner_steps_of(x, self.inner_steps)
-        _check_steps_per_epoch(self, x, arguments.get("steps_per_epoch"))
+        _check_steps_per_epoch(x, arguments.get("steps_per_epoch"))
         _check_array_batch_size(x, arguments.get("batch_size"))
         replicas.check_fit_executions(self, arguments)
         callbacks = arguments.get("callbacks")
@@ -521,7 +528,7 @@ _STREAM_CARRIES = {
 }
 
 
-def _check_steps_per_epoch(meta, x, steps):
+def _check_steps_per_epoch(x, steps):
     """Refuse a `steps_per_epoch` that is not a count, and none for an endless stream
     (Keras would run its first epoch forever)."""
     fix = ("pass steps_per_epoch=meta.steps_for(meta_updates, steps_per_chunk=S), the train "
@@ -542,7 +549,8 @@ def _check_array_batch_size(x, batch_size):
     if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)) or not hasattr(x, "shape"):
         return
     tasks = int(x.shape[0])
-    if batch_size is None or isinstance(batch_size, bool) or tasks % int(batch_size):
+    whole = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+    if not whole or batch_size < 1 or tasks % int(batch_size):
         raise ConfigError(
             f"MetaModel.fit on arrays takes each meta-batch's T tasks from their first axis "
             f"(batch_size={batch_size!r}): pass batch_size=T, a divisor of the {tasks} tasks "

@@ -181,9 +181,9 @@ def check_class_scores(model, from_logits):
     """Refuse a model whose outputs are not ``[batch, classes >= 2]`` scores of the kind
     ``from_logits`` says (logits, or probabilities when False), where its layers tell.
 
-    A softmax output read as logits gives a Fisher about two orders of magnitude
-    too small, and logits read as probabilities are clipped to garbage, both
-    silently; so the last layer's activation is checked (Sequential and
+    A softmax output read as logits gives a Fisher about 80x too small (digits
+    MLP: trace 0.17 against 14.0), and logits read as probabilities are
+    clipped to garbage (631), both silently; so the last layer's activation is checked (Sequential and
     functional models; a subclassed model's outputs are taken on trust).
 
     Example::
