@@ -269,3 +269,25 @@ def test_task_ids_beyond_the_heads_name_num_heads():
     assert str(error.value) == (
         "a task batch has task ids out of range: task_ids must be in 0..2 "
         "(TaskHeads(num_heads=3)): give every source task an index below num_heads.")
+
+
+def test_endless_data_where_all_of_it_would_be_read_is_refused(digits):
+    """Was: a hang (evaluate, or the complexity measures reading a repeated dataset
+    into memory, 743 -> 801 MB in 9 s)."""
+    x, y = digits
+    endless = tf.data.Dataset.from_tensor_slices((x[:100], y[:100])).batch(10).repeat()
+    with pytest.raises(ConfigError, match="test_data is an endless stream .* test_data.take"):
+        finetune(mlp(units=10), (x[:100], y[:100]), endless, steps=2)
+    with pytest.raises(ValueError, match=r"data is an endless dataset .* data.take\(n\)"):
+        cx.complexity(mlp(units=10), endless, lam=0.1, weight_decay=5e-4)
+    # A bounded number of examples from it is fine.
+    assert cx.diagonal_fisher(mlp(units=10), endless, num_samples=30).num_examples == 30
+
+
+def test_leap_needs_two_inner_steps():
+    """Was: Leap with K = 1 meta-trained without error and never moved phi (K steps give
+    K - 1 path increments, as in the authors' code)."""
+    with pytest.raises(ConfigError, match=r"Leap needs inner_steps >= 2, got 1: .*never move phi"):
+        tfmeta.MetaModel(mlp()).compile(
+            optimizer="sgd", inner_optimizer="sgd", loss=SCE, learner=tfmeta.Leap(), inner_steps=1)
+    meta(inner_steps=1)  # Reptile moves phi at K = 1

@@ -503,6 +503,11 @@ def _check_data(model, data, name):
     """Refuse data the compiled ``model`` cannot take, in one line naming the fix
     (``tfmeta.validation.check_examples``; labels outside its classes for a sparse loss)."""
     if isinstance(data, tf.data.Dataset):
+        if name == "test_data" and int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+            # evaluate would read it forever.
+            raise validation.ConfigError(
+                f"test_data is an endless stream (it repeats): pass held-out examples that end, "
+                f"e.g. tasks.finetune_data(i, 'test') or test_data.take(n)")
         spec = data.element_spec
         expected = validation.model_input_shape(model)
         x_spec = spec[0] if isinstance(spec, (tuple, list)) else None

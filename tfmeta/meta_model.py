@@ -225,6 +225,13 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 "length of each task's inner trajectory, e.g. inner_steps=100."
             )
         validation.check_positive_int("inner_unroll", inner_unroll)
+        if inner_steps < learner.min_inner_steps:
+            raise ConfigError(
+                f"{type(learner).__name__} needs inner_steps >= {learner.min_inner_steps}, got "
+                f"{inner_steps}: K inner steps give it K - 1 path increments (the first step "
+                f"only records where the path starts), so K = {inner_steps} would never move "
+                f"phi. Set inner_steps to {learner.min_inner_steps} or more."
+            )
         learner.schedule.check_inner_steps(int(inner_steps))
         if kwargs.pop("auto_scale_loss", False):
             raise ConfigError(

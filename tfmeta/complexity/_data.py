@@ -69,6 +69,15 @@ def input_dtype(data):
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
+def check_finite_dataset(data, name="data"):
+    """Refuse an endless dataset where all of it would be read (a hang that fills memory)."""
+    if isinstance(data, tf.data.Dataset) and (
+            int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY)):
+        raise ValueError(
+            f"{name} is an endless dataset (it repeats), and all of it would be read: pass "
+            f"{name}.take(n) or arrays (x, y)")
+
+
 def iterate_batches(data, batch_size=None, num_samples=None):
     """Yield ``(x, y)`` batches (``y`` may be None), at most ``num_samples``
     examples in total.
@@ -78,6 +87,8 @@ def iterate_batches(data, batch_size=None, num_samples=None):
     remaining = None if num_samples is None else int(num_samples)
     if remaining is not None and remaining <= 0:
         return
+    if remaining is None:
+        check_finite_dataset(data)
     if isinstance(data, tf.data.Dataset):
         if batch_size is not None:
             data = data.unbatch().batch(int(batch_size))

@@ -48,6 +48,9 @@ class MetaLearner:
     """
 
     schedule = Schedule()
+    #: The shortest trajectory (K) whose meta-gradient can be nonzero;
+    #: `MetaModel.compile` refuses a shorter one.
+    min_inner_steps = 1
 
     def init_state(self, params):
         """Per-task accumulator at the start of a trajectory (a dict of tensors)."""

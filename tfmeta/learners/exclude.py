@@ -69,6 +69,10 @@ class ExcludeHeads(MetaLearner):
     def schedule(self):
         return self.learner.schedule
 
+    @property
+    def min_inner_steps(self):
+        return self.learner.min_inner_steps
+
     def body(self, values):
         """The entries of `values` that are not heads (a list)."""
         return [v for i, v in enumerate(values) if i not in self.head_indices]

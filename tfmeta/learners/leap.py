@@ -32,6 +32,10 @@ class Leap(MetaLearner):
         >>> learner = tfmeta.Leap(norm=False, loss=False) # energy in weight space
     """
 
+    # The authors' rule: a task's first step only stores (theta_0, g_0, f_0),
+    # so K inner steps give K - 1 increments and K = 1 never moves phi.
+    min_inner_steps = 2
+
     def __init__(self, norm=True, loss=True, stabilizer=True):
         self.norm = bool(norm)
         self.loss = bool(loss)
