@@ -291,3 +291,39 @@ def test_leap_needs_two_inner_steps():
         tfmeta.MetaModel(mlp()).compile(
             optimizer="sgd", inner_optimizer="sgd", loss=SCE, learner=tfmeta.Leap(), inner_steps=1)
     meta(inner_steps=1)  # Reptile moves phi at K = 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("loss_threshold", 0.0, r"loss_threshold=0\.0 must be None or > 0: .*no run would converge"),
+    ("steps", 0, r"steps=0 must be an integer >= 1"),
+    ("eval_every", 0, r"eval_every=0 must be an integer >= 1"),
+    ("batch_size", 2.5, r"batch_size=2\.5 must be an integer >= 1"),
+    ("eval_examples", 0, r"eval_examples=0 must be an integer >= 1"),
+    ("optimizer", keras.optimizers.SGD(0.1), r"must be a zero-argument factory .*lambda: keras"),
+])
+def test_a_training_recipe_refuses_values_no_run_could_use(field, value, message):
+    """Was: a threshold of 0 made every run 'not converged', silently; eval_every=0 a
+    ZeroDivisionError; an optimizer instance "'SGD' object is not callable" at the first run."""
+    with pytest.raises(ValueError, match=message):
+        cx.TrainingRecipe(**{field: value})
+    assert cx.TrainingRecipe(loss_threshold=None).loss_threshold is None
+
+
+def test_complexity_refuses_another_models_fisher(digits):
+    """Was: silently used. The Fisher of a 128-unit MLP gave a 16-unit one's C = 2.5618
+    (its own Fisher: 2.529): only the number of entries was compared."""
+    x, y = digits[0][:64], digits[1][:64]
+
+    def net(hidden):
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                                 keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(10)])
+
+    small, wide = net(16), net(128)
+    other = cx.diagonal_fisher(wide, (x, y))
+    with pytest.raises(ValueError, match=r"not this model's \(\(64, 128\) for variable 0 of shape "
+                                         r"\(64, 16\)\): recompute it with diagonal_fisher"):
+        cx.complexity(small, (x, y), lam=0.1, weight_decay=5e-4, fisher=other)
+    own = cx.diagonal_fisher(small, (x, y))
+    given = cx.complexity(small, (x, y), lam=0.1, weight_decay=5e-4, fisher=own).total
+    assert given == pytest.approx(cx.complexity(small, (x, y), lam=0.1, weight_decay=5e-4).total)

@@ -182,8 +182,16 @@ def complexity(
             batch_size=batch_size,
             seed=seed,
         )
-    if len(fisher.diagonal) != len(model.trainable_variables):
-        raise ValueError("the Fisher estimate is not aligned with the model's variables")
+    shapes = [tuple(np.shape(d)) for d in fisher.diagonal]
+    wanted = [tuple(v.shape) for v in model.trainable_variables]
+    if shapes != wanted:
+        # Counting entries was not enough: another width's Fisher fitted the count.
+        where = next((i for i, (a, b) in enumerate(zip(shapes, wanted)) if a != b), None)
+        detail = (f"{len(shapes)} entries for {len(wanted)} variables" if where is None
+                  else f"{shapes[where]} for variable {where} of shape {wanted[where]}")
+        raise ValueError(
+            f"the Fisher estimate is not this model's ({detail}): recompute it with "
+            "diagonal_fisher(model, data), or leave fisher= out")
     used = fisher
     if reduction == "sum":
         loss = loss * n

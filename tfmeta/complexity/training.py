@@ -26,6 +26,7 @@ import tensorflow as tf
 from tfmeta.complexity import _data
 from tfmeta.heads import find_head, with_new_head
 from tfmeta.input_options import without_autotuning
+from tfmeta.validation import check_positive_int
 
 __all__ = [
     "NOT_CONVERGED",
@@ -88,6 +89,24 @@ class TrainingRecipe:
     fine_check_factor: Optional[float] = None
 
     def __post_init__(self):
+        # Each of these used to fail late and raw (ZeroDivisionError, a TF error) or,
+        # worse, silently: a threshold of 0 is never reached, so every run of a
+        # comparison came out "not converged".
+        for name in ("steps", "batch_size", "eval_every"):
+            check_positive_int(name, getattr(self, name), f"set TrainingRecipe({name}=...) to a count")
+        if self.eval_examples is not None:
+            check_positive_int("eval_examples", self.eval_examples,
+                               "set it to a count of training examples, or None for all")
+        threshold = self.loss_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not threshold > 0):
+            raise ValueError(
+                f"loss_threshold={threshold!r} must be None or > 0: a cross-entropy never "
+                "reaches 0, so no run would converge; e.g. loss_threshold=0.05")
+        if isinstance(self.optimizer, keras.optimizers.Optimizer) or not callable(self.optimizer):
+            raise ValueError(
+                f"optimizer={self.optimizer!r} must be a zero-argument factory (every model of "
+                "a comparison gets a fresh optimizer): e.g. "
+                "optimizer=lambda: keras.optimizers.SGD(0.1)")
         factor = self.fine_check_factor
         if factor is not None and not factor >= 1.0:
             raise ValueError(
