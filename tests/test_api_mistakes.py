@@ -327,3 +327,20 @@ def test_complexity_refuses_another_models_fisher(digits):
     own = cx.diagonal_fisher(small, (x, y))
     given = cx.complexity(small, (x, y), lam=0.1, weight_decay=5e-4, fisher=own).total
     assert given == pytest.approx(cx.complexity(small, (x, y), lam=0.1, weight_decay=5e-4).total)
+
+
+def test_an_augmentation_factory_instead_of_an_augmentation_says_call_it():
+    """Was: a 97-line OperatorNotAllowedInGraphError from tf.data's tracing (gin:
+    `digits_tasks.augment = @random_affine` instead of `@random_affine()`)."""
+    from tfmeta.tasks.augment import RandomAffine, random_affine
+
+    for factory, name in ((random_affine, "random_affine"), (RandomAffine, "RandomAffine")):
+        with pytest.raises(TypeError, match=rf"augment is {name} itself, not an augmentation: "
+                                            rf"call it, augment={name}\(\) \(in gin, @{name}\(\)"):
+            digits_tasks(num_pretrain=4, num_heldout=1, augment=factory)
+        pretrain, _ = digits_tasks(num_pretrain=4, num_heldout=1)
+        with pytest.raises(TypeError, match=rf"augment is {name} itself"):
+            pretrain.as_dataset(tasks_per_batch=2, inner_steps=2, batch_size=5, augment=factory)
+    with pytest.raises(TypeError, match="augment must be a callable"):
+        digits_tasks(num_pretrain=4, num_heldout=1, augment="affine")
+    digits_tasks(num_pretrain=4, num_heldout=1, augment=random_affine())  # the right call

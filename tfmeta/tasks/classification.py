@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.distribute import task_sharded
+from tfmeta.tasks.augment import RandomAffine, random_affine
 from tfmeta.tasks.base import TaskDistribution
 from tfmeta.validation import mark_inner_steps
 
@@ -173,6 +174,21 @@ class ClassificationTask:
         return tuple(int(d) for d in self.x_train.shape[1:])
 
 
+def _checked_augment(augment):
+    """`augment` if it is an augmentation (a callable(images, seed)), else a TypeError naming
+    the fix: the factory or class itself (gin's `@random_affine` for `@random_affine()`)
+    would fail deep inside tf.data's tracing."""
+    if augment is random_affine or augment is RandomAffine or inspect.isclass(augment):
+        name = getattr(augment, "__name__", repr(augment))
+        raise TypeError(
+            f"augment is {name} itself, not an augmentation: call it, augment={name}() "
+            f"(in gin, @{name}() rather than @{name})."
+        )
+    if not callable(augment):
+        raise TypeError(f"augment must be a callable(images, seed), None or False; got {augment!r}.")
+    return augment
+
+
 def _augments_rows(augment):
     """Whether a worker's share of the tasks can be augmented alone (see `RandomAffine`).
 
@@ -248,7 +264,7 @@ class ClassificationTasks(TaskDistribution):
         self.task_names = [t.name for t in tasks]
         self.task_classes = [t.num_classes for t in tasks]
         self.num_classes = max(self.task_classes)
-        self.augment = augment
+        self.augment = None if augment is None else _checked_augment(augment)
         # One flat uint8 array of every task's train images: a chunk is then a
         # single gather of global indices, whatever the tasks' sizes.
         self._sizes = np.array([len(t.x_train) for t in tasks], np.int64)
@@ -303,9 +319,7 @@ class ClassificationTasks(TaskDistribution):
             return self.augment if default else None
         if augment is False:
             return None
-        if not callable(augment):
-            raise TypeError(f"augment must be a callable(images, seed), None or False; got {augment!r}.")
-        return augment
+        return _checked_augment(augment)
 
     # ------------------------------------------------------------ meta-training stream
     def task_ids(self, meta_batch: int, tasks_per_batch: int, seed: int = 0) -> np.ndarray:
