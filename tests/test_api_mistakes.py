@@ -344,3 +344,25 @@ def test_an_augmentation_factory_instead_of_an_augmentation_says_call_it():
     with pytest.raises(TypeError, match="augment must be a callable"):
         digits_tasks(num_pretrain=4, num_heldout=1, augment="affine")
     digits_tasks(num_pretrain=4, num_heldout=1, augment=random_affine())  # the right call
+
+
+def test_heldout_finetuning_checks_each_candidate_against_the_tasks():
+    """Was: 80-, 34- and 52-line tracebacks (a 3-unit head on 5-way tasks, another input
+    shape, the MetaModel wrapper), and a negative rate trained by gradient ascent."""
+    from tfmeta.evaluation import finetune_every_task, heldout_finetuning
+
+    _, heldout = digits_tasks(num_pretrain=4, num_heldout=2)
+    cases = [
+        (mlp(units=3), r"held-out tasks have 5 classes but the model has 3 outputs: .*"
+                       r"num_classes=5\) or tfmeta.heads.with_new_head\(model, 5\)"),
+        (keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5)]),
+         r"images have shape \(8, 8, 1\) but the model takes \(28, 28, 1\)"),
+        (meta(), r"the candidate is the MetaModel wrapper: .*meta.model"),
+    ]
+    for model, message in cases:
+        with pytest.raises(ValueError, match=message):
+            heldout_finetuning(model, None, heldout, steps=2, batch_size=10)
+    with pytest.raises(ValueError, match=r"finetune_every_task.learning_rate=-0.1 must be a "
+                                         r"finite number > 0"):
+        finetune_every_task(mlp(units=5), heldout, steps=2, learning_rate=-0.1, batch_size=10)
+    assert len(finetune_every_task(mlp(units=5), heldout, steps=2, batch_size=10)) == 2

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from tfmeta import finetune as finetuning
-from tfmeta.validation import check_positive_int
+from tfmeta.validation import check_positive_int, is_meta_model, model_input_shape, output_units
 
 
 def _check_learning_rate(name, value):
@@ -102,9 +102,36 @@ def _check_test_examples(tasks):
             )
 
 
+def _check_candidate(model, tasks):
+    """Refuse a model that cannot be fine-tuned on `tasks`, naming the fix."""
+    if is_meta_model(model):
+        raise ValueError("the candidate is the MetaModel wrapper: fine-tune the network it "
+                         "meta-trained, meta.model")
+    expected = model_input_shape(model)
+    shape = getattr(tasks, "input_shape", None)
+    if expected is not None and shape is not None and tuple(expected) != tuple(shape):
+        raise ValueError(f"the held-out tasks' images have shape {tuple(shape)} but the model "
+                         f"takes {tuple(expected)}: use a model (or an export) for this input shape")
+    units, classes = output_units(model), getattr(tasks, "num_classes", None)
+    if units is not None and classes is not None and units < classes:
+        raise ValueError(
+            f"the held-out tasks have {classes} classes but the model has {units} outputs: give "
+            f"it a head with {classes} classes, e.g. load_initialization(path, num_classes="
+            f"{classes}) or tfmeta.heads.with_new_head(model, {classes})")
+
+
 def finetune_every_task(model, tasks, steps=100, learning_rate=0.1, batch_size=20, seed=0):
-    """One `tfmeta.finetune.FinetuneResult` per task of `tasks`, each from a copy of `model`."""
+    """One `tfmeta.finetune.FinetuneResult` per task of `tasks`, each from a copy of `model`.
+
+    The settings are checked as `check_finetuning_settings` does, and `model`
+    against the tasks (its input shape, enough outputs for their classes, not
+    the `MetaModel` wrapper), each in one line naming the fix.
+    """
     import keras
+
+    check_finetuning_settings(steps, learning_rate, batch_size, names={
+        k: f"finetune_every_task.{k}" for k in ("steps", "learning_rate", "batch_size")})
+    _check_candidate(model, tasks)
 
     # One trace of Keras' train and test functions for all the tasks.
     tune = finetuning.Finetuner(steps, optimizer=keras.optimizers.SGD(learning_rate))

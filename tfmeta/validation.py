@@ -38,6 +38,7 @@ __all__ = [
     "check_task_batch",
     "check_task_batches",
     "check_trainable",
+    "is_meta_model",
     "is_sparse_loss",
     "mark_inner_steps",
     "model_input_shape",
@@ -315,6 +316,12 @@ def warn_if_unscaled(model, dtype, name="x"):
         "model with keras.layers.Rescaling(1 / 255).", name, dtype.name, first.name,
     )
     return True
+
+
+def is_meta_model(model):
+    """Whether `model` is a `tfmeta.MetaModel` (found by name: the parts below
+    `meta_model` cannot import it), whose own input is a stream of task batches."""
+    return any(kind.__name__ == "MetaModel" for kind in type(model).__mro__)
 
 
 def check_trainable(model):

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmeta import atomic, heads
+from tfmeta import atomic, heads, validation
 from tfmeta.export.format import (
     FEATURES_ENDPOINT,
     FEATURES_TRAINING_ENDPOINT,
@@ -87,10 +87,9 @@ def export_initialization(model, path, *, overwrite=False, metadata=None, head_m
 
         export_initialization(model, "runs/init", metadata={"meta_steps": 1000})
     """
-    wrapper = any(c.__name__ == "MetaModel" for c in type(model).__mro__)
-    if wrapper and isinstance(getattr(model, "model", None), keras.Model):
+    if validation.is_meta_model(model):
         # Its own input is a stream of task batches, so the advice _input_spec
-        # would give cannot help (export/ must not import meta_model).
+        # would give cannot help.
         raise TypeError(
             f"export_initialization got the {type(model).__name__} wrapper, whose input is a "
             "stream of task batches: export the network it meta-trained, "
