@@ -366,3 +366,17 @@ def test_heldout_finetuning_checks_each_candidate_against_the_tasks():
                                          r"finite number > 0"):
         finetune_every_task(mlp(units=5), heldout, steps=2, learning_rate=-0.1, batch_size=10)
     assert len(finetune_every_task(mlp(units=5), heldout, steps=2, batch_size=10)) == 2
+
+
+def test_random_affine_refuses_arguments_that_blank_or_misread_images():
+    """Was: translation=2 left 77 % of the digits blank, and rotation='180' became
+    (1.0, 8.0, 0.0), silently; rotation=(30,) failed later inside tf.data."""
+    from tfmeta.tasks.augment import random_affine
+
+    with pytest.raises(ValueError, match=r"translation=2 is a fraction of the image size .* \[0, 1\)"):
+        random_affine(translation=2)
+    for rotation in ("180", (30,), float("nan")):
+        with pytest.raises(ValueError, match=r"rotation=.* must be a number or a \(low, high\) pair"):
+            random_affine(rotation=rotation)
+    affine = random_affine(rotation=30, translation=(0.1, 0.2), scale=1.0)
+    assert (affine.rotation, affine.translation, affine.scale) == ((-30.0, 30.0), (0.1, 0.2), (1.0, 1.0))
