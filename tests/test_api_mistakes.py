@@ -380,3 +380,15 @@ def test_random_affine_refuses_arguments_that_blank_or_misread_images():
             random_affine(rotation=rotation)
     affine = random_affine(rotation=30, translation=(0.1, 0.2), scale=1.0)
     assert (affine.rotation, affine.translation, affine.scale) == ((-30.0, 30.0), (0.1, 0.2), (1.0, 1.0))
+
+
+def test_task_stream_counts_must_be_whole():
+    """Was: int() made 2.7 tasks per batch 2 and 4.9 inner steps 4, silently."""
+    pretrain, _ = digits_tasks(num_pretrain=4, num_heldout=1)
+    for name, value in (("tasks_per_batch", 2.7), ("inner_steps", 4.9), ("batch_size", True),
+                        ("steps_per_chunk", 0)):
+        arguments = dict(tasks_per_batch=2, inner_steps=4, batch_size=5, steps_per_chunk=2)
+        with pytest.raises(ConfigError, match=rf"{name}={value!r} must be an integer >= 1"):
+            pretrain.as_dataset(**{**arguments, name: value})
+    with pytest.raises(ConfigError, match=r"batch_size=2.5 must be an integer >= 1"):
+        pretrain.finetune_data(0, batch_size=2.5)

@@ -50,7 +50,7 @@ import tensorflow as tf
 from tfmeta.distribute import task_sharded
 from tfmeta.tasks.augment import RandomAffine, random_affine
 from tfmeta.tasks.base import TaskDistribution
-from tfmeta.validation import mark_inner_steps
+from tfmeta.validation import check_positive_int, mark_inner_steps
 
 __all__ = ["ClassificationTask", "ClassificationTasks"]
 
@@ -395,10 +395,11 @@ class ClassificationTasks(TaskDistribution):
             stream = tasks.as_dataset(tasks_per_batch=20, inner_steps=100, batch_size=20,
                                       steps_per_chunk=10, seed=0)
         """
-        T, K, B, S = int(tasks_per_batch), int(inner_steps), int(batch_size), int(steps_per_chunk)
+        # Not int(): 2.7 tasks or 4.9 steps would quietly become 2 and 4.
+        T, K, B, S = (check_positive_int(name, value) for name, value in (
+            ("tasks_per_batch", tasks_per_batch), ("inner_steps", inner_steps),
+            ("batch_size", batch_size), ("steps_per_chunk", steps_per_chunk)))
         self._check_tasks_per_batch(T)
-        if K < 1 or B < 1:
-            raise ValueError(f"inner_steps and batch_size must be >= 1, got {K} and {B}.")
         self.check_chunking(K, S)
         start = self.check_start(start)
         first, last = self.check_task_shard(task_shard, T)
@@ -506,9 +507,7 @@ class ClassificationTasks(TaskDistribution):
         i = self._check_index(i)
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-        batch_size = int(batch_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        batch_size = check_positive_int("batch_size", batch_size)
         train = split == "train"
         repeat = train if repeat is None else bool(repeat)
         augment = self._resolve_augment(augment, default=train)
