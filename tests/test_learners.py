@@ -470,14 +470,21 @@ def test_leap_options_match_numpy(options, dtype):
 
 
 def test_leap_k_steps_give_k_minus_1_increments():
-    """With K = 1 there is no increment: the meta-gradient is exactly zero."""
-    model = dense_model()
-    phi0 = phi_of(model)
-    x, y = dense_data(2, 1, seed=5)
-    meta = make_meta(model, Leap(), 1)
-    rec = run(meta, x, y, steps_per_chunk=1)
-    assert rec.updates == [1]
-    assert_params_close(phi_of(model), phi0, rtol=0, atol=0)
+    """With K = 1 there is no increment: the meta-gradient is exactly zero (the authors'
+    rule: the first step only records theta_0, g_0, f_0). So compile refuses K = 1."""
+    from tfmeta.learners.base import InnerStep
+
+    leap = Leap()
+    phi = [tf.constant([1.0, -2.0]), tf.constant(0.5)]
+    theta_1 = [tf.constant([0.7, -1.5]), tf.constant(0.2)]
+    state = leap.init_state(phi)
+    state = leap.observe(state, InnerStep(phi, [tf.ones(2), tf.ones(())], tf.constant(3.0), 0))
+    assert all(np.all(g.numpy() == 0) for g in leap.meta_gradient(state, phi, theta_1))
+    # The second step adds the first increment.
+    state = leap.observe(state, InnerStep(theta_1, [tf.ones(2), tf.ones(())], tf.constant(2.0), 1))
+    assert any(np.any(g.numpy() != 0) for g in leap.meta_gradient(state, phi, theta_1))
+    with pytest.raises(tfmeta.validation.ConfigError, match="Leap needs inner_steps >= 2, got 1"):
+        make_meta(dense_model(), Leap(), 1)
 
 
 @pytest.mark.parametrize(
