@@ -526,10 +526,7 @@ def _check_data(model, data, name):
     x, y = (np.asarray(part) for part in data)
     validation.check_examples(model, x, y, name)
     validation.warn_if_unscaled(model, x.dtype, name)
-    units = validation.output_units(model)
-    if (units is not None and validation.is_sparse_loss(model.loss)
-            and np.issubdtype(y.dtype, np.integer)):
-        validation.check_class_ids(name, y, units)
+    validation.check_labels(model, y, model.loss, name, fix=None)
 
 
 def _training_dataset(train_data, batch_size, seed):

@@ -171,12 +171,17 @@ def is_sparse_loss(loss):
     return "sparse" in str(name).lower() or "Sparse" in type(loss).__name__
 
 
-def check_labels(model, y, loss):
+#: How meta-training labels outside the model's classes are fixed (`check_labels`).
+_TASK_LABELS_FIX = ("give the model's head {classes} units (e.g. mlp.num_classes = {classes} / "
+                    "convnet.num_classes = {classes}) or use tasks with fewer classes.")
+
+
+def check_labels(model, y, loss, name="task", fix=_TASK_LABELS_FIX):
     """Check that integer labels `y` index the model's outputs (sparse losses).
 
     For `SparseCategoricalCrossentropy` (or any loss named "sparse..."), the
     labels must lie in `0..units-1` where `units` is the model's last output
-    dimension.
+    dimension (`check_class_ids`, with `name` and `fix`; None: its default fix).
     """
     if not is_sparse_loss(loss):
         return
@@ -184,14 +189,7 @@ def check_labels(model, y, loss):
     y = np.asarray(y)
     if units is None or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
         return
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= units:
-        raise ConfigError(
-            f"task labels range over {low}..{high} but the model has {units} outputs "
-            f"(classes 0..{units - 1}): give the model's head {high + 1} units (e.g. "
-            f"mlp.num_classes = {high + 1} / convnet.num_classes = {high + 1}) or use "
-            "tasks with fewer classes."
-        )
+    check_class_ids(name, y, units, fix)
 
 
 def check_examples(model, x, y, name="data"):
@@ -223,8 +221,16 @@ def check_examples(model, x, y, name="data"):
             f"{tuple(expected)}: reshape the data or use a model for this input shape")
 
 
-def check_class_ids(name, y, units):
-    """Refuse sparse labels ``y`` outside ``0..units-1`` (a model of ``units`` classes).
+#: How labels outside a model's classes are fixed outside meta-training (`check_class_ids`).
+_CLASS_IDS_FIX = ("give it a head with {classes} classes (num_classes={classes}, e.g. "
+                  "load_initialization(path, num_classes={classes}) or "
+                  "tfmeta.complexity.replace_head) or relabel the data")
+
+
+def check_class_ids(name, y, units, fix=None):
+    """Refuse sparse labels ``y`` outside ``0..units-1`` (a model of ``units`` classes);
+    ``fix`` (default: a new head or relabelled data) is formatted with ``classes``,
+    the head size the labels need.
 
     Example::
 
@@ -235,9 +241,7 @@ def check_class_ids(name, y, units):
     if low < 0 or high >= units:
         raise ConfigError(
             f"{name} labels range over {low}..{high} but the model has {units} outputs "
-            f"(classes 0..{units - 1}): give it a head with {high + 1} classes "
-            f"(num_classes={high + 1}, e.g. load_initialization(path, num_classes={high + 1}) "
-            "or tfmeta.complexity.replace_head) or relabel the data")
+            f"(classes 0..{units - 1}): " + (fix or _CLASS_IDS_FIX).format(classes=high + 1))
 
 
 #: The attribute of a task stream that holds the K it was built for (`mark_inner_steps`).
