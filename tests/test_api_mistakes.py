@@ -6,7 +6,9 @@ in the test names' docstrings): labels outside the model's classes, an
 endless task stream without `steps_per_epoch`, `validation_data`, a
 fractional K; `finetune` given data the model cannot take; a Fisher of
 probabilities read as logits; `export_initialization` given the MetaModel or
-a path under a file. Nothing is trained or written when they fail.
+a path under a file; a seed that names no stream, learner arguments that
+say something else, mapping keys naming no task. Nothing is trained or
+written when they fail.
 """
 
 import re
@@ -392,3 +394,100 @@ def test_task_stream_counts_must_be_whole():
             pretrain.as_dataset(**{**arguments, name: value})
     with pytest.raises(ConfigError, match=r"batch_size=2.5 must be an integer >= 1"):
         pretrain.finetune_data(0, batch_size=2.5)
+
+
+def test_a_seed_must_name_one_stream():
+    """Was: seed=None a raw int() TypeError in as_dataset and finetune_data, a new random
+    family on every digits_tasks call, and seed=2.5 quietly stream 2."""
+    pretrain, _ = digits_tasks(num_pretrain=4, num_heldout=1)
+    arguments = dict(tasks_per_batch=2, inner_steps=4, batch_size=5)
+    for seed in (None, 2.5, "0", True):
+        message = rf"seed={re.escape(repr(seed))} must be an integer .* e\.g\. seed=0"
+        with pytest.raises(ConfigError, match=message):
+            pretrain.as_dataset(**arguments, seed=seed)
+        with pytest.raises(ConfigError, match=message):
+            pretrain.finetune_data(0, seed=seed)
+        with pytest.raises(ConfigError, match=message):
+            digits_tasks(num_pretrain=4, num_heldout=1, seed=seed)
+        with pytest.raises(ConfigError, match=message):
+            tfmeta.tasks.RotatedHimmelblau(seed=seed)
+    # Any int64 is a stream, negative and NumPy integers included, and the same one each time.
+    first = next(iter(pretrain.as_dataset(**arguments, seed=np.int64(-3))))[1].numpy()
+    again = next(iter(pretrain.as_dataset(**arguments, seed=-3)))[1].numpy()
+    np.testing.assert_array_equal(first, again)
+
+
+def test_learner_arguments_are_what_they_say():
+    """Was: CTS("reptile") or CTS(Reptile) accepted and failing at fit's trace, every=2.5
+    quietly every 2 steps, and Leap(norm="false") quietly the path length (bool("false"))."""
+    cts = tfmeta.ContinualTrajectoryShifting
+    with pytest.raises(ConfigError, match=r"learner='reptile'\) needs a tfmeta meta-learner .*Reptile\(\)"):
+        cts("reptile")
+    with pytest.raises(ConfigError, match=r"instance: pass Reptile\(\)"):
+        cts(tfmeta.Reptile)
+    for every in (2.5, "2", 0):
+        with pytest.raises(ConfigError, match=rf"every={re.escape(repr(every))} must be an integer >= 1"):
+            cts(every=every)
+    with pytest.raises(ConfigError, match=r"Leap\(norm=\.\.\.\) must be True or False, got 'false'"):
+        tfmeta.Leap(norm="false")
+    with pytest.raises(ConfigError, match=r"Leap\(loss=\.\.\.\) must be True or False, got 0"):
+        tfmeta.Leap(loss=0)
+    assert cts(tfmeta.FOMAML(), every=3).every == 3
+    assert tfmeta.Leap(norm=np.bool_(False)).norm is False
+
+
+def test_finetune_datas_train_stream_says_it_is_endless(digits):
+    """Was: its cardinality unknown, so passing it as test_data hung evaluate instead of
+    being refused like any other endless stream."""
+    pretrain, _ = digits_tasks(num_pretrain=4, num_heldout=1)
+    train = pretrain.finetune_data(0)
+    assert int(train.cardinality()) == int(tf.data.INFINITE_CARDINALITY)
+    one_pass = pretrain.finetune_data(0, repeat=False, batch_size=30)
+    n = len(pretrain.task(0).x_train)
+    assert int(one_pass.cardinality()) == -(-n // 30) == sum(1 for _ in one_pass)
+    with pytest.raises(ConfigError, match="test_data is an endless stream"):
+        finetune(mlp(), train, train, steps=2)
+    with pytest.raises(ConfigError, match=r"repeat must be True or False, got 'no'"):
+        pretrain.finetune_data(0, repeat="no")
+
+
+def test_complexity_mappings_name_their_typos(digits):
+    """Was: reachability_matrix ignored num_classes / label_spaces keys naming no task (a typo
+    silently meant the default), rank_initializations({}) returned an empty ranking, and
+    max_examples=0 ended in a raw error inside training."""
+    x, y = digits
+    tasks = {"low": (x[y < 5][:40], y[y < 5][:40]), "high": (x[y >= 5][:40], y[y >= 5][:40] - 5)}
+    recipe = cx.TrainingRecipe(steps=5, eval_every=5, batch_size=8)
+    with pytest.raises(ConfigError, match=r"num_classes names \['hihg'\] .* did you mean 'high'"):
+        cx.reachability_matrix(tasks, lambda num_classes: mlp(num_classes), recipe, lam=0.1,
+                               weight_decay=5e-4, heads="per_task", num_classes={"hihg": 5})
+    with pytest.raises(ConfigError, match=r"label_spaces applies to heads='per_task' only"):
+        cx.reachability_matrix(tasks, mlp, recipe, lam=0.1, weight_decay=5e-4,
+                               label_spaces={"low": "digits", "high": "digits"})
+    with pytest.raises(ConfigError, match=r"at least two candidates .*random_initialization"):
+        cx.rank_initializations(tasks["low"], {}, recipe)
+    with pytest.raises(ConfigError, match=r"candidates\['leap'\] is 'runs/leap', not a Keras model: .*load_initialization"):
+        cx.rank_initializations(tasks["low"], {"scratch": mlp(), "leap": "runs/leap"}, recipe)
+    with pytest.raises(ConfigError, match=r"sources names \['scrach'\] but the candidates are"):
+        cx.rank_initializations(tasks["low"], {"scratch": mlp(), "other": mlp()}, recipe,
+                                predictor="distance", sources={"scrach": tasks["low"]},
+                                lam=0.1, weight_decay=5e-4)
+    with pytest.raises(ConfigError, match=r"max_examples=0 must be an integer >= 1: .*or None"):
+        cx.static_distance(tasks["low"], tasks["high"], recipe, model_fn=mlp, lam=0.1,
+                           weight_decay=5e-4, max_examples=0)
+
+
+def test_prepare_datasets_touches_nothing_on_a_wrong_folder(tmp_path, archive_dir):
+    """Was: a data_dir that is (or is under) a file ended in a raw FileExistsError /
+    NotADirectoryError, and a wrong archive folder created data_dir and its lock file."""
+    from tfmeta.prepare import prepare_datasets
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"data_dir .*a_file is a file: pass a folder"):
+        prepare_datasets(archive_dir, data_dir=blocker, names=["mnist"])
+    with pytest.raises(NotADirectoryError, match=r"data_dir .*sub is under the file .*a_file"):
+        prepare_datasets(archive_dir, data_dir=blocker / "sub", names=["mnist"])
+    with pytest.raises(FileNotFoundError, match=r"archive folder .*missing does not exist"):
+        prepare_datasets(tmp_path / "missing", data_dir=tmp_path / "data", names=["mnist"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

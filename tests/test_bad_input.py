@@ -444,7 +444,7 @@ CASES = [
     (misspelt_gin_file, ConfigError, r"gin/digit\.gin does not exist: pass an existing --gin_file; did you mean gin/digits\.gin\?"),
     (float_labels, TypeError, r"y_train must hold integer class labels .*float64 \(whole numbers\): convert them with y\.astype\('int32'\)"),
     (float_images_with_nan, TypeError, r"x_train must be uint8 .* 640 NaN or infinite values: repair or drop those images"),
-    (train_shots_zero, ValueError, r"train_shots=0 must be an integer >= 1 .*set digits_tasks\.train_shots"),
+    (train_shots_zero, ValueError, r"train_shots=0 must be an integer >= 1: set digits_tasks\.train_shots"),
     (heldout_tasks_without_test_examples, ValueError, r"has no test examples.*digits_tasks\.test_shots >= 1\), or set train\.evaluation = None"),
     (output_dir_under_a_file, NotADirectoryError, r"notes, which is a file, not a folder: choose an --output_dir elsewhere"),
     (output_dir_is_a_file, NotADirectoryError, r"is a file, not a folder: choose another --output_dir"),

@@ -398,10 +398,15 @@ def test_rank_initializations_distance_needs_a_source_for_every_candidate():
     target = _blobs([0, 1], 60, seed=43)
     keras.utils.set_random_seed(8)
     candidates = {"a": _mlp(), "b": _mlp()}
-    # sources {a, c} is not a superset of candidates {a, b}: b has no source
-    # (a strict-subset test let this through to a KeyError).
-    sources = {"a": _blobs([0, 1], 60, seed=44), "c": _blobs([2, 3], 60, seed=45)}
+    # sources {a} is not a superset of candidates {a, b}: b has no source.
+    sources = {"a": _blobs([0, 1], 60, seed=44)}
     with pytest.raises(ValueError, match=r"missing for \['b'\]"):
+        cx.rank_initializations(target, candidates, _recipe(), lam=1.0, weight_decay=1e-3,
+                                predictor="distance", sources=sources)
+    # a source naming no candidate is a typo, not an extra (a strict-subset
+    # test once let {a, c} through to a KeyError)
+    sources["c"] = _blobs([2, 3], 60, seed=45)
+    with pytest.raises(ValueError, match=r"sources names \['c'\] but the candidates are \['a', 'b'\]"):
         cx.rank_initializations(target, candidates, _recipe(), lam=1.0, weight_decay=1e-3,
                                 predictor="distance", sources=sources)
     with pytest.raises(ValueError, match=r"missing for \['a', 'b'\]"):

@@ -146,7 +146,9 @@ def test_a_concurrent_preparation_waits_and_builds_nothing_twice(tfds_dir, tmp_p
     done = []
     with open(data_dir / ".prepare.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # "the other process", mid-preparation
-        # No archives at all: a build would raise, so success proves nothing was built.
+        # An archive folder with no archives: a build would raise, so success
+        # proves nothing was built.
+        (tmp_path / "no-archives").mkdir()
         worker = threading.Thread(target=lambda: done.append(
             prepare_datasets(tmp_path / "no-archives", data_dir=data_dir, names=["mnist"])))
         worker.start()

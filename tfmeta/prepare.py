@@ -133,6 +133,21 @@ def _archive_folder(archive_dir, given="the archive folder") -> pathlib.Path:
     return path
 
 
+def _data_folder(data_dir: pathlib.Path) -> pathlib.Path:
+    """`data_dir`, or a NotADirectoryError when it or a folder above it is a file."""
+    for path in (data_dir, *data_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == data_dir else f"is under the file {path}"
+                raise NotADirectoryError(
+                    f"the TFDS data_dir {data_dir} {where}: pass a folder to write the "
+                    "prepared datasets into (--data_dir), or None for the default "
+                    f"{default_data_dir()}"
+                )
+            return data_dir
+    return data_dir
+
+
 def _builder(name: str, data_dir: pathlib.Path, archive_dir=None):
     # Imported here: tensorflow_datasets is only needed when data is touched.
     import tensorflow_datasets as tfds
@@ -263,8 +278,10 @@ def prepare_datasets(
 
     Already prepared datasets are skipped without reading any archive, so a
     second call is a fast no-op (even if `archive_dir` is gone; the command
-    line, `main`, refuses a missing folder). All requested archives are
-    verified before anything is built.
+    line, `main`, refuses a missing folder). Otherwise a missing archive
+    folder, or a data_dir that is or lies under a file, is refused before
+    data_dir is touched. All requested archives are verified before
+    anything is built.
 
     Example::
 
@@ -272,10 +289,12 @@ def prepare_datasets(
     """
     if isinstance(names, str):
         names = [names]
-    data_dir = resolve_data_dir(data_dir)
+    data_dir = _data_folder(resolve_data_dir(data_dir))
     todo = _unprepared(names, data_dir, archive_dir)
     if not todo:
         return data_dir
+    # Before the lock: a wrong archive folder must not create data_dir.
+    archive_dir = _archive_folder(archive_dir)
     with _preparation_lock(data_dir):
         # Another process may have prepared some while this one waited.
         todo = [builder for builder in todo if not _is_prepared(builder)]

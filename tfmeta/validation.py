@@ -66,6 +66,40 @@ def check_positive_int(name, value, fix=None, minimum=1):
     return int(value)
 
 
+def check_flag(name, value):
+    """`value` if it is a bool, else a ConfigError (bool("false") would be True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def check_keys(name, given, known, what="tasks"):
+    """Refuse keys of the mapping `given` that are not in `known` (a typo would be ignored)."""
+    unknown = [k for k in (given or {}) if k not in known]
+    if unknown:
+        guesses = {k: difflib.get_close_matches(str(k), [str(n) for n in known], n=1) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {g[0]!r}?" for k, g in guesses.items() if g)
+        raise ConfigError(
+            f"{name} names {unknown} but the {what} are {list(known)}"
+            + (f" ({hint})" if hint else "") + f": key {name} by those names."
+        )
+
+
+def check_seed(value, name="seed"):
+    """`value` as an int64 seed, or a ConfigError: a seed names one stream.
+
+    Not int(): seed=2.5 would quietly be stream 2, and seed=None is not a
+    stream at all (these streams are stateless: there is no "unseeded" one).
+    """
+    integer = not isinstance(value, bool) and isinstance(value, (int, np.integer))
+    if not integer or not -2**63 <= int(value) < 2**63:
+        raise ConfigError(
+            f"{name}={value!r} must be an integer that fits in int64: every stream here "
+            f"is a function of its seed, so pass one, e.g. {name}=0."
+        )
+    return int(value)
+
+
 def _learning_rate_value(optimizer):
     rate = getattr(optimizer, "learning_rate", None)
     if rate is None:

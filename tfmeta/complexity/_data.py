@@ -19,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.input_options import without_autotuning
-from tfmeta.validation import check_class_ids, check_examples, output_units, warn_if_unscaled
+from tfmeta.validation import (check_class_ids, check_examples, check_positive_int, output_units,
+                               warn_if_unscaled)
 
 
 def _split(element):
@@ -119,7 +120,10 @@ def iterate_batches(data, batch_size=None, num_samples=None):
 
 
 def to_numpy(data, max_examples=None):
-    """Materialize ``data`` as NumPy arrays ``(x, y)``."""
+    """Materialize ``data`` as NumPy arrays ``(x, y)``: at most ``max_examples`` (None: all)."""
+    if max_examples is not None:
+        check_positive_int("max_examples", max_examples,
+                           fix="pass a cap of at least 1 example, or None for every example")
     if not isinstance(data, tf.data.Dataset):
         x, y = _split(data)
         if y is None:
@@ -128,6 +132,8 @@ def to_numpy(data, max_examples=None):
         y = np.asarray(sparse_labels(y))
         if max_examples is not None:
             x, y = x[:max_examples], y[:max_examples]
+        if x.ndim and not x.shape[0]:
+            raise ValueError("empty data: (x, y) holds no examples")
         return x, y
     xs, ys = [], []
     for x, y in iterate_batches(data, num_samples=max_examples):

@@ -28,6 +28,7 @@ from tfmeta.complexity.distance import recipe_complexity, shuffled, static_dista
 from tfmeta.complexity.measure import resolve_beta
 from tfmeta.complexity.prediction import predict_steps
 from tfmeta.complexity.training import NOT_CONVERGED, TrainingRecipe, replace_head, train
+from tfmeta.validation import ConfigError, check_keys
 
 #: The predictors of :func:`rank_initializations`, the default first.
 PREDICTORS = ("steps", "potential", "distance")
@@ -164,6 +165,19 @@ def rank_initializations(
         raise ValueError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
     if predictor != "steps":
         beta, lam = resolve_beta(beta, lam, weight_decay)
+    if len(candidates) < 2:
+        raise ConfigError(
+            f"rank_initializations needs at least two candidates to rank, got "
+            f"{list(candidates)}: add e.g. a random initialization "
+            "(tfmeta.finetune.random_initialization(model)) as a baseline."
+        )
+    for name, cand in candidates.items():
+        if not isinstance(cand, keras.Model):
+            raise ConfigError(
+                f"candidates[{name!r}] is {cand!r}, not a Keras model: load an exported "
+                "initialization with tfmeta.load_initialization(path)."
+            )
+    check_keys("sources", sources, list(candidates), what="candidates")
     if predictor == "distance":
         missing = sorted(set(candidates) - set(sources or {}))
         if missing:

@@ -33,6 +33,7 @@ from tfmeta.complexity.training import (
     replace_head,
     train,
 )
+from tfmeta.validation import ConfigError, check_keys
 
 __all__ = ["Reachability", "reachability_matrix"]
 
@@ -298,6 +299,13 @@ def reachability_matrix(
     n = len(names)
     if n < 2:
         raise ValueError("reachability needs at least two tasks")
+    check_keys("num_classes", num_classes, names)
+    check_keys("label_spaces", label_spaces, names)
+    if label_spaces and heads == "shared":
+        raise ConfigError(
+            "label_spaces applies to heads='per_task' only (with heads='shared' every task "
+            "shares the model's one label space): drop label_spaces, or set heads='per_task'."
+        )
     arrays = {k: shuffled(datasets[k], recipe.seed, max_examples) for k in names}
     shapes = {arrays[k][0].shape[1:] for k in names}
     if len(shapes) != 1:

@@ -5,6 +5,7 @@ import tensorflow as tf
 from tfmeta.learners.base import MetaLearner, global_norm_squared
 from tfmeta.learners.leap import Leap
 from tfmeta.schedule import AfterUpdate, Schedule
+from tfmeta.validation import ConfigError, check_positive_int
 
 SHIFTS = ("gradient", "none", "random", "accurate")
 
@@ -51,6 +52,13 @@ class ContinualTrajectoryShifting(MetaLearner):
         from tfmeta.learners.reptile import Reptile
 
         learner = Reptile() if learner is None else learner
+        if not isinstance(learner, MetaLearner):
+            made = isinstance(learner, type) and issubclass(learner, MetaLearner)
+            raise ConfigError(
+                f"ContinualTrajectoryShifting(learner={learner!r}) needs a tfmeta meta-learner "
+                + (f"instance: pass {learner.__name__}()." if made else
+                   "such as tfmeta.Reptile() or tfmeta.FOMAML() (in gin: @Reptile()).")
+            )
         if isinstance(learner, (Leap, ContinualTrajectoryShifting)):
             raise ValueError(
                 f"ContinualTrajectoryShifting cannot wrap {type(learner).__name__}: its "
@@ -62,12 +70,10 @@ class ContinualTrajectoryShifting(MetaLearner):
                 f"ContinualTrajectoryShifting(shift={shift!r}) is not supported: "
                 f"choose one of {SHIFTS}."
             )
-        if int(every) < 1:
-            raise ValueError(
-                f"ContinualTrajectoryShifting(every={every}) must be >= 1 inner step."
-            )
         self.learner = learner
-        self.every = int(every)
+        self.every = check_positive_int(
+            "every", every, fix="ContinualTrajectoryShifting(every=...) is the meta-update "
+            "period in inner steps, a whole number >= 1")
         self.shift_rule = shift
         self.hard_reset = bool(hard_reset)
         if shift == "accurate":

@@ -3,6 +3,7 @@
 import tensorflow as tf
 
 from tfmeta.learners.base import MetaLearner, global_norm_squared, zeros_like_all
+from tfmeta.validation import check_flag
 
 
 class Leap(MetaLearner):
@@ -37,9 +38,9 @@ class Leap(MetaLearner):
     min_inner_steps = 2
 
     def __init__(self, norm=True, loss=True, stabilizer=True):
-        self.norm = bool(norm)
-        self.loss = bool(loss)
-        self.stabilizer = bool(stabilizer)
+        # Not bool(): Leap(norm="false") would quietly be the length (norm=True).
+        self.norm, self.loss, self.stabilizer = (check_flag(f"Leap({name}=...)", value) for name, value in (
+            ("norm", norm), ("loss", loss), ("stabilizer", stabilizer)))
 
     def init_state(self, params):
         return {

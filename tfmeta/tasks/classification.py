@@ -50,7 +50,7 @@ import tensorflow as tf
 from tfmeta.distribute import task_sharded
 from tfmeta.tasks.augment import RandomAffine, random_affine
 from tfmeta.tasks.base import TaskDistribution
-from tfmeta.validation import check_positive_int, mark_inner_steps
+from tfmeta.validation import check_flag, check_positive_int, check_seed, mark_inner_steps
 
 __all__ = ["ClassificationTask", "ClassificationTasks"]
 
@@ -64,7 +64,7 @@ _TASKS, _EXAMPLES, _AUGMENT = 0, 1, 2
 
 def _key(seed) -> tf.Tensor:
     """The stateless seed pair of an integer seed."""
-    return tf.constant([int(seed), 0x5EED], tf.int64)
+    return tf.constant([check_seed(seed), 0x5EED], tf.int64)
 
 
 def _fold(key, value) -> tf.Tensor:
@@ -509,7 +509,7 @@ class ClassificationTasks(TaskDistribution):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
         batch_size = check_positive_int("batch_size", batch_size)
         train = split == "train"
-        repeat = train if repeat is None else bool(repeat)
+        repeat = train if repeat is None else check_flag("repeat", repeat)
         augment = self._resolve_augment(augment, default=train)
         task = self.task(i)
         x_np, y_np = (task.x_train, task.y_train) if train else (task.x_test, task.y_test)
@@ -526,7 +526,10 @@ class ClassificationTasks(TaskDistribution):
                 return tf.data.Dataset.from_tensor_slices(tf.cast(order, tf.int64))
 
             epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
-            order = epochs.flat_map(epoch)
+            # flat_map leaves the length unknown: say it, so that Keras and
+            # tfmeta's checks (an endless test_data) see what the stream is.
+            order = epochs.flat_map(epoch).apply(tf.data.experimental.assert_cardinality(
+                tf.data.INFINITE_CARDINALITY if repeat else n))
         else:
             order = tf.data.Dataset.range(n)
             if repeat:

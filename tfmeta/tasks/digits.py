@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks
+from tfmeta.validation import check_positive_int, check_seed
 
 __all__ = ["digits_arrays", "digits_tasks"]
 
@@ -76,11 +77,8 @@ def digits_arrays(image_size: int = 8):
 
 
 def _check_count(name, value, minimum, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(
-            f"{name}={value!r} must be an integer >= {minimum} ({what}): set "
-            f"digits_tasks.{name} to an integer >= {minimum}."
-        )
+    check_positive_int(name, value, minimum=minimum,
+                       fix=f"set digits_tasks.{name} to an integer >= {minimum} ({what})")
 
 
 def digits_tasks(num_pretrain: int = 100, num_heldout: int = 20, ways: int = 5,
@@ -125,7 +123,7 @@ def digits_tasks(num_pretrain: int = 100, num_heldout: int = 20, ways: int = 5,
             "digits_tasks.heldout_fraction to e.g. 0.4."
         )
     images, labels = digits_arrays(image_size)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))  # None would be a new family every call
 
     pools = {"pretrain": {}, "heldout": {}}
     for digit in range(NUM_DIGITS):

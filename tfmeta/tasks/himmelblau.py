@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tfmeta.distribute import task_sharded
 from tfmeta.tasks.base import TaskDistribution
-from tfmeta.validation import mark_inner_steps
+from tfmeta.validation import check_positive_int, check_seed, mark_inner_steps
 
 
 @keras.saving.register_keras_serializable(package="tfmeta")
@@ -117,13 +117,13 @@ class RotatedHimmelblau(TaskDistribution):
     """
 
     def __init__(self, num_tasks=8, radius=7.0, center=(5.0, 5.0), scale=3.0, a=0.5, c=0.5, seed=0):
-        self.num_tasks = int(num_tasks)
+        self.num_tasks = check_positive_int("num_tasks", num_tasks)
         self.radius = float(radius)
         self.center = tuple(float(v) for v in center)
         self.scale = float(scale)
         self.a = float(a)
         self.c = float(c)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         rng = np.random.default_rng(self.seed)
         self.angles = rng.uniform(0.0, 2.0 * math.pi, self.num_tasks)
         steps = 2.0 * math.pi * np.arange(self.num_tasks) / self.num_tasks

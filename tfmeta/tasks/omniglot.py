@@ -50,6 +50,7 @@ import numpy as np
 from tfmeta.tasks.classification import ClassificationTask, ClassificationTasks
 from tfmeta.prepare import resolve_data_dir
 from tfmeta.tasks.datasets import image_arrays
+from tfmeta.validation import check_seed
 
 __all__ = ["omniglot_alphabets", "omniglot_arrays"]
 
@@ -120,6 +121,7 @@ def omniglot_alphabets(num_pretrain: int | None = 25, num_heldout: int = 10, way
         )
     if ways < 2:
         raise ValueError(f"ways must be >= 2, got {ways}.")
+    seed = check_seed(seed)  # None would be a new split every call
     arrays = omniglot_arrays(image_size, data_dir)
     images, labels, alphabets = arrays["image"], arrays["label"], arrays["alphabet"]
     names = arrays["alphabet_names"]
