@@ -369,6 +369,7 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
     def train_step(self, data):
         """Read the task states, run the chunk, contribute, update phi, write the states."""
         x, task_ids, y = self._task_batch(data)
+        y = self._checked_class_ids(y)
         first = replicas.first_task(self.num_tasks)  # global index of this replica's task 0
         phi = [tf.convert_to_tensor(v.value) for v in self.model.trainable_variables]
         tasks = self.task_state.read(
@@ -399,6 +400,19 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
             "skipped_tasks": self.skipped_tasks.value,
         }
         return replicas.worker_logs(logs, self.distribute_strategy)
+
+    def _checked_class_ids(self, y):
+        """`y`, after an op that refuses labels outside the model's classes (sparse losses).
+
+        Under XLA and on GPUs no kernel checks them: a task with such a label
+        would only be skipped as diverged (`skipped_tasks`), with no reason given.
+        """
+        units = validation.output_units(self.model)
+        if (units is None or not isinstance(y, tf.Tensor) or not y.dtype.is_integer
+                or not validation.is_sparse_loss(self.task_loss)):
+            return y
+        with tf.control_dependencies([validation.assert_class_ids(y, units)]):
+            return tf.identity(y)
 
     def _task_batch(self, data):
         """`(x, task_ids, y)` of a task batch, with the static task count (builds on first use)."""
@@ -572,11 +586,17 @@ def _bad_task_batch(error, model):
     heads = re.search(r"(task_ids must be [^\n\]]*)", str(error))
     if heads is not None:
         return f"a task batch has task ids out of range: {heads.group(1)}."
-    match = re.search(r"label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)",
-                      str(error))
-    if match is None:
-        return None
-    label, units = int(match.group(1)), int(match.group(2))
+    ours = re.search(re.escape(validation.LABELS_OUT_OF_RANGE) + r"\] \[(-?\d+)\] \[(-?\d+)\] \[(\d+)\]",
+                     str(error))
+    if ours is not None:  # validation.assert_class_ids: the lowest and highest label
+        low, high, units = (int(v) for v in ours.groups())
+        label = high if high >= units else low
+    else:  # the CPU kernel's own check
+        match = re.search(r"label value of (-?\d+) which is outside the valid range of \[0, (\d+)\)",
+                          str(error))
+        if match is None:
+            return None
+        label, units = int(match.group(1)), int(match.group(2))
     if label >= units:
         fix = f"give the model's head at least {label + 1} units, or use tasks with fewer classes"
     else:

@@ -278,6 +278,32 @@ def check_class_ids(name, y, units, fix=None):
             f"(classes 0..{units - 1}): " + (fix or _CLASS_IDS_FIX).format(classes=high + 1))
 
 
+#: The message of `assert_class_ids`' error, followed by the lowest and highest label and the classes.
+# (No quote in it: TensorFlow's error text escapes quotes.)
+LABELS_OUT_OF_RANGE = "tfmeta: task batch labels outside the model classes; lowest, highest, classes:"
+
+
+def assert_class_ids(y, units):
+    """In a graph: an op that raises InvalidArgumentError (`LABELS_OUT_OF_RANGE`, the
+    lowest and highest label, `units`) when a label of `y` is outside 0..units-1.
+
+    The CPU kernels of sparse losses check this themselves; under XLA and on
+    GPUs nothing does, and a task's loss turns NaN (its task is then skipped
+    as diverged) or silently wrong.
+
+    Example::
+
+        with tf.control_dependencies([assert_class_ids(y, 10)]):
+            y = tf.identity(y)
+    """
+    import tensorflow as tf
+
+    low, high = tf.reduce_min(y), tf.reduce_max(y)
+    classes = tf.constant(units, y.dtype)
+    return tf.debugging.Assert(tf.logical_and(low >= 0, high < classes),
+                               [LABELS_OUT_OF_RANGE, low, high, classes])
+
+
 #: The attribute of a task stream that holds the K it was built for (`mark_inner_steps`).
 INNER_STEPS_MARK = "tfmeta_inner_steps"
 
