@@ -495,3 +495,204 @@ def test_prepare_datasets_touches_nothing_on_a_wrong_folder(tmp_path, archive_di
     with pytest.raises(FileNotFoundError, match=r"archive folder .*missing does not exist"):
         prepare_datasets(tmp_path / "missing", data_dir=tmp_path / "data", names=["mnist"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+# ------------------------------------------------ the second audit (2026-12-04)
+
+
+def test_finetune_refuses_a_loss_optimizer_or_data_it_would_misread(digits):
+    """Was: the loss name on a logits head (it means probabilities) fine-tuned at a loss
+    stuck near ln 5 and a softmax head under the default loss got only Keras' warning,
+    both with plausible-looking curves; the loss class trained on garbage (7.7 vs 1.6);
+    SGD(-0.1) ran gradient ascent (1.6 -> 435); mse, batch_size=0, inputs without labels,
+    an empty split and seed=1.5 ended in raw TensorFlow errors or a KeyError."""
+    _, held = digits_tasks(num_pretrain=4, num_heldout=1)
+    train, test = held.finetune_data(0), held.finetune_data(0, "test")
+    x, y = digits
+    sce = keras.losses.SparseCategoricalCrossentropy
+    mistakes = [
+        (dict(loss="sparse_categorical_crossentropy"),
+         r"outputs logits .* from_logits=False reads them as probabilities: pass loss=keras\.losses\."
+         r"SparseCategoricalCrossentropy\(from_logits=True\)"),
+        (dict(loss="mse"), r"integer class indices .* mean_squared_error compares them elementwise"),
+        (dict(loss=sce), r"loss=SparseCategoricalCrossentropy is the class, not a loss: call it"),
+        (dict(loss="sparse_categorical_crossentrpy"), r"did you mean 'sparse_categorical_crossentropy'"),
+        (dict(optimizer=keras.optimizers.SGD(-0.1)), r"learning rate -0\.1\d*; it must be a finite number > 0"),
+        (dict(train_data=(x[:50], y[:50] % 5), batch_size=0), r"batch_size=0 must be an integer >= 1"),
+        (dict(train_data=(x[:50], y[:50] % 5), seed=1.5), r"seed=1\.5 must be an integer"),
+        (dict(train_data=tf.data.Dataset.from_tensor_slices(x[:50]).batch(5)),
+         r"train_data yields inputs only, not \(x, y\) batches"),
+        (dict(train_data=train.take(0)), r"train_data yields no batches"),
+        (dict(test_data=test.take(0)), r"test_data yields no batches"),
+    ]
+    for change, message in mistakes:
+        arguments = dict(train_data=train, test_data=None, steps=3) | change
+        model = mlp()
+        before = _weights(model)
+        with pytest.raises(ConfigError, match=message):
+            finetune(model, **arguments)
+        assert all(np.array_equal(a, b) for a, b in zip(before, _weights(model)))
+    with pytest.raises(ConfigError, match=r"outputs probabilities .* pass loss=keras\.losses\."
+                                          r"SparseCategoricalCrossentropy\(from_logits=False\)"):
+        finetune(mlp(activation="softmax"), train, steps=3)
+    with pytest.raises(ConfigError, match=r"Finetuner needs a built Keras model.*keras\.Input"):
+        Finetuner(steps=3)(keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(5)]), train)
+    with pytest.raises(ConfigError, match=r"batch_size=2\.5 must be an integer >= 1"):
+        Finetuner(steps=3, batch_size=2.5)
+    # What they should have been: the loss name fits probabilities; the same numbers both ways.
+    finetune(mlp(activation="softmax"), train, steps=3, loss="sparse_categorical_crossentropy")
+    assert finetune(mlp(), train, test, steps=3).loss_auc == Finetuner(steps=3)(mlp(), train, test).loss_auc
+
+
+def test_meta_compile_refuses_what_it_would_ignore_or_fail_on(stream):
+    """Was: metrics= broke fit in Keras' result() ("metric has not yet been built"),
+    loss_weights= and reduction="sum" were ignored or scaled the inner step by B, the
+    loss name on logits meta-trained on a loss of 9.1 instead of 1.7 (wrong meta-gradients),
+    steps_per_execution=-1 trained nothing and returned an empty History, a compile after
+    fit failed in the inner optimizer, and fit / steps_for before compile raised
+    AttributeErrors."""
+    for options, message in [
+        (dict(metrics=["accuracy"]), r"does not take metrics=: .*by fine-tuning"),
+        (dict(loss_weights=[2.0]), r"does not take loss_weights="),
+        (dict(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")),
+         r"reduction='sum': each inner step needs the batch mean"),
+        (dict(steps_per_execution=-1), r"steps_per_execution=-1 must be an integer >= 1"),
+    ]:
+        loss = options.pop("loss", SCE)
+        with pytest.raises(ConfigError, match=message):
+            tfmeta.MetaModel(mlp()).compile(optimizer="sgd", inner_optimizer="sgd", loss=loss,
+                                            learner=tfmeta.Reptile(), inner_steps=4, **options)
+    named = tfmeta.MetaModel(mlp())
+    named.compile(optimizer="sgd", inner_optimizer="sgd", loss="sparse_categorical_crossentropy",
+                  learner=tfmeta.Reptile(), inner_steps=4)
+    with pytest.raises(ConfigError, match=r"outputs logits .* compile with loss=keras\.losses\."
+                                          r"SparseCategoricalCrossentropy\(from_logits=True\)"):
+        named.fit(stream, steps_per_epoch=2, verbose=0)
+    with pytest.raises(ConfigError, match=r"Call MetaModel\.compile\(\.\.\.\) before fitting"):
+        tfmeta.MetaModel(mlp()).fit(stream, steps_per_epoch=2)
+    with pytest.raises(ConfigError, match=r"Call MetaModel\.compile\(\.\.\.\) before steps_for"):
+        tfmeta.MetaModel(mlp()).steps_for(2, steps_per_chunk=2)
+    trained = meta()
+    trained.fit(stream, steps_per_epoch=2, verbose=0)
+    with pytest.raises(ConfigError, match=r"already built by fit .* tfmeta\.MetaModel\(meta\.model\)"):
+        trained.compile(optimizer="sgd", inner_optimizer="sgd", loss=SCE, learner=tfmeta.Reptile(),
+                        inner_steps=4)
+
+
+def test_meta_fit_refuses_epochs_and_callbacks_that_would_lose_work(stream, tmp_path):
+    """Was: initial_epoch >= epochs (and epochs=0) returned an empty History silently; a
+    bare callback (not in a list) dropped the DivergenceGuard, so a diverged run ended
+    "successfully" with loss NaN; ModelCheckpoint and save failed in Keras' serializer,
+    the former after the first epoch's work."""
+    with pytest.raises(ConfigError, match=r"epochs=2 with initial_epoch=2 would run no epoch: .*epochs=3"):
+        meta().fit(stream, steps_per_epoch=2, initial_epoch=2, epochs=2)
+    with pytest.raises(ConfigError, match=r"epochs=0 must be an integer >= 1"):
+        meta().fit(stream, steps_per_epoch=2, epochs=0)
+    diverging = tfmeta.MetaModel(mlp())
+    diverging.compile(optimizer="sgd", inner_optimizer=keras.optimizers.SGD(1e30), loss=SCE,
+                      learner=tfmeta.Reptile(), inner_steps=4)
+    with pytest.raises(tfmeta.divergence.DivergenceError):
+        diverging.fit(stream, steps_per_epoch=2, callbacks=keras.callbacks.History(), verbose=0)
+    model = meta()
+    with pytest.raises(ConfigError, match=r"ModelCheckpoint would save the whole MetaModel.*MetaCheckpoint"):
+        model.fit(stream, steps_per_epoch=2, callbacks=[keras.callbacks.ModelCheckpoint(str(tmp_path / "m.keras"))])
+    with pytest.raises(ConfigError, match=r"not saved as a whole .*export_initialization\(meta\.model"):
+        model.save(tmp_path / "m.keras")
+    assert not model.built and not list(tmp_path.iterdir())  # nothing trained, nothing written
+    # weights-only checkpoints are Keras' own and work
+    history = model.fit(stream, steps_per_epoch=2, verbose=0, callbacks=[
+        keras.callbacks.ModelCheckpoint(str(tmp_path / "m.weights.h5"), save_weights_only=True)])
+    assert history.history["meta_updates"] == [1.0] and (tmp_path / "m.weights.h5").is_file()
+
+
+def test_evaluation_names_a_pair_of_families_a_path_and_swapped_arguments():
+    """Was: AttributeErrors ('tuple' object has no attribute 'num_tasks', 'str' object has
+    no attribute 'get_build_config'), and seed=None passed the settings check tools/train.py
+    runs before training, to fail after it."""
+    from tfmeta.evaluation import heldout_finetuning
+
+    pair = digits_tasks(num_pretrain=4, num_heldout=1)
+    held = pair[1]
+    with pytest.raises(ConfigError, match=r"\(pretrain, heldout\) pair .* pass the held-out one"):
+        heldout_finetuning(mlp(), None, pair, steps=3)
+    with pytest.raises(ConfigError, match=r"is a path: load it first, tfmeta\.load_initialization"):
+        heldout_finetuning("runs/init", None, held, steps=3)
+    with pytest.raises(ConfigError, match=r"must be a Keras model, got ClassificationTasks .*order"):
+        heldout_finetuning(held, mlp(), held, steps=3)
+    with pytest.raises(ConfigError, match=r"heldout_finetuning\.seed=None must be an integer"):
+        heldout_finetuning(None, None, held, seed=None)
+    with pytest.raises(ValueError, match=r"learning_rate=True must be a finite number > 0"):
+        heldout_finetuning(None, None, held, learning_rate=True)
+
+
+def test_flags_indices_and_counts_are_what_they_say(tmp_path):
+    """Was: values that bool() or int() turned into something else, silently:
+    export_initialization(overwrite="no") replaced an export, Schedule(reset_optimizer="no")
+    and CTS(hard_reset="false") reset, ExcludeHeads("23") excluded parameters 2 and 3 and
+    (2.7,) parameter 2, MetaCheckpoint(every_steps=2.5) saved every 2 steps; NaN metadata
+    wrote an export whose tfmeta.json no JSON reader accepts; heads=8, TaskHeads(seed=None)
+    and plot_curves([result]) ended in AttributeErrors or TypeErrors."""
+    from tfmeta.checkpoint import MetaCheckpoint
+    from tfmeta.finetune import FinetuneResult, plot_curves
+    from tfmeta.learners import ExcludeHeads, Schedule
+
+    export = tfmeta.export_initialization(mlp(), tmp_path / "init")
+    with pytest.raises(ConfigError, match=r"overwrite must be True or False, got 'no'"):
+        tfmeta.export_initialization(mlp(), export, overwrite="no")
+    with pytest.raises(TypeError, match=r"metadata must be a dict"):
+        tfmeta.export_initialization(mlp(), tmp_path / "other", metadata=[1, 2])
+    with pytest.raises(TypeError, match=r"metadata must be JSON-serializable .*finite"):
+        tfmeta.export_initialization(mlp(), tmp_path / "other", metadata={"lr": float("nan")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init"]
+    with pytest.raises(ConfigError, match=r"reset_optimizer=\.\.\.\) must be True or False, got 'no'"):
+        Schedule(reset_optimizer="no")
+    assert Schedule(np.int64(2), "shift").update_every == 2
+    with pytest.raises(ConfigError, match=r"hard_reset=\.\.\.\) must be True or False"):
+        tfmeta.ContinualTrajectoryShifting(hard_reset="false")
+    for indices in ("23", (2.7,), 2):
+        with pytest.raises(ConfigError, match=r"head_indices, the positions .* as integers"):
+            ExcludeHeads(tfmeta.Reptile(), indices)
+    assert ExcludeHeads(tfmeta.Reptile(), [np.int64(3), 2]).head_indices == (2, 3)
+    with pytest.raises(ConfigError, match=r"every_steps=2\.5 must be an integer >= 1"):
+        MetaCheckpoint(tmp_path / "ckpt", every_steps=2.5)
+    with pytest.raises(ConfigError, match=r"keep=1\.9 must be an integer >= 1"):
+        MetaCheckpoint(tmp_path / "ckpt", keep=1.9)
+    with pytest.raises(ConfigError, match=r"heads=8 must be a TaskHeads instance"):
+        tfmeta.MetaModel(mlp(), heads=8)
+    with pytest.raises(ConfigError, match=r"call it, heads=tfmeta\.TaskHeads\(num_tasks\)"):
+        tfmeta.MetaModel(mlp(), heads=tfmeta.TaskHeads)
+    with pytest.raises(ConfigError, match=r"seed=None must be an integer"):
+        tfmeta.TaskHeads(8, seed=None)
+    result = FinetuneResult(losses=[1.0, 0.5], errors=[0.5, 0.25], loss_auc=0.75, error_auc=0.375)
+    with pytest.raises(ConfigError, match=r"dict from a legend label to a FinetuneResult"):
+        plot_curves([result], tmp_path / "curves.png")
+    with pytest.raises(ConfigError, match=r"writes a PNG: give the path a \.png suffix"):
+        plot_curves({"a": result}, tmp_path / "curves.pdf")
+    assert plot_curves({"a": result}, tmp_path / "curves.png").is_file()
+
+
+def test_multitask_model_refuses_what_it_cannot_train_on():
+    """Was: num_classes=5 a raw "'int' object is not iterable", a stream without task ids
+    "None values not supported", a multi-step stream a reshape error, compile(loss=...)
+    silently ignored, evaluate and predict an OperatorNotAllowedInGraphError."""
+    from tfmeta.multitask import MultiTaskModel
+
+    pretrain, _ = digits_tasks(num_pretrain=3, num_heldout=1)
+    with pytest.raises(ConfigError, match=r"num_classes=5\) needs one whole class count per source"):
+        MultiTaskModel(mlp(), num_classes=5)
+    model = MultiTaskModel(mlp(), num_classes=[5] * 3)
+    with pytest.raises(ConfigError, match=r"takes no loss= or metrics="):
+        model.compile(optimizer="sgd", loss="mse")
+    model.compile(optimizer="sgd")
+    arguments = dict(tasks_per_batch=3, batch_size=5)
+    for stream, message in [
+        (pretrain.as_dataset(**arguments, inner_steps=1), r"needs \(x, y, task_ids\) task batches"),
+        (pretrain.as_dataset(**arguments, inner_steps=2, steps_per_chunk=2, with_task_ids=True),
+         r"one step per task and batch, got task batches of 2 steps"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            model.fit(stream, steps_per_epoch=2, verbose=0)
+    ok = pretrain.as_dataset(**arguments, inner_steps=1, with_task_ids=True)
+    assert len(model.fit(ok, steps_per_epoch=2, verbose=0).history["loss"]) == 1
+    with pytest.raises(ConfigError, match=r"trains only: evaluate the shared body by fine-tuning"):
+        model.evaluate(ok, steps=1, verbose=0)

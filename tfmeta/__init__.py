@@ -11,7 +11,7 @@ exported with `export_initialization` and reloaded, with a fresh head, by
     meta.fit(task_batches, steps_per_epoch=meta.steps_for(100))
     tfmeta.export_initialization(net, "runs/init")
     model = tfmeta.load_initialization("runs/init", num_classes=5)  # fresh head
-    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     model.fit(x_new_task, y_new_task)
 
 `tfmeta.finetune` measures fine-tuning as the Leap paper does (loss and

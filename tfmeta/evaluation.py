@@ -15,16 +15,19 @@ Example::
 """
 
 import math
+import os
 
+import keras
 import numpy as np
 
 from tfmeta import finetune as finetuning
-from tfmeta.validation import check_positive_int, is_meta_model, model_input_shape, output_units
+from tfmeta.validation import (ConfigError, check_positive_int, check_seed, is_meta_model,
+                               model_input_shape, output_units)
 
 
 def _check_learning_rate(name, value):
     try:
-        rate = float(value)
+        rate = float("nan") if isinstance(value, bool) else float(value)  # True is no rate
     except (TypeError, ValueError):
         rate = float("nan")
     if not (math.isfinite(rate) and rate > 0):
@@ -78,6 +81,8 @@ def heldout_finetuning(learned, baseline, tasks, steps=100, learning_rate=0.1, b
     Either candidate may be None to skip it (both: only check the settings).
     """
     steps, learning_rate, batch_size = check_finetuning_settings(steps, learning_rate, batch_size)
+    check_seed(seed, "heldout_finetuning.seed")  # before training: tools/train.py checks first
+    _check_tasks(tasks)
     _check_test_examples(tasks)
     results = {}
     for name, model in (("meta-learned", learned), ("random init", baseline)):
@@ -102,8 +107,32 @@ def _check_test_examples(tasks):
             )
 
 
+def _check_tasks(tasks):
+    """Refuse what is not one family of tasks to fine-tune on, naming the fix."""
+    if isinstance(tasks, tuple) and len(tasks) == 2 and all(hasattr(t, "finetune_data") for t in tasks):
+        raise ConfigError(
+            "tasks is a (pretrain, heldout) pair of task families, as digits_tasks() and "
+            "omniglot_alphabets() return: pass the held-out one, e.g. "
+            "pretrain, heldout = digits_tasks(); heldout_finetuning(..., heldout)")
+    if not (hasattr(tasks, "num_tasks") and hasattr(tasks, "finetune_data")):
+        raise ConfigError(
+            f"tasks must be a family of tasks with num_tasks and finetune_data (e.g. "
+            f"tfmeta.tasks.ClassificationTasks), got {type(tasks).__name__}: for one task, "
+            "fine-tune it with tfmeta.finetune.finetune(model, task_data)")
+
+
 def _check_candidate(model, tasks):
     """Refuse a model that cannot be fine-tuned on `tasks`, naming the fix."""
+    if isinstance(model, (str, os.PathLike)):
+        raise ConfigError(
+            f"the candidate {str(model)!r} is a path: load it first, "
+            f"tfmeta.load_initialization({str(model)!r}, num_classes=...)")
+    if not is_meta_model(model) and not isinstance(model, keras.Model):
+        raise ConfigError(f"the candidate must be a Keras model, got {type(model).__name__} "
+                          "(are the arguments in the order (learned, baseline, tasks)?)")
+    if not is_meta_model(model) and not model.built:
+        raise ConfigError("the candidate model is not built: give it an Input (keras.Input(shape)) "
+                          "or call model.build(input_shape) first")
     if is_meta_model(model):
         raise ValueError("the candidate is the MetaModel wrapper: fine-tune the network it "
                          "meta-trained, meta.model")
@@ -131,6 +160,8 @@ def finetune_every_task(model, tasks, steps=100, learning_rate=0.1, batch_size=2
 
     check_finetuning_settings(steps, learning_rate, batch_size, names={
         k: f"finetune_every_task.{k}" for k in ("steps", "learning_rate", "batch_size")})
+    check_seed(seed, "finetune_every_task.seed")
+    _check_tasks(tasks)
     _check_candidate(model, tasks)
 
     # One trace of Keras' train and test functions for all the tasks.

@@ -44,6 +44,7 @@ import dataclasses
 import json
 import pathlib
 import random
+from collections.abc import Mapping
 
 import keras
 import numpy as np
@@ -128,9 +129,20 @@ def plot_curves(results, path, *, title=None):
 
         plot_curves({"leap": leap, "random init": scratch}, "curves.png")
     """
+    if isinstance(results, FinetuneResult) or not isinstance(results, Mapping) or not all(
+            isinstance(r, FinetuneResult) for r in results.values()):
+        raise validation.ConfigError(
+            f"plot_curves needs a dict from a legend label to a FinetuneResult, e.g. "
+            f"{{'leap': result}}; got {type(results).__name__}")
     if not results:
         raise ValueError("plot_curves needs at least one result")
     path = pathlib.Path(path)
+    if path.suffix.lower() != ".png":
+        raise validation.ConfigError(f"plot_curves writes a PNG: give the path a .png suffix, "
+                                     f"not {path.name!r}")
+    if path.is_dir():
+        raise validation.ConfigError(f"{path} is a folder: give plot_curves a file path, e.g. "
+                                     f"{path / 'curves.png'}")
     figure = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(figure)
     loss_axes, error_axes = figure.subplots(1, 2)
@@ -210,12 +222,13 @@ def finetune(
         result.loss_auc, result.test_error
     """
     _check_steps(steps)
+    batch_size, seed = _check_batching(batch_size, seed)
     execution = _execution_size(steps, steps_per_execution, callbacks)
     _compile(model, optimizer, loss, execution)
     curves = _record_steps(model, steps)
     try:
         return _train_and_test(model, curves, train_data, test_data, steps, batch_size, seed,
-                               callbacks, verbose)
+                               callbacks, verbose, checked=set())
     finally:
         _stop_recording(model)
 
@@ -248,10 +261,14 @@ class Finetuner:
     def __init__(self, steps=100, optimizer=None, loss=None, batch_size=20,
                  steps_per_execution="auto", verbose=0):
         _check_steps(steps)
+        batch_size, _ = _check_batching(batch_size, 0)
         self.steps, self.batch_size, self.verbose = steps, batch_size, verbose
         self._execution = _execution_size(steps, steps_per_execution, None)
-        self._optimizer, self._loss = optimizer, loss
+        _check_optimizer(optimizer)
+        self._optimizer = optimizer
+        self._loss = None if loss is None else validation.resolve_loss(loss)
         self._copies = {}  # architecture -> (working copy, curves, initial optimizer state)
+        self._checked = set()  # (architecture, data shapes) whose loss fits the model
 
     @property
     def architectures(self):
@@ -260,13 +277,18 @@ class Finetuner:
 
     def __call__(self, model, train_data, test_data=None, *, seed=0):
         """Fine-tune ``model`` in place like ``finetune(model, ..., seed=seed)``; its ``FinetuneResult``."""
+        if not isinstance(model, keras.Model) or not model.built:
+            raise validation.ConfigError(
+                f"Finetuner needs a built Keras model, got {model!r}: give it an Input "
+                "(keras.Input(shape)) or call model.build(input_shape) first.")
+        _, seed = _check_batching(self.batch_size, seed)
         working, curves, start = self._working_copy(model)
         _copy_state(model, working)
         for variable, value in zip(working.optimizer.variables, start, strict=True):
             variable.assign(value)
         curves.count.assign(0)
         result = _train_and_test(working, curves, train_data, test_data, self.steps,
-                                 self.batch_size, seed, None, self.verbose)
+                                 self.batch_size, seed, None, self.verbose, self._checked)
         _copy_state(working, model)
         return result
 
@@ -341,11 +363,25 @@ def _check_steps(steps):
     validation.check_positive_int("steps", steps, "the number of optimizer steps, e.g. steps=100")
 
 
+def _check_batching(batch_size, seed):
+    """`(batch_size, seed)` checked: a whole batch size, and an integer seed or None (random)."""
+    batch_size = validation.check_positive_int("batch_size", batch_size)
+    return batch_size, None if seed is None else validation.check_seed(seed)
+
+
+def _check_optimizer(optimizer):
+    """Refuse an optimizer whose learning rate would not descend (e.g. SGD(-0.1): ascent)."""
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        validation.check_learning_rate(optimizer, "the fine-tuning optimizer")
+
+
 def _compile(model, optimizer, loss, execution):
+    _check_optimizer(optimizer)
     if optimizer is None:
         optimizer = keras.optimizers.SGD(learning_rate=0.1)
     if loss is None:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss = validation.resolve_loss(loss)
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
                   steps_per_execution=execution)
 
@@ -362,11 +398,17 @@ def _copy_state(source, target):
 
 
 def _train_and_test(model, curves, train_data, test_data, steps, batch_size, seed, callbacks,
-                    verbose):
-    """One ``fit`` of ``steps`` steps of the compiled, recording ``model``, then ``evaluate``."""
-    _check_data(model, train_data, "train_data")
+                    verbose, checked):
+    """One ``fit`` of ``steps`` steps of the compiled, recording ``model``, then ``evaluate``.
+
+    ``checked``: the (model, data shapes) whose loss was checked already (a set it adds to).
+    """
+    shapes = _check_data(model, train_data, "train_data")
     if test_data is not None:
         _check_data(model, test_data, "test_data")
+    if shapes is not None and (id(model), shapes) not in checked:
+        _check_loss(model, *shapes)
+        checked.add((id(model), shapes))
     model.fit(
         without_autotuning(_training_dataset(train_data, batch_size, seed)),
         epochs=1,
@@ -501,16 +543,28 @@ def _stop_recording(model):
 
 def _check_data(model, data, name):
     """Refuse data the compiled ``model`` cannot take, in one line naming the fix
-    (``tfmeta.validation.check_examples``; labels outside its classes for a sparse loss)."""
+    (``tfmeta.validation.check_examples``; labels outside its classes for a sparse loss).
+
+    Returns ``(x shape, y shape, y dtype)`` of a batch where they are known, else None.
+    """
     if isinstance(data, tf.data.Dataset):
-        if name == "test_data" and int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        cardinality = int(data.cardinality())
+        if name == "test_data" and cardinality == int(tf.data.INFINITE_CARDINALITY):
             # evaluate would read it forever.
             raise validation.ConfigError(
                 f"test_data is an endless stream (it repeats): pass held-out examples that end, "
                 f"e.g. tasks.finetune_data(i, 'test') or test_data.take(n)")
+        if cardinality == 0:
+            raise validation.ConfigError(
+                f"{name} yields no batches: pass a dataset with examples (a .take(0), .skip() "
+                "or .filter() may have emptied it)")
         spec = data.element_spec
+        if not isinstance(spec, (tuple, list)) or len(spec) < 2:
+            raise validation.ConfigError(
+                f"{name} yields inputs only, not (x, y) batches: zip in the labels, e.g. "
+                f"tf.data.Dataset.from_tensor_slices((x, y)).batch(20)")
         expected = validation.model_input_shape(model)
-        x_spec = spec[0] if isinstance(spec, (tuple, list)) else None
+        x_spec, y_spec = spec[0], spec[1]
         if (expected is not None and isinstance(x_spec, tf.TensorSpec)
                 and x_spec.shape.rank == len(expected)):
             raise validation.ConfigError(
@@ -518,7 +572,10 @@ def _check_data(model, data, name):
                 f"batch it first (e.g. {name}.batch(20))")
         if isinstance(x_spec, tf.TensorSpec):
             validation.warn_if_unscaled(model, x_spec.dtype, name)
-        return
+        if isinstance(x_spec, tf.TensorSpec) and isinstance(y_spec, tf.TensorSpec) and \
+                x_spec.shape.rank is not None and y_spec.shape.rank is not None:
+            return tuple(x_spec.shape), tuple(y_spec.shape), y_spec.dtype.name
+        return None
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise validation.ConfigError(
             f"{name} must be a tf.data.Dataset of (x, y) batches or a tuple of arrays (x, y), "
@@ -527,6 +584,22 @@ def _check_data(model, data, name):
     validation.check_examples(model, x, y, name)
     validation.warn_if_unscaled(model, x.dtype, name)
     validation.check_labels(model, y, model.loss, name, fix=None)
+    return (None, *x.shape[1:]), (None, *y.shape[1:]), y.dtype.name
+
+
+_LOSS_FIX = "pass loss=keras.losses.SparseCategoricalCrossentropy(from_logits={})"
+
+
+def _check_loss(model, x_shape, y_shape, y_dtype):
+    """Refuse a loss that cannot compare these labels with the model's outputs, or
+    reads its class scores as the other kind (softmax as logits, logits as
+    probabilities: the string 'sparse_categorical_crossentropy' means probabilities)."""
+    from_logits = validation.loss_from_logits(model.loss)
+    if from_logits is not None:
+        validation.check_score_kind(model, from_logits, probabilities_fix=_LOSS_FIX.format(False),
+                                    logits_fix=_LOSS_FIX.format(True))
+    # As one task's batch of a task batch [T = 1, S = 1, B, ...].
+    validation.check_loss_on_outputs(model, model.loss, (1, 1, *x_shape), (1, 1, *y_shape), y_dtype)
 
 
 def _training_dataset(train_data, batch_size, seed):

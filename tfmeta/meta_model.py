@@ -47,7 +47,7 @@ from tfmeta.inner_optimizer import make_stateless
 from tfmeta.input_options import without_autotuning
 from tfmeta.learners.base import MetaLearner
 from tfmeta.outer_step import OuterStep
-from tfmeta.task_heads import unpack_task_batch
+from tfmeta.task_heads import TaskHeads, unpack_task_batch
 from tfmeta.task_state import TaskState
 from tfmeta.validation import ConfigError
 
@@ -107,6 +107,12 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         validation.check_trainable(model)
         replicas.check_created_in_scope(model)
         self.model = model
+        if heads is not None and not isinstance(heads, TaskHeads):
+            made = isinstance(heads, type) and issubclass(heads, TaskHeads)
+            raise ConfigError(
+                f"heads={heads!r} must be a TaskHeads instance: "
+                + ("call it, heads=tfmeta.TaskHeads(num_tasks)." if made else
+                   "heads=tfmeta.TaskHeads(num_tasks), one head per source task."))
         self.heads = None if heads is None else heads.bind(model)
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
@@ -233,6 +239,33 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 f"phi. Set inner_steps to {learner.min_inner_steps} or more."
             )
         learner.schedule.check_inner_steps(int(inner_steps))
+        for name in ("metrics", "weighted_metrics", "loss_weights"):
+            if kwargs.get(name) is not None:
+                # train_step never updates them: Keras fails at the first result().
+                raise ConfigError(
+                    f"MetaModel.compile does not take {name}=: meta-training logs loss, "
+                    "meta_updates and skipped_tasks; measure accuracy by fine-tuning the "
+                    "initialization (tfmeta.finetune, tfmeta.evaluation.heldout_finetuning)."
+                )
+        reduction = getattr(validation.resolve_loss(loss), "reduction", "sum_over_batch_size")
+        if reduction not in ("sum_over_batch_size", "mean"):
+            raise ConfigError(
+                f"the task loss has reduction={reduction!r}: each inner step needs the batch "
+                "mean (a sum scales the step by the batch size, None gives per-example "
+                "losses); leave reduction at its default, 'sum_over_batch_size'."
+            )
+        execution = kwargs.get("steps_per_execution", 1)
+        validation.check_positive_int(
+            "steps_per_execution", execution,
+            fix="it is the train steps (task-batch chunks) per call of the compiled train "
+                "function, e.g. 1 or 10")
+        if self.built and hasattr(self, "task_state"):
+            # The task state and the inner optimizer were built for the first compile.
+            raise ConfigError(
+                "this MetaModel was already built by fit (its task states and inner optimizer "
+                "belong to the first compile): to change the compile settings, wrap the "
+                "network again, tfmeta.MetaModel(meta.model), and compile that."
+            )
         if kwargs.pop("auto_scale_loss", False):
             raise ConfigError(
                 "MetaModel.compile does not take auto_scale_loss=True: the outer optimizer "
@@ -475,7 +508,10 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         classes or a task id beyond its `TaskHeads` found by a step ends
         `fit` with a `ConfigError` saying so.
         """
+        if not hasattr(self, "learner"):
+            raise ConfigError("Call MetaModel.compile(...) before fitting or building.")
         arguments = replicas.fit_arguments(self, *args, **kwargs)
+        _check_epochs(arguments.get("epochs", 1), arguments.get("initial_epoch", 0))
         if arguments.setdefault("shuffle", False):
             raise ConfigError(
                 "MetaModel.fit consumes each trajectory's chunks in order: leave "
@@ -497,6 +533,9 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
         _check_array_batch_size(x, arguments.get("batch_size"))
         replicas.check_fit_executions(self, arguments)
         callbacks = arguments.get("callbacks")
+        if isinstance(callbacks, keras.callbacks.Callback):
+            callbacks = [callbacks]  # as Keras takes it: it still gets its DivergenceGuard
+        _check_callbacks(callbacks)
         if callbacks is None or isinstance(callbacks, (list, tuple)):
             callbacks = list(callbacks or [])
             if not any(isinstance(c, DivergenceGuard) for c in callbacks):
@@ -525,10 +564,20 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
             >>> meta.fit(dataset, steps_per_epoch=meta.steps_for(1000, steps_per_chunk=10))
         """
         validation.check_positive_int("meta_updates", meta_updates)
+        if not hasattr(self, "learner"):
+            raise ConfigError("Call MetaModel.compile(...) before steps_for: it counts by the "
+                              "learner's schedule and inner_steps.")
         chunk = steps_per_chunk or getattr(self, "chunk_steps", None)
         if chunk is None:
             raise ConfigError("steps_for needs steps_per_chunk until the MetaModel is built.")
         return self.schedule.steps_for(meta_updates, self.inner_steps, chunk)
+
+    def save(self, *args, **kwargs):
+        raise ConfigError(
+            "a MetaModel is not saved as a whole (Keras cannot serialize the wrapper): export "
+            "the initialization, tfmeta.export_initialization(meta.model, path) (or "
+            "meta.model.save(...)), and checkpoint runs with tfmeta.checkpoint.MetaCheckpoint."
+        )
 
     def test_step(self, data):
         raise NotImplementedError(
@@ -603,6 +652,30 @@ def _bad_task_batch(error, model):
         fix = "labels must be class ids 0..units-1"
     return (f"a task batch has label {label} but the model {model.name!r} has {units} outputs "
             f"(classes 0..{units - 1}): {fix}.")
+
+
+def _check_epochs(epochs, initial_epoch):
+    """Refuse epochs that would run nothing (Keras returns an empty History)."""
+    epochs = validation.check_positive_int("epochs", epochs)
+    initial_epoch = validation.check_positive_int("initial_epoch", initial_epoch, minimum=0)
+    if initial_epoch >= epochs:
+        raise ConfigError(
+            f"epochs={epochs} with initial_epoch={initial_epoch} would run no epoch: epochs is "
+            f"the index to stop before, not a count; pass epochs=initial_epoch + n (e.g. "
+            f"epochs={initial_epoch + 1})."
+        )
+
+
+def _check_callbacks(callbacks):
+    """Refuse callbacks that would fail only after the first epoch's work."""
+    for callback in callbacks or ():
+        if isinstance(callback, keras.callbacks.ModelCheckpoint) and not callback.save_weights_only:
+            raise ConfigError(
+                "ModelCheckpoint would save the whole MetaModel, which Keras cannot serialize "
+                "(it fails after the first epoch): checkpoint runs with "
+                "tfmeta.checkpoint.MetaCheckpoint (resumable), or pass save_weights_only=True; "
+                "save the initialization with tfmeta.export_initialization(meta.model, path)."
+            )
 
 
 def _check_stream_arguments(arguments):

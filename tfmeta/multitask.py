@@ -29,6 +29,9 @@ Example::
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -63,6 +66,11 @@ class MultiTaskModel(keras.Model):
     def __init__(self, model, num_classes, seed=0, name="multi_task", **kwargs):
         super().__init__(name=name, **kwargs)
         head, _ = find_head(model)
+        if isinstance(num_classes, (str, bytes)) or not isinstance(num_classes, Iterable) or not all(
+                isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in num_classes):
+            raise ConfigError(
+                f"MultiTaskModel(num_classes={num_classes!r}) needs one whole class count per "
+                "source task (one head each), e.g. num_classes=[5] * num_tasks.")
         num_classes = [int(n) for n in num_classes]
         if not num_classes or min(num_classes) < 1 or max(num_classes) > head.units:
             raise ConfigError(
@@ -108,11 +116,31 @@ class MultiTaskModel(keras.Model):
         by position or name, as in `keras.Model.fit`.
         """
         arguments = fit_arguments(self, *args, **kwargs)
+        _check_stream(arguments.get("x"))
         # Task streams are shuffled by their distribution; Keras ignores
         # `shuffle` for a dataset but warns on its default True.
         arguments.setdefault("shuffle", False)
         check_fit_executions(self, arguments, overrun=_OVERRUN)
         return super().fit(**arguments)
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """`keras.Model.compile` with the optimizer only: the loss is each head's cross-entropy."""
+        if loss is not None or metrics is not None:
+            raise ConfigError(
+                "MultiTaskModel.compile takes no loss= or metrics=: it trains every head with "
+                "its cross-entropy on logits; measure the body by fine-tuning it "
+                "(tfmeta.finetune) with a new head.")
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def test_step(self, data):
+        raise ConfigError(
+            "MultiTaskModel trains only: evaluate the shared body by fine-tuning it with a new "
+            "head, e.g. tfmeta.finetune.finetune(with_new_head(model, n), data).")
+
+    def predict_step(self, data):
+        raise ConfigError(
+            "MultiTaskModel trains only: predict with the network it trains (its body is "
+            "shared with the model you passed in), e.g. model.predict(x).")
 
     def train_step(self, data):
         x, y, task_ids = keras.utils.unpack_x_y_sample_weight(data)
@@ -130,3 +158,20 @@ class MultiTaskModel(keras.Model):
         self.optimizer.apply(tape.gradient(loss, variables), variables)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
+
+
+_STREAM = ("as_dataset(..., inner_steps=1, steps_per_chunk=1, with_task_ids=True) of the "
+           "source task family")
+
+
+def _check_stream(x):
+    """Refuse a task stream without task ids, or with more than one step per task."""
+    if not isinstance(x, tf.data.Dataset):
+        return
+    spec = x.element_spec
+    if not isinstance(spec, (tuple, list)) or len(spec) != 3:
+        raise ConfigError(f"MultiTaskModel.fit needs (x, y, task_ids) task batches: pass {_STREAM}.")
+    steps = spec[0].shape[1] if isinstance(spec[0], tf.TensorSpec) and spec[0].shape.rank else None
+    if steps not in (None, 1):
+        raise ConfigError(f"MultiTaskModel.fit takes one step per task and batch, got task batches of "
+                          f"{steps} steps: pass {_STREAM}.")

@@ -29,10 +29,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import numbers
 
 import tensorflow as tf
 
-from tfmeta.validation import ConfigError
+from tfmeta.validation import ConfigError, check_flag
 
 __all__ = ["AfterUpdate", "Schedule"]
 
@@ -82,13 +83,17 @@ class Schedule:
                 f"of {_MODES}."
             ) from None
         object.__setattr__(self, "after_update", mode)
+        # Not bool(): reset_optimizer="no" would reset it.
+        object.__setattr__(self, "reset_optimizer",
+                           check_flag("Schedule(reset_optimizer=...)", self.reset_optimizer))
         every = self.update_every
         if mode is AfterUpdate.SHIFT:
-            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
                 raise ConfigError(
                     f"Schedule(after_update='shift') meta-updates every update_every inner "
                     f"steps: give update_every an integer >= 1, got {every!r}."
                 )
+            object.__setattr__(self, "update_every", int(every))
         elif every is not None:
             raise ConfigError(
                 f"Schedule(update_every={every!r}, after_update={mode.value!r}): "

@@ -48,7 +48,7 @@ from tfmeta.heads import find_head, mark_not_meta_learned
 from tfmeta.inner_optimizer import stateless_apply
 from tfmeta.learners.exclude import ExcludeHeads
 from tfmeta.replicas import all_reduce_sum
-from tfmeta.validation import ConfigError
+from tfmeta.validation import ConfigError, check_seed
 
 __all__ = ["TaskHeads", "UNUSED_CLASS_BIAS", "unpack_task_batch"]
 
@@ -169,7 +169,7 @@ class TaskHeads:
             num_classes = [int(n) for n in num_classes]
         self.num_heads = int(num_heads)
         self.num_classes = num_classes
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.model = None
         self.head = None
         self.indices = ()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import types
 
 import numpy as np
 
@@ -382,6 +383,60 @@ def warn_if_unscaled(model, dtype, name="x"):
     return True
 
 
+def last_layer(model):
+    """The layer that makes the output of a Sequential or functional model (None if unknown)."""
+    import keras
+
+    while isinstance(model, keras.Sequential) or (
+            type(model) is keras.Model or type(model).__name__ == "Functional"):
+        if not model.layers:
+            return None
+        if isinstance(model, keras.Sequential):
+            model = model.layers[-1]
+        else:
+            outputs = model.outputs or []
+            if len(outputs) != 1:
+                return None
+            model = outputs[0]._keras_history.operation
+    return model if isinstance(model, keras.layers.Layer) else None
+
+
+def check_score_kind(model, from_logits, probabilities_fix="pass from_logits=False",
+                     logits_fix="pass from_logits=True"):
+    """Refuse a model whose last layer makes the other kind of class scores than
+    `from_logits` says: softmax probabilities read as logits, or a linear Dense's
+    logits read as probabilities (both train or measure silently wrong numbers).
+    Subclassed models, whose layers do not tell, are taken on trust.
+
+    Example::
+
+        check_score_kind(softmax_model, from_logits=True)
+        # ConfigError: the model outputs probabilities (its last layer 'dense_1' applies softmax) ...
+    """
+    import keras
+
+    layer = last_layer(model)
+    if layer is None:
+        return
+    activation = getattr(layer, "activation", None)
+    if from_logits and (isinstance(layer, keras.layers.Softmax) or activation is keras.activations.softmax):
+        raise ConfigError(
+            f"the model outputs probabilities (its last layer {layer.name!r} applies softmax) "
+            f"but from_logits=True reads them as logits: {probabilities_fix}, or end the "
+            "model in logits.")
+    if not from_logits and activation is keras.activations.linear and isinstance(layer, keras.layers.Dense):
+        raise ConfigError(
+            f"the model outputs logits (its last layer {layer.name!r} is a Dense without "
+            f"activation) but from_logits=False reads them as probabilities: {logits_fix}.")
+
+
+def loss_from_logits(loss):
+    """A categorical cross-entropy's `from_logits` (its name's default: False), else None."""
+    if _builtin_name(loss) not in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
+        return None
+    return bool(getattr(loss, "_fn_kwargs", {}).get("from_logits", False))
+
+
 def is_meta_model(model):
     """Whether `model` is a `tfmeta.MetaModel` (found by name: the parts below
     `meta_model` cannot import it), whose own input is a stream of task batches."""
@@ -432,6 +487,13 @@ def resolve_loss(loss):
     """
     import keras
 
+    if isinstance(loss, type):
+        # keras.losses.get would take the class as a loss function: each call
+        # would build a loss object from (y_true, y_pred), silently wrong.
+        raise ConfigError(
+            f"loss={loss.__name__} is the class, not a loss: call it, e.g. "
+            f"loss={loss.__name__}() (with from_logits=True for logits)."
+        )
     try:
         return keras.losses.get(loss)
     except (ValueError, TypeError) as error:
@@ -478,7 +540,10 @@ def check_loss_dtype(loss, model):
 def _builtin_name(loss):
     """The Keras name of a built-in loss (object or wrapped function), else None."""
     fn = getattr(loss, "fn", loss)
-    module = getattr(type(loss), "__module__", "") if fn is loss else getattr(fn, "__module__", "")
+    # A loss object's function (`.fn`), or the function a name resolves to
+    # (keras.losses.get("mse")): either tells by its module; else the class.
+    named = fn is not loss or isinstance(fn, types.FunctionType)
+    module = getattr(fn, "__module__", "") if named else getattr(type(loss), "__module__", "")
     if not str(module).startswith("keras"):
         return None
     return getattr(fn, "__name__", None) or type(loss).__name__
@@ -527,7 +592,7 @@ def check_loss_on_outputs(model, loss, x_shape, y_shape, y_dtype):
     except Exception as error:  # noqa: BLE001 - any failure is the loss's on these shapes
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConfigError(
-            f"the loss {getattr(loss, 'name', loss)!r} fails on labels of shape {labels} and "
+            f"the loss {name or getattr(loss, 'name', loss)!r} fails on labels of shape {labels} and "
             f"model outputs of shape {outputs} per example ({first}): make the labels and "
             "the model's head match what the loss expects."
         ) from error
@@ -585,13 +650,18 @@ def _check_builtin_shapes(name, outputs, labels, integer):
 def check_task_batches(model, loss, x, y=None):
     """Check task batches (a `tf.data.Dataset` of `(x, y)`, or arrays) against model and loss.
 
-    The shapes must fit the model (`check_task_batch`), the loss must
-    compare the labels with the model's outputs (`check_loss_on_outputs`),
+    The shapes must fit the model (`check_task_batch`), a cross-entropy must
+    read the model's class scores as what they are (`check_score_kind`), the
+    loss must compare the labels with the model's outputs (`check_loss_on_outputs`),
     and array labels must be the model's classes (`check_labels`). Streams
     whose element shapes are unknown are left to the first step.
     """
     import tensorflow as tf
 
+    from_logits = None if loss is None else loss_from_logits(loss)
+    if from_logits is not None:
+        fix = "compile with loss=keras.losses.SparseCategoricalCrossentropy(from_logits={})"
+        check_score_kind(model, from_logits, fix.format(False), fix.format(True))
     if isinstance(x, tf.data.Dataset):
         spec = x.element_spec
         if not isinstance(spec, (tuple, list)) or len(spec) < 2:

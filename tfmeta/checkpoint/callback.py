@@ -27,6 +27,7 @@ from tfmeta.checkpoint.store import (
     save_checkpoint,
 )
 from tfmeta.failpoints import failpoint
+from tfmeta.validation import check_positive_int
 
 __all__ = ["MetaCheckpoint"]
 
@@ -62,16 +63,16 @@ class MetaCheckpoint(keras.callbacks.Callback):
     def __init__(self, directory, every_steps=None, every_seconds=None, keep=2, metadata=None,
                  unchecked_metadata=()):
         super().__init__()
-        if every_steps is not None and int(every_steps) < 1:
-            raise ValueError(f"every_steps={every_steps} must be >= 1 (or None).")
-        if every_seconds is not None and float(every_seconds) <= 0:
+        # Not int(): every_steps=2.5 would save every 2 steps, keep=1.9 keep 1.
+        if every_steps is not None:
+            every_steps = check_positive_int("every_steps", every_steps, fix="pass a whole "
+                                             "number of train steps, or None for no step period")
+        if every_seconds is not None and not float(every_seconds) > 0:
             raise ValueError(f"every_seconds={every_seconds} must be > 0 (or None).")
-        if int(keep) < 1:
-            raise ValueError(f"keep={keep} must be >= 1.")
         self.directory = pathlib.Path(directory)
-        self.every_steps = None if every_steps is None else int(every_steps)
+        self.every_steps = every_steps
         self.every_seconds = None if every_seconds is None else float(every_seconds)
-        self.keep = int(keep)
+        self.keep = check_positive_int("keep", keep, fix="keep at least the newest checkpoint")
         self.metadata = dict(metadata or {})
         self.unchecked_metadata = frozenset(unchecked_metadata)
         self.step = 0

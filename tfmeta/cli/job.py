@@ -74,7 +74,7 @@ def train(
     Example::
 
         results = train("runs/x", digits_tasks(), mlp(5, input_shape=(8, 8, 1)), Leap(),
-                        "sparse_categorical_crossentropy", inner_steps=20, meta_updates=300)
+                        keras.losses.SparseCategoricalCrossentropy(from_logits=True), inner_steps=20, meta_updates=300)
     """
     options = dict(locals())
     output_dir = options.pop("output_dir")

@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfmeta.input_options import without_autotuning
-from tfmeta.validation import (check_class_ids, check_examples, check_positive_int, output_units,
-                               warn_if_unscaled)
+from tfmeta.validation import (check_class_ids, check_examples, check_positive_int, check_score_kind,
+                               output_units, warn_if_unscaled)
 
 
 def _split(element):
@@ -216,38 +216,7 @@ def check_class_scores(model, from_logits):
                 f"the model outputs shape {shape}, not [batch, classes] class scores with at "
                 "least 2 classes: end it in a Dense(num_classes) of logits (for a binary "
                 "task, Dense(2) instead of one sigmoid unit)")
-    layer = _last_layer(model)
-    if layer is None:
-        return
-    softmax = isinstance(layer, keras.layers.Softmax) or (
-        getattr(layer, "activation", None) is keras.activations.softmax)
-    linear = getattr(layer, "activation", None) is keras.activations.linear
-    if from_logits and softmax:
-        raise ValueError(
-            f"the model outputs probabilities (its last layer {layer.name!r} applies "
-            "softmax) but from_logits=True reads them as logits: pass from_logits=False, "
-            "or end the model in logits")
-    if not from_logits and linear and isinstance(layer, keras.layers.Dense):
-        raise ValueError(
-            f"the model outputs logits (its last layer {layer.name!r} is a Dense without "
-            "activation) but from_logits=False reads them as probabilities: pass "
-            "from_logits=True")
-
-
-def _last_layer(model):
-    """The layer that makes the output of a Sequential or functional model (None if unknown)."""
-    while isinstance(model, keras.Sequential) or (
-            type(model) is keras.Model or type(model).__name__ == "Functional"):
-        if not model.layers:
-            return None
-        if isinstance(model, keras.Sequential):
-            model = model.layers[-1]
-        else:
-            outputs = model.outputs or []
-            if len(outputs) != 1:
-                return None
-            model = outputs[0]._keras_history.operation
-    return model if isinstance(model, keras.layers.Layer) else None
+    check_score_kind(model, from_logits)
 
 
 def log_probs(outputs, from_logits):

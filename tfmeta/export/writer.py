@@ -96,12 +96,20 @@ def export_initialization(model, path, *, overwrite=False, metadata=None, head_m
             "export_initialization(meta.model, path)"
         )
     path = pathlib.Path(path)
+    # Not bool(): overwrite="no" would replace an export.
+    overwrite = validation.check_flag("overwrite", overwrite)
+    if head_meta_learned is not None:
+        head_meta_learned = validation.check_flag("head_meta_learned", head_meta_learned)
     if metadata is None:
         metadata = {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of JSON values, e.g. {{'meta_steps': 1000}}; "
+                        f"got {type(metadata).__name__} {metadata!r}")
     try:
-        json.dumps(metadata)
+        json.dumps(metadata, allow_nan=False)  # NaN / inf are not JSON: tfmeta.json would not parse
     except (TypeError, ValueError) as err:
-        raise TypeError(f"metadata must be JSON-serializable: {err}") from err
+        raise TypeError(f"metadata must be JSON-serializable (finite numbers, strings, lists, "
+                        f"dicts): {err}") from err
     file_above = next((p for p in path.parents if p.is_file()), None)
     if file_above is not None:
         raise FileExistsError(

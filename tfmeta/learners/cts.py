@@ -5,7 +5,7 @@ import tensorflow as tf
 from tfmeta.learners.base import MetaLearner, global_norm_squared
 from tfmeta.learners.leap import Leap
 from tfmeta.schedule import AfterUpdate, Schedule
-from tfmeta.validation import ConfigError, check_positive_int
+from tfmeta.validation import ConfigError, check_flag, check_positive_int
 
 SHIFTS = ("gradient", "none", "random", "accurate")
 
@@ -75,7 +75,7 @@ class ContinualTrajectoryShifting(MetaLearner):
             "every", every, fix="ContinualTrajectoryShifting(every=...) is the meta-update "
             "period in inner steps, a whole number >= 1")
         self.shift_rule = shift
-        self.hard_reset = bool(hard_reset)
+        self.hard_reset = check_flag("ContinualTrajectoryShifting(hard_reset=...)", hard_reset)
         if shift == "accurate":
             self.schedule = Schedule(after_update=AfterUpdate.GROW, reset_optimizer=True)
         else:

@@ -18,9 +18,13 @@ Example::
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
+
 import tensorflow as tf
 
 from tfmeta.learners.base import InnerStep, MetaLearner
+from tfmeta.validation import ConfigError
 
 __all__ = ["ExcludeHeads"]
 
@@ -55,6 +59,13 @@ class ExcludeHeads(MetaLearner):
             raise ValueError(
                 "ExcludeHeads cannot wrap another ExcludeHeads: its head_indices refer to "
                 "the whole parameter list. Wrap the plain learner once, with every head index."
+            )
+        # Not int(): 2.7 would be parameter 2, and "23" parameters 2 and 3.
+        if isinstance(head_indices, (str, bytes)) or not isinstance(head_indices, Iterable) or not all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in head_indices):
+            raise ConfigError(
+                f"ExcludeHeads needs head_indices, the positions of the head parameters in "
+                f"model.trainable_variables as integers, e.g. (2, 3); got {head_indices!r}."
             )
         indices = tuple(sorted({int(i) for i in head_indices}))
         if not indices or indices[0] < 0:

@@ -13,7 +13,7 @@ class Reptile(MetaLearner):
         >>> meta = tfmeta.MetaModel(model)
         >>> meta.compile(optimizer=keras.optimizers.SGD(1.0),
         ...              inner_optimizer=keras.optimizers.SGD(0.1),
-        ...              loss="sparse_categorical_crossentropy",
+        ...              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         ...              learner=tfmeta.Reptile(), inner_steps=100)
     """
 
