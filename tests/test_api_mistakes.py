@@ -696,3 +696,22 @@ def test_multitask_model_refuses_what_it_cannot_train_on():
     assert len(model.fit(ok, steps_per_epoch=2, verbose=0).history["loss"]) == 1
     with pytest.raises(ConfigError, match=r"trains only: evaluate the shared body by fine-tuning"):
         model.evaluate(ok, steps=1, verbose=0)
+
+
+def test_a_checkpoint_of_another_k_or_learner_is_refused(stream, tmp_path):
+    """Was: restored silently (the shapes match): a K = 4 checkpoint restored into a K = 8
+    run kept its trajectory length 4 and made 2 meta-updates where a K = 8 run makes 1; a
+    Reptile checkpoint restored into CTS ran on as CTS."""
+    from tfmeta.checkpoint import IncompatibleCheckpointError, MetaCheckpoint
+
+    model = meta()
+    model.fit(stream, steps_per_epoch=4, callbacks=[MetaCheckpoint(tmp_path, every_steps=2)], verbose=0)
+    shape = (2, 2, 5, 8, 8, 1)
+    with pytest.raises(IncompatibleCheckpointError, match=r"written with inner_steps=4, this run has inner_steps=8"):
+        MetaCheckpoint(tmp_path).restore(meta(inner_steps=8), shape)
+    cts = tfmeta.MetaModel(mlp())
+    cts.compile(optimizer="sgd", inner_optimizer="sgd", loss=SCE, inner_steps=4,
+                learner=tfmeta.ContinualTrajectoryShifting(tfmeta.Reptile(), every=2))
+    with pytest.raises(IncompatibleCheckpointError, match=r"written with learner=\{'class': 'Reptile'\}"):
+        MetaCheckpoint(tmp_path).restore(cts, shape)
+    assert MetaCheckpoint(tmp_path).restore(meta(), shape) == 4  # the same settings resume

@@ -279,7 +279,7 @@ def metamodel_fed_wrong_rank(tmp_path):
 
     from tfmeta.models import mlp
 
-    meta = _compile(tfmeta.MetaModel(mlp(5, input_shape=(8, 8, 1))), loss="sparse_categorical_crossentropy")
+    meta = _compile(tfmeta.MetaModel(mlp(5, input_shape=(8, 8, 1))), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.zeros((3, 2, 5, 8, 8), "float32")  # the channel axis is missing
     meta.fit(x, np.zeros((3, 2, 5), "int32"), batch_size=3, verbose=0)
 

@@ -572,6 +572,12 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
             raise ConfigError("steps_for needs steps_per_chunk until the MetaModel is built.")
         return self.schedule.steps_for(meta_updates, self.inner_steps, chunk)
 
+    def checkpoint_settings(self):
+        """What a run resumed from a checkpoint of this one must share, beyond the variables'
+        shapes: K, the inner steps per chunk and the learner's settings (`tfmeta.checkpoint`)."""
+        return {"inner_steps": self.inner_steps, "steps_per_chunk": self.chunk_steps,
+                "learner": self.learner.settings()}
+
     def save(self, *args, **kwargs):
         raise ConfigError(
             "a MetaModel is not saved as a whole (Keras cannot serialize the wrapper): export "

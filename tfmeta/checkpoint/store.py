@@ -140,6 +140,7 @@ def save_checkpoint(meta, directory, step, *, metadata=None, keep=2, epoch_compl
             "epoch_complete": bool(epoch_complete),
             "files": {STATE_FILE: sha256_file(staging / STATE_FILE)},
             "metadata": metadata or {},
+            "settings": _settings(meta),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         failpoint("checkpoint.manifest_written")
@@ -209,6 +210,12 @@ def latest_checkpoint(directory):
     return path, read_manifest(path)
 
 
+def _settings(meta):
+    """`meta.checkpoint_settings()` as JSON values, or {} for a model without them."""
+    settings = getattr(meta, "checkpoint_settings", None)
+    return json.loads(json.dumps(settings())) if callable(settings) else {}
+
+
 def restore_checkpoint(meta, path, manifest=None):
     """Load the checkpoint folder `path` into the built, compiled `meta`.
 
@@ -238,6 +245,18 @@ def restore_checkpoint(meta, path, manifest=None):
             f"({detail}): resume with the run's original configuration (same model, "
             "learner, optimizers, tasks_per_batch, batch_size, steps_per_chunk), or "
             "start a new run in another output directory."
+        )
+    # Same shapes are not the same run: K, the chunk length or the learner's
+    # settings change what the restored state means (a K = 4 trajectory length
+    # restored into a K = 8 run would keep running K = 4 trajectories).
+    saved_settings, settings = manifest.get("settings"), _settings(meta)
+    if saved_settings is not None and settings and saved_settings != settings:
+        key = next(k for k in sorted(set(saved_settings) | set(settings))
+                   if saved_settings.get(k) != settings.get(k))
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} was written with {key}={saved_settings.get(key)!r}, this run has "
+            f"{key}={settings.get(key)!r}: resume with the run's original setting, or start a "
+            "new run in another output directory."
         )
     try:
         with np.load(path / STATE_FILE, allow_pickle=False) as state:

@@ -52,6 +52,22 @@ class MetaLearner:
     #: `MetaModel.compile` refuses a shorter one.
     min_inner_steps = 1
 
+    def settings(self):
+        """The learner's class and its settings, as JSON values (what a resumed run must share).
+
+        Its attributes that are numbers, strings, bools or tuples of them, and
+        the settings of a wrapped learner, e.g. `{"class": "Leap", "norm": True, ...}`.
+        """
+        out = {"class": type(self).__name__}
+        for name, value in sorted(vars(self).items()):
+            if isinstance(value, MetaLearner):
+                out[name] = value.settings()
+            elif isinstance(value, (bool, int, float, str)):
+                out[name] = value
+            elif isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value):
+                out[name] = list(value)
+        return out
+
     def init_state(self, params):
         """Per-task accumulator at the start of a trajectory (a dict of tensors)."""
         del params
