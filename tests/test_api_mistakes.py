@@ -715,3 +715,26 @@ def test_a_checkpoint_of_another_k_or_learner_is_refused(stream, tmp_path):
     with pytest.raises(IncompatibleCheckpointError, match=r"written with learner=\{'class': 'Reptile'\}"):
         MetaCheckpoint(tmp_path).restore(cts, shape)
     assert MetaCheckpoint(tmp_path).restore(meta(), shape) == 4  # the same settings resume
+
+
+def test_heads_left_out_where_they_can_be_and_checkpoints_in_their_folder(tmp_path):
+    """Was: CTS(ExcludeHeads(...)) moved the heads it promised to keep (the outer step
+    reads only the outermost learner); head_indices past the model's variables excluded
+    nothing, silently, and all of them an IndexError; a MetaCheckpoint pointed at one
+    checkpoint started a fresh run inside it, and at a file a FileExistsError mid-fit."""
+    from tfmeta.checkpoint import CheckpointError, MetaCheckpoint
+    from tfmeta.learners import ExcludeHeads
+
+    with pytest.raises(ConfigError, match=r"cannot wrap ExcludeHeads .*ExcludeHeads\(ContinualTrajectoryShifting"):
+        tfmeta.ContinualTrajectoryShifting(ExcludeHeads(tfmeta.Reptile(), (2, 3)), every=2)
+    for indices in ((10, 11), (0, 1, 2, 3)):
+        with pytest.raises(ConfigError, match=r"must name some, not all, of the model's 4 trainable"):
+            tfmeta.MetaModel(mlp()).compile(optimizer="sgd", inner_optimizer="sgd", loss=SCE,
+                                            learner=ExcludeHeads(tfmeta.Reptile(), indices), inner_steps=4)
+    (tmp_path / "ckpt-000000006").mkdir()
+    (tmp_path / "ckpt-000000006" / "manifest.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"is one checkpoint, not a checkpoint folder"):
+        MetaCheckpoint(tmp_path / "ckpt-000000006")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=r"checkpoint folder .*file is a file"):
+        MetaCheckpoint(tmp_path / "file")

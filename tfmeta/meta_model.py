@@ -239,6 +239,14 @@ class MetaModel(replicas.SplitTaskBatches, keras.Model):
                 f"phi. Set inner_steps to {learner.min_inner_steps} or more."
             )
         learner.schedule.check_inner_steps(int(inner_steps))
+        indices = getattr(learner, "head_indices", None)
+        count = len(self.model.trainable_variables)
+        if indices is not None and count and self.heads is None and (
+                max(indices) >= count or len(indices) >= count):
+            raise ConfigError(
+                f"ExcludeHeads(head_indices={list(indices)}) must name some, not all, of the "
+                f"model's {count} trainable variables (positions 0..{count - 1} in "
+                "model.trainable_variables): give the head's positions, e.g. the last two.")
         for name in ("metrics", "weighted_metrics", "loss_weights"):
             if kwargs.get(name) is not None:
                 # train_step never updates them: Keras fails at the first result().

@@ -19,6 +19,7 @@ import keras
 
 from tfmeta.checkpoint.errors import CheckpointError, IncompatibleCheckpointError
 from tfmeta.checkpoint.store import (
+    MANIFEST_FILE,
     latest_checkpoint,
     log,
     read_metrics,
@@ -70,6 +71,13 @@ class MetaCheckpoint(keras.callbacks.Callback):
         if every_seconds is not None and not float(every_seconds) > 0:
             raise ValueError(f"every_seconds={every_seconds} must be > 0 (or None).")
         self.directory = pathlib.Path(directory)
+        if self.directory.is_file():
+            raise CheckpointError(f"the checkpoint folder {self.directory} is a file: pass a folder "
+                                  "(created if missing), e.g. runs/x/checkpoints")
+        if (self.directory / MANIFEST_FILE).is_file():
+            raise CheckpointError(
+                f"{self.directory} is one checkpoint, not a checkpoint folder: pass the folder "
+                f"holding it, {self.directory.parent}")
         self.every_steps = every_steps
         self.every_seconds = None if every_seconds is None else float(every_seconds)
         self.keep = check_positive_int("keep", keep, fix="keep at least the newest checkpoint")

@@ -59,6 +59,15 @@ class ContinualTrajectoryShifting(MetaLearner):
                 + (f"instance: pass {learner.__name__}()." if made else
                    "such as tfmeta.Reptile() or tfmeta.FOMAML() (in gin: @Reptile()).")
             )
+        from tfmeta.learners.exclude import ExcludeHeads
+
+        if isinstance(learner, ExcludeHeads):
+            # The outer step keeps the heads only where ExcludeHeads is the
+            # outermost learner: inside CTS they would move with phi.
+            raise ConfigError(
+                "ContinualTrajectoryShifting cannot wrap ExcludeHeads (the heads would move "
+                "with every shift): wrap the CTS instead, ExcludeHeads("
+                "ContinualTrajectoryShifting(Reptile()), head_indices).")
         if isinstance(learner, (Leap, ContinualTrajectoryShifting)):
             raise ValueError(
                 f"ContinualTrajectoryShifting cannot wrap {type(learner).__name__}: its "
